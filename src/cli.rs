@@ -1,0 +1,147 @@
+//! The command line. Every flag also reads `AGENT_BLOCK_<FLAG>` from the environment;
+//! `NATS_URL` and `NATS_CREDS` work too. [`crate::config`] turns these into settings.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::duration::{parse_duration, parse_size};
+
+#[derive(Debug, Parser)]
+#[command(name = "agent-block", version, about = "Lua-first worker runtime for NATS")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+
+    /// Log format; `pretty` suits a terminal, `json` a log collector.
+    #[arg(long, global = true, env = "AGENT_BLOCK_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve SCRIPT until SIGTERM/SIGINT.
+    Run {
+        script: PathBuf,
+        #[command(flatten)]
+        worker: WorkerArgs,
+    },
+    /// Load SCRIPT and print its subscriptions and handler kinds; exit 2 on any error.
+    Check {
+        script: PathBuf,
+        #[command(flatten)]
+        lua: LuaArgs,
+    },
+    /// `run` against a private nats-server (JetStream on, temporary store, free port).
+    Dev {
+        script: PathBuf,
+        #[command(flatten)]
+        worker: WorkerArgs,
+    },
+    /// Send one request and print the reply: a tiny client for trying a worker.
+    Request {
+        subject: String,
+        /// Request body; `-` reads it from standard input.
+        data: Option<String>,
+        /// A header `NAME:VALUE`; repeat for more.
+        #[arg(long = "header", short = 'H')]
+        headers: Vec<String>,
+        /// How long to wait for the reply.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        timeout: Duration,
+        #[command(flatten)]
+        connection: ConnectionArgs,
+    },
+    /// Run SCRIPT over events from a file (one JSON object per line) without NATS.
+    Replay {
+        script: PathBuf,
+        /// File of JSON lines `{subject, data|payload, headers}`; `-` reads standard input.
+        #[arg(long)]
+        events: PathBuf,
+        #[arg(long, env = "AGENT_BLOCK_HANDLER_TIMEOUT", value_parser = parse_duration)]
+        handler_timeout: Option<Duration>,
+        #[command(flatten)]
+        lua: LuaArgs,
+    },
+}
+
+/// How to reach NATS.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ConnectionArgs {
+    /// NATS server URL(s), comma-separated for a cluster [env: NATS_URL]
+    /// [default: nats://127.0.0.1:4222]
+    #[arg(long, env = "AGENT_BLOCK_NATS_URL")]
+    pub nats_url: Option<String>,
+    /// Credentials file (JWT + NKey seed) [env: NATS_CREDS]
+    #[arg(long, env = "AGENT_BLOCK_CREDS")]
+    pub creds: Option<PathBuf>,
+    /// NKey seed
+    #[arg(long, env = "AGENT_BLOCK_NKEY")]
+    pub nkey: Option<String>,
+    #[arg(long, env = "AGENT_BLOCK_USER")]
+    pub user: Option<String>,
+    #[arg(long, env = "AGENT_BLOCK_PASSWORD")]
+    pub password: Option<String>,
+    #[arg(long, env = "AGENT_BLOCK_TOKEN")]
+    pub token: Option<String>,
+    /// CA certificate (PEM) to verify the server
+    #[arg(long, env = "AGENT_BLOCK_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS
+    #[arg(long, env = "AGENT_BLOCK_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS
+    #[arg(long, env = "AGENT_BLOCK_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Give up connecting at start after this long (exit 1); 0 keeps trying
+    #[arg(long, env = "AGENT_BLOCK_CONNECT_TIMEOUT", value_parser = parse_duration)]
+    pub connect_timeout: Option<Duration>,
+}
+
+/// Lua VM settings shared by every command that loads a script.
+#[derive(Debug, Clone, Default, Args)]
+pub struct LuaArgs {
+    /// Lift the sandbox: allow os.execute, io, debug, package.loadlib, binary chunks
+    #[arg(long, env = "AGENT_BLOCK_UNSAFE_LUA")]
+    pub unsafe_lua: bool,
+    /// Memory cap per Lua VM, e.g. 67108864 or 64MiB; exceeding it fails that handler
+    #[arg(long, env = "AGENT_BLOCK_LUA_MEMORY_LIMIT", value_parser = parse_size)]
+    pub lua_memory_limit: Option<usize>,
+}
+
+/// Settings of a serving worker.
+#[derive(Debug, Clone, Default, Args)]
+pub struct WorkerArgs {
+    /// Worker name: default queue group and service name [default: agent-block]
+    #[arg(long, env = "AGENT_BLOCK_NAME")]
+    pub name: Option<String>,
+    /// Lua VMs (threads) [default: number of CPUs]
+    #[arg(long, env = "AGENT_BLOCK_WORKERS")]
+    pub workers: Option<usize>,
+    /// In-flight handlers per VM [default: 64]
+    #[arg(long, env = "AGENT_BLOCK_CONCURRENCY")]
+    pub concurrency: Option<usize>,
+    /// Events queued per VM before sources wait [default: 1024]
+    #[arg(long, env = "AGENT_BLOCK_BUS_CAPACITY")]
+    pub bus_capacity: Option<usize>,
+    /// Handler deadline [default: 30s]
+    #[arg(long, env = "AGENT_BLOCK_HANDLER_TIMEOUT", value_parser = parse_duration)]
+    pub handler_timeout: Option<Duration>,
+    /// Shutdown grace window for in-flight handlers [default: 10s]
+    #[arg(long, env = "AGENT_BLOCK_GRACE", value_parser = parse_duration)]
+    pub grace: Option<Duration>,
+    /// Address of the HTTP listener for /healthz and /readyz, e.g. 0.0.0.0:9090
+    #[arg(long, env = "AGENT_BLOCK_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
+    #[command(flatten)]
+    pub lua: LuaArgs,
+}

@@ -1,0 +1,45 @@
+//! `agent-block check SCRIPT`: load the script as a worker would, print what it
+//! declares, exit 2 with `file:line` on any error.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::cli::LuaArgs;
+use crate::config::{DEFAULT_BUS_CAPACITY, DEFAULT_HANDLER_TIMEOUT, DEFAULT_NAME, LuaConfig};
+use crate::transport::Transport;
+use crate::vm::{PoolSpec, VmPool};
+
+pub async fn execute(script: PathBuf, lua: &LuaArgs) -> ExitCode {
+    let spec = PoolSpec {
+        script: script.clone(),
+        workers: 1,
+        concurrency: 1,
+        bus_capacity: DEFAULT_BUS_CAPACITY,
+        handler_timeout: DEFAULT_HANDLER_TIMEOUT,
+        lua: LuaConfig::from(lua),
+        transport: Transport::Offline,
+    };
+    let (pool, bus, report) = match VmPool::start(spec).await {
+        Ok(started) => started,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    println!("script: {}", script.display());
+    println!("subscriptions:");
+    for subscription in &report.subscriptions {
+        println!("  {}", subscription.describe(DEFAULT_NAME));
+    }
+    println!("handlers:");
+    for kind in &report.kinds {
+        println!("  {kind}");
+    }
+    if report.has_on_any {
+        println!("  (on_any fallback)");
+    }
+    drop(bus);
+    pool.shutdown(tokio::time::Instant::now() + Duration::from_secs(1)).await;
+    ExitCode::SUCCESS
+}

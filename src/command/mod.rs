@@ -1,0 +1,77 @@
+//! The subcommands. Each returns the process exit code: 0 success, 1 runtime
+//! failure, 2 usage, settings or script error.
+
+mod check;
+mod dev;
+mod replay;
+mod request;
+
+use std::process::ExitCode;
+
+use crate::cli::{Cli, Command};
+use crate::config::WorkerConfig;
+use crate::runtime::{RunError, run_worker};
+
+pub fn execute(cli: Cli) -> ExitCode {
+    let serving = matches!(cli.command, Command::Run { .. } | Command::Dev { .. });
+    crate::logging::init(cli.log_format, serving);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Run { script, worker } => run(script, &worker, None).await,
+            Command::Dev { script, worker } => dev::execute(script, worker).await,
+            Command::Check { script, lua } => check::execute(script, &lua).await,
+            Command::Request { subject, data, headers, timeout, connection } => {
+                request::execute(subject, data, headers, timeout, &connection).await
+            }
+            Command::Replay { script, events, handler_timeout, lua } => {
+                replay::execute(script, events, handler_timeout, &lua).await
+            }
+        }
+    })
+}
+
+async fn run(script: std::path::PathBuf, worker: &crate::cli::WorkerArgs, nats_url: Option<String>) -> ExitCode {
+    let mut config = match WorkerConfig::from_args(script, worker) {
+        Ok(config) => config,
+        Err(message) => return fail(&RunError::Settings(message)),
+    };
+    if let Some(url) = nats_url {
+        config.connection.url = url;
+    }
+    match run_worker(config, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => fail(&err),
+    }
+}
+
+fn fail(err: &RunError) -> ExitCode {
+    tracing::error!(error = %err, "agent-block stopped");
+    eprintln!("error: {err}");
+    ExitCode::from(err.exit_code())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await
+            }
+        }
+    };
+    tokio::select! {
+        _ = terminate => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}

@@ -1,0 +1,51 @@
+//! `agent-block replay SCRIPT --events FILE|-`: run handlers over recorded events
+//! without NATS; print one JSON line per outcome and per `nats.publish`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufRead, BufReader};
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::LuaArgs;
+use crate::config::{DEFAULT_HANDLER_TIMEOUT, LuaConfig};
+use crate::source::Source;
+use crate::source::replay::ReplaySource;
+use crate::transport::{ReplayOutput, Transport};
+use crate::vm::{PoolSpec, VmPool};
+
+pub async fn execute(script: PathBuf, events: PathBuf, handler_timeout: Option<Duration>, lua: &LuaArgs) -> ExitCode {
+    let input: Box<dyn AsyncBufRead + Send + Unpin> = if events.as_os_str() == "-" {
+        Box::new(BufReader::new(tokio::io::stdin()))
+    } else {
+        match tokio::fs::File::open(&events).await {
+            Ok(file) => Box::new(BufReader::new(file)),
+            Err(err) => {
+                eprintln!("error: cannot open events file {}: {err}", events.display());
+                return ExitCode::from(2);
+            }
+        }
+    };
+    let output = ReplayOutput::new(Box::new(std::io::stdout()));
+    let spec = PoolSpec {
+        script,
+        workers: 1,
+        concurrency: 1,
+        bus_capacity: 1,
+        handler_timeout: handler_timeout.unwrap_or(DEFAULT_HANDLER_TIMEOUT),
+        lua: LuaConfig::from(lua),
+        transport: Transport::Replay(output.clone()),
+    };
+    let (pool, bus, report) = match VmPool::start(spec).await {
+        Ok(started) => started,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let source = Box::new(ReplaySource::new(input, report.subscriptions, output));
+    source.run(bus, CancellationToken::new()).await;
+    pool.shutdown(tokio::time::Instant::now() + Duration::from_secs(1)).await;
+    ExitCode::SUCCESS
+}

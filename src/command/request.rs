@@ -1,0 +1,87 @@
+//! `agent-block request SUBJECT [DATA]`: one request, the reply body on stdout; an
+//! error reply (`Nats-Service-Error`) on stderr with exit 1.
+
+use std::io::{Read, Write};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+
+use crate::ack::{SERVICE_ERROR, SERVICE_ERROR_CODE};
+use crate::cli::ConnectionArgs;
+use crate::config::ConnectionConfig;
+use crate::connect;
+use crate::transport::Transport;
+
+/// The client gives up connecting after this long unless --connect-timeout says otherwise.
+const CONNECT_LIMIT: Duration = Duration::from_secs(5);
+
+pub async fn execute(
+    subject: String,
+    data: Option<String>,
+    headers: Vec<String>,
+    timeout: Duration,
+    connection: &ConnectionArgs,
+) -> ExitCode {
+    let mut config = ConnectionConfig::from_args(connection, "agent-block-request");
+    config.connect_timeout = Some(config.connect_timeout.unwrap_or(CONNECT_LIMIT));
+    let headers = match parse_headers(&headers) {
+        Ok(headers) => headers,
+        Err(message) => return usage(&message),
+    };
+    let body = match data.as_deref() {
+        Some("-") => {
+            let mut input = Vec::new();
+            if let Err(err) = std::io::stdin().read_to_end(&mut input) {
+                return usage(&format!("cannot read the request body from stdin: {err}"));
+            }
+            Bytes::from(input)
+        }
+        Some(text) => Bytes::from(text.to_string()),
+        None => Bytes::new(),
+    };
+    let client = match connect::connect(&config).await {
+        Ok(client) => client,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    match Transport::Nats(client).request(subject, headers, body, timeout).await {
+        Ok(response) => {
+            if let Some(error) = response.headers.as_ref().and_then(|h| h.get(SERVICE_ERROR)) {
+                let code = response.headers.as_ref().and_then(|h| h.get(SERVICE_ERROR_CODE));
+                eprintln!("error {}: {}", code.map(|c| c.as_str()).unwrap_or("500"), error.as_str());
+                return ExitCode::from(1);
+            }
+            let mut stdout = std::io::stdout();
+            let _ = stdout.write_all(&response.data);
+            let _ = stdout.write_all(b"\n");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn parse_headers(headers: &[String]) -> Result<Option<HeaderMap>, String> {
+    if headers.is_empty() {
+        return Ok(None);
+    }
+    let mut map = HeaderMap::new();
+    for header in headers {
+        let (name, value) = header
+            .split_once(':')
+            .ok_or_else(|| format!("invalid --header {header:?}: expected NAME:VALUE"))?;
+        map.append(name.trim(), value.trim());
+    }
+    Ok(Some(map))
+}
+
+fn usage(message: &str) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(2)
+}

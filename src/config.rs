@@ -1,0 +1,124 @@
+//! Resolved settings with every default in one place.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::cli::{ConnectionArgs, LuaArgs, WorkerArgs};
+
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+pub const DEFAULT_NAME: &str = "agent-block";
+pub const DEFAULT_CONCURRENCY: usize = 64;
+pub const DEFAULT_BUS_CAPACITY: usize = 1024;
+pub const DEFAULT_HANDLER_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+
+/// How to connect to NATS.
+#[derive(Debug, Clone)]
+pub struct ConnectionConfig {
+    pub url: String,
+    pub creds: Option<PathBuf>,
+    pub nkey: Option<String>,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub token: Option<String>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// `None` keeps trying forever.
+    pub connect_timeout: Option<Duration>,
+    /// Client name announced to the server.
+    pub client_name: String,
+}
+
+impl ConnectionConfig {
+    pub fn from_args(args: &ConnectionArgs, client_name: &str) -> Self {
+        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        ConnectionConfig {
+            url: args
+                .nats_url
+                .clone()
+                .or_else(|| env("NATS_URL"))
+                .unwrap_or_else(|| DEFAULT_NATS_URL.to_string()),
+            creds: args.creds.clone().or_else(|| env("NATS_CREDS").map(PathBuf::from)),
+            nkey: args.nkey.clone(),
+            user: args.user.clone(),
+            password: args.password.clone(),
+            token: args.token.clone(),
+            tls_ca: args.tls_ca.clone(),
+            tls_cert: args.tls_cert.clone(),
+            tls_key: args.tls_key.clone(),
+            connect_timeout: args.connect_timeout.filter(|t| !t.is_zero()),
+            client_name: client_name.to_string(),
+        }
+    }
+}
+
+/// How each Lua VM is built.
+#[derive(Debug, Clone, Default)]
+pub struct LuaConfig {
+    pub unsafe_lua: bool,
+    pub memory_limit: Option<usize>,
+}
+
+impl From<&LuaArgs> for LuaConfig {
+    fn from(args: &LuaArgs) -> Self {
+        LuaConfig { unsafe_lua: args.unsafe_lua, memory_limit: args.lua_memory_limit }
+    }
+}
+
+/// Everything a serving worker needs.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub script: PathBuf,
+    pub name: String,
+    pub workers: usize,
+    pub concurrency: usize,
+    pub bus_capacity: usize,
+    pub handler_timeout: Duration,
+    pub grace: Duration,
+    pub metrics_addr: Option<SocketAddr>,
+    pub connection: ConnectionConfig,
+    pub lua: LuaConfig,
+}
+
+impl WorkerConfig {
+    /// Applies defaults and checks values; errors are meant for the user.
+    pub fn from_args(script: PathBuf, args: &WorkerArgs) -> Result<Self, String> {
+        let name = args.name.clone().unwrap_or_else(|| DEFAULT_NAME.to_string());
+        if name.is_empty() || name.contains(|c: char| c.is_whitespace() || c == '.' || c == '*' || c == '>') {
+            return Err(format!("invalid --name {name:?}: use letters, digits, '-' or '_'"));
+        }
+        let workers = args.workers.unwrap_or_else(default_workers);
+        let concurrency = args.concurrency.unwrap_or(DEFAULT_CONCURRENCY);
+        let bus_capacity = args.bus_capacity.unwrap_or(DEFAULT_BUS_CAPACITY);
+        for (flag, value) in [("--workers", workers), ("--concurrency", concurrency), ("--bus-capacity", bus_capacity)] {
+            if value == 0 {
+                return Err(format!("{flag} must be at least 1"));
+            }
+        }
+        let metrics_addr = match &args.metrics_addr {
+            None => None,
+            Some(text) if text.is_empty() => None,
+            Some(text) => Some(text.parse().map_err(|err| {
+                format!("invalid --metrics-addr {text:?}: {err} (expected HOST:PORT, e.g. 0.0.0.0:9090)")
+            })?),
+        };
+        Ok(WorkerConfig {
+            connection: ConnectionConfig::from_args(&args.connection, &name),
+            script,
+            name,
+            workers,
+            concurrency,
+            bus_capacity,
+            handler_timeout: args.handler_timeout.unwrap_or(DEFAULT_HANDLER_TIMEOUT),
+            grace: args.grace.unwrap_or(DEFAULT_GRACE),
+            metrics_addr,
+            lua: LuaConfig::from(&args.lua),
+        })
+    }
+}
+
+fn default_workers() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}

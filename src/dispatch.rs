@@ -1,0 +1,149 @@
+//! Running one event through its Lua handler: the one place where an event's span
+//! starts and ends. Looks up the handler, builds the event table, calls the handler
+//! under its deadline with shutdown cancellation, and turns what happened into an
+//! [`Outcome`] that [`crate::ack`] settles.
+
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use mlua::{Table, Value};
+use tracing::Instrument;
+
+use crate::ack;
+use crate::event::Event;
+use crate::lua_api::bus::Directive;
+use crate::lua_api::event::PayloadError;
+use crate::lua_api::json;
+use crate::outcome::{Failure, FailureCause, Outcome};
+use crate::vm::Vm;
+use crate::vm::context::{Interrupt, Scoped, TaskContext};
+
+/// Runs `event` on `vm` and settles its outcome, inside the event's span.
+pub async fn process(vm: &Rc<Vm>, event: Event) {
+    let span = tracing::info_span!(
+        target: "agent_block::event",
+        "process",
+        otel.name = %format_args!("process {}", event.subject),
+        otel.kind = "consumer",
+        messaging.system = "nats",
+        messaging.destination.name = %event.subject,
+        messaging.operation.type = "process",
+        messaging.message.id = %event.id,
+        agent_block.kind = %event.kind,
+        agent_block.outcome = tracing::field::Empty,
+    );
+    async {
+        let outcome = run(vm, &event).await;
+        tracing::Span::current().record("agent_block.outcome", outcome.label());
+        ack::settle(&vm.state.transport, event, outcome).await;
+    }
+    .instrument(span)
+    .await
+}
+
+/// Calls the handler for `event` and classifies the result.
+pub async fn run(vm: &Vm, event: &Event) -> Outcome {
+    let Some(handler) = vm.state.handlers.borrow().lookup(&event.kind) else {
+        return Outcome::Error(Failure::no_handler(&event.kind));
+    };
+    let table = match vm.events.build(&vm.lua, event) {
+        Ok(table) => table,
+        Err(err) => return internal(format!("cannot build the event table: {err}")),
+    };
+    let limit = event.timeout.unwrap_or(vm.handler_timeout);
+    let deadline = Instant::now() + limit;
+    let mut context = TaskContext::new(Some(deadline), Some(vm.cancel.clone()));
+    context.kind = event.kind.clone();
+    context.id = event.id.clone();
+    context.traceparent = event
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("traceparent"))
+        .map(|v| v.as_str().to_string());
+    let context = Rc::new(context);
+    let call = Scoped::new(context.clone(), vm.runner.call_async::<(bool, Value)>((handler, table)));
+    let result = tokio::select! {
+        biased;
+        _ = vm.cancel.cancelled() => return Outcome::Error(Failure::cancelled()),
+        result = tokio::time::timeout_at(deadline.into(), call) => result,
+    };
+    match (context.interrupted(), result) {
+        (_, Err(_)) | (Some(Interrupt::Timeout), _) => Outcome::Error(Failure::timeout(limit)),
+        (Some(Interrupt::Cancelled), _) => Outcome::Error(Failure::cancelled()),
+        (None, Ok(Ok((true, value)))) => outcome_of(value),
+        (None, Ok(Ok((false, error)))) => Outcome::Error(failure_of(error)),
+        (None, Ok(Err(error))) => Outcome::Error(failure_of_error(&error)),
+    }
+}
+
+fn internal(message: String) -> Outcome {
+    Outcome::Error(Failure::new(FailureCause::Internal, 500, message))
+}
+
+/// A handler's return value as an outcome: directives as they say, strings raw,
+/// nil empty, anything else JSON.
+fn outcome_of(value: Value) -> Outcome {
+    match value {
+        Value::Nil => Outcome::empty_ack(),
+        Value::String(s) => Outcome::Ack { body: bytes::Bytes::copy_from_slice(&s.as_bytes()), headers: None },
+        Value::UserData(ud) if ud.is::<Directive>() => match ud.take::<Directive>() {
+            Ok(Directive::Reply { body, headers }) => Outcome::Ack { body, headers },
+            Ok(Directive::Nak { delay }) => Outcome::Nak { delay },
+            Ok(Directive::Term { reason }) => Outcome::Term { reason },
+            Err(_) => internal("a bus.reply/nak/term value was returned twice".to_string()),
+        },
+        other => match json::encode(&other) {
+            Ok(body) => Outcome::Ack { body: body.into(), headers: None },
+            Err(err) => internal(format!("cannot encode the handler's {} result as JSON: {err}", other.type_name())),
+        },
+    }
+}
+
+/// What the handler raised: `error({code = 400, message = "..."})`, a string, or a
+/// runtime error.
+fn failure_of(error: Value) -> Failure {
+    match error {
+        Value::Error(err) => failure_of_error(&err),
+        Value::Table(table) => failure_of_table(&table),
+        Value::String(s) => Failure::new(FailureCause::Handler, 500, s.to_string_lossy()),
+        other => Failure::new(FailureCause::Handler, 500, format!("handler raised a {} value", other.type_name())),
+    }
+}
+
+fn failure_of_table(table: &Table) -> Failure {
+    let code = match table.raw_get::<Value>("code") {
+        Ok(Value::Integer(code)) => u16::try_from(code).ok(),
+        Ok(Value::Number(code)) if code.fract() == 0.0 => u16::try_from(code as i64).ok(),
+        _ => None,
+    }
+    .filter(|code| (100..=999).contains(code))
+    .unwrap_or(500);
+    let message = match table.raw_get::<Value>("message") {
+        Ok(Value::String(s)) => s.to_string_lossy(),
+        Ok(Value::Nil) | Err(_) => "handler error".to_string(),
+        Ok(other) => other.to_string().unwrap_or_else(|_| "handler error".to_string()),
+    };
+    Failure::new(FailureCause::Handler, code, message)
+}
+
+fn failure_of_error(err: &mlua::Error) -> Failure {
+    match err {
+        mlua::Error::CallbackError { cause, .. } | mlua::Error::WithContext { cause, .. } => failure_of_error(cause),
+        mlua::Error::ExternalError(external) => {
+            if let Some(payload) = external.downcast_ref::<PayloadError>() {
+                Failure::new(FailureCause::BadPayload, 400, payload.to_string())
+            } else if let Some(Interrupt::Timeout) = external.downcast_ref::<Interrupt>() {
+                Failure::timeout(Duration::ZERO)
+            } else if let Some(Interrupt::Cancelled) = external.downcast_ref::<Interrupt>() {
+                Failure::cancelled()
+            } else {
+                Failure::new(FailureCause::Handler, 500, external.to_string())
+            }
+        }
+        mlua::Error::MemoryError(message) => {
+            Failure::new(FailureCause::Handler, 500, format!("out of memory: {message}"))
+        }
+        mlua::Error::RuntimeError(message) => Failure::new(FailureCause::Handler, 500, message.clone()),
+        other => Failure::new(FailureCause::Handler, 500, other.to_string()),
+    }
+}

@@ -1,0 +1,34 @@
+//! The HTTP listener of `--metrics-addr`: `/healthz` (the process lives) and
+//! `/readyz` (200 while connected with every source running, else 503).
+
+use std::net::SocketAddr;
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::routing::get;
+
+use crate::health::Health;
+
+/// Binds `addr` and serves the probes in the background; returns the bound address.
+pub async fn serve(addr: SocketAddr, health: Health) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let app = Router::new().route("/healthz", get(|| async { "ok\n" })).route(
+        "/readyz",
+        get(move || {
+            let health = health.clone();
+            async move {
+                match health.readiness() {
+                    Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+                    Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")),
+                }
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        if let Err(err) = axum::serve(listener, app).await {
+            tracing::error!(error = %err, "HTTP listener stopped");
+        }
+    });
+    Ok(bound)
+}

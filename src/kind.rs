@@ -1,0 +1,167 @@
+//! Subject -> kind mapping: the `kind` template of `bus.subscribe`, with the
+//! `{{subject}}` and `{{wildcard(N)}}` placeholders of NATS subject mapping.
+
+use std::fmt;
+
+/// A parsed kind template, checked against the subscription's subject pattern.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KindTemplate {
+    source: String,
+    parts: Vec<Part>,
+    /// Token position of each wildcard in the pattern, and whether it is `>`.
+    wildcards: Vec<(usize, bool)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Literal(String),
+    Subject,
+    Wildcard(usize),
+}
+
+impl KindTemplate {
+    pub const DEFAULT: &'static str = "{{subject}}";
+
+    /// Parses `template` for subscriptions on `pattern`.
+    pub fn parse(template: &str, pattern: &str) -> Result<Self, String> {
+        let wildcards: Vec<(usize, bool)> = pattern
+            .split('.')
+            .enumerate()
+            .filter(|(_, token)| *token == "*" || *token == ">")
+            .map(|(position, token)| (position, token == ">"))
+            .collect();
+        let mut parts = Vec::new();
+        let mut rest = template;
+        while let Some(start) = rest.find("{{") {
+            if start > 0 {
+                parts.push(Part::Literal(rest[..start].to_string()));
+            }
+            let end = rest[start..]
+                .find("}}")
+                .ok_or_else(|| format!("kind template {template:?}: unclosed '{{{{'"))?
+                + start;
+            let placeholder = rest[start + 2..end].trim();
+            parts.push(parse_placeholder(placeholder, template, wildcards.len())?);
+            rest = &rest[end + 2..];
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Literal(rest.to_string()));
+        }
+        if parts.is_empty() {
+            return Err("kind template is empty".to_string());
+        }
+        Ok(KindTemplate { source: template.to_string(), parts, wildcards })
+    }
+
+    /// The kind of a message that arrived on `subject`.
+    pub fn render(&self, subject: &str) -> String {
+        if let [Part::Subject] = self.parts.as_slice() {
+            return subject.to_string();
+        }
+        let mut kind = String::with_capacity(subject.len() + 8);
+        for part in &self.parts {
+            match part {
+                Part::Literal(text) => kind.push_str(text),
+                Part::Subject => kind.push_str(subject),
+                Part::Wildcard(n) => kind.push_str(self.capture(subject, *n)),
+            }
+        }
+        kind
+    }
+
+    fn capture<'s>(&self, subject: &'s str, n: usize) -> &'s str {
+        let (position, is_tail) = self.wildcards[n - 1];
+        let mut tokens = subject.splitn(position + 1, '.');
+        let token = tokens.nth(position).unwrap_or("");
+        if is_tail { token } else { token.split('.').next().unwrap_or("") }
+    }
+}
+
+fn parse_placeholder(placeholder: &str, template: &str, wildcard_count: usize) -> Result<Part, String> {
+    if placeholder == "subject" {
+        return Ok(Part::Subject);
+    }
+    let index = placeholder
+        .strip_prefix("wildcard(")
+        .and_then(|rest| rest.strip_suffix(')'))
+        .ok_or_else(|| {
+            format!("kind template {template:?}: unknown placeholder {{{{{placeholder}}}}}; use {{{{subject}}}} or {{{{wildcard(N)}}}}")
+        })?;
+    let n: usize = index
+        .trim()
+        .parse()
+        .map_err(|_| format!("kind template {template:?}: wildcard index {index:?} is not a number"))?;
+    if n == 0 || n > wildcard_count {
+        return Err(format!(
+            "kind template {template:?}: wildcard({n}) does not exist; the subject has {wildcard_count} wildcard(s), numbered from 1"
+        ));
+    }
+    Ok(Part::Wildcard(n))
+}
+
+impl fmt::Display for KindTemplate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.source)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kind(template: &str, pattern: &str, subject: &str) -> String {
+        KindTemplate::parse(template, pattern).unwrap().render(subject)
+    }
+
+    #[test]
+    fn default_template_is_the_subject() {
+        assert_eq!(kind("{{subject}}", "orders.*", "orders.new"), "orders.new");
+    }
+
+    #[test]
+    fn wildcards_capture_tokens_and_tail() {
+        assert_eq!(kind("order.{{wildcard(1)}}", "orders.*", "orders.created"), "order.created");
+        assert_eq!(kind("{{wildcard(2)}}-{{wildcard(1)}}", "a.*.b.*", "a.x.b.y"), "y-x");
+        assert_eq!(kind("tail:{{wildcard(1)}}", "jobs.>", "jobs.email.send"), "tail:email.send");
+        assert_eq!(kind("{{ wildcard(2) }}", "*.>", "x.y.z"), "y.z");
+        assert_eq!(kind("fixed", "a.b", "a.b"), "fixed");
+    }
+
+    #[test]
+    fn bad_templates_are_refused_with_a_reason() {
+        assert!(KindTemplate::parse("{{wildcard(2)}}", "a.*").unwrap_err().contains("1 wildcard"));
+        assert!(KindTemplate::parse("{{wildcard(0)}}", "a.*").is_err());
+        assert!(KindTemplate::parse("{{nope}}", "a").unwrap_err().contains("unknown placeholder"));
+        assert!(KindTemplate::parse("{{subject", "a").unwrap_err().contains("unclosed"));
+        assert!(KindTemplate::parse("", "a").is_err());
+    }
+}
+
+/// Whether `subject` matches the subscription `pattern` (`*` one token, `>` the rest).
+pub fn subject_matches(pattern: &str, subject: &str) -> bool {
+    let mut tokens = subject.split('.');
+    for wanted in pattern.split('.') {
+        match (wanted, tokens.next()) {
+            (">", Some(_)) => return true,
+            ("*", Some(_)) => {}
+            (wanted, Some(token)) if wanted == token => {}
+            _ => return false,
+        }
+    }
+    tokens.next().is_none()
+}
+
+#[cfg(test)]
+mod matching_tests {
+    use super::subject_matches;
+
+    #[test]
+    fn patterns_match_like_nats() {
+        assert!(subject_matches("a.b", "a.b"));
+        assert!(subject_matches("a.*", "a.b"));
+        assert!(!subject_matches("a.*", "a.b.c"));
+        assert!(subject_matches("a.>", "a.b.c"));
+        assert!(!subject_matches("a.>", "a"));
+        assert!(!subject_matches("a.b", "a"));
+    }
+}

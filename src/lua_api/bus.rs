@@ -1,0 +1,129 @@
+//! The `bus` global: handler registration, subscriptions, `serve`, and the explicit
+//! outcomes `bus.reply`, `bus.nak`, `bus.term`.
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use mlua::{Lua, Table, UserData, Value};
+
+use crate::kind::KindTemplate;
+use crate::lua_api::{body_of, duration_of, headers_of};
+use crate::source::core::{Queue, SubscriptionSpec};
+use crate::vm::state::{Phase, VmState};
+
+/// What a handler returned through `bus.reply`, `bus.nak` or `bus.term`.
+pub enum Directive {
+    Reply { body: Bytes, headers: Option<HeaderMap> },
+    Nak { delay: Option<Duration> },
+    Term { reason: String },
+}
+
+impl UserData for Directive {}
+
+pub fn install(lua: &Lua) -> mlua::Result<()> {
+    let bus = lua.create_table()?;
+    bus.set("on", lua.create_function(on)?)?;
+    bus.set("on_any", lua.create_function(on_any)?)?;
+    bus.set("subscribe", lua.create_function(subscribe)?)?;
+    bus.set("serve", lua.create_async_function(|lua, ()| serve(lua))?)?;
+    bus.set("worker_id", lua.create_function(|lua, ()| Ok(VmState::of(lua).worker_id))?)?;
+    bus.set("workers", lua.create_function(|lua, ()| Ok(VmState::of(lua).workers))?)?;
+    bus.set("reply", lua.create_function(reply)?)?;
+    bus.set("nak", lua.create_function(nak)?)?;
+    bus.set("term", lua.create_function(term)?)?;
+    lua.globals().set("bus", bus)
+}
+
+fn on(lua: &Lua, (kind, handler): (Value, Value)) -> mlua::Result<()> {
+    let (Value::String(kind), Value::Function(handler)) = (kind, handler) else {
+        return Err(mlua::Error::runtime("bus.on expects (kind: string, handler: function)"));
+    };
+    let kind = kind.to_str()?.to_string();
+    let state = VmState::of(lua);
+    if state.handlers.borrow_mut().insert(kind.clone(), handler) && state.is_first() {
+        tracing::warn!(kind = %kind, "bus.on: replacing the handler registered earlier for this kind");
+    }
+    Ok(())
+}
+
+fn on_any(lua: &Lua, handler: Value) -> mlua::Result<()> {
+    let Value::Function(handler) = handler else {
+        return Err(mlua::Error::runtime("bus.on_any expects a handler function"));
+    };
+    let state = VmState::of(lua);
+    if state.handlers.borrow_mut().set_any(handler) && state.is_first() {
+        tracing::warn!("bus.on_any: replacing the fallback handler registered earlier");
+    }
+    Ok(())
+}
+
+fn subscribe(lua: &Lua, (subject, opts): (String, Option<Table>)) -> mlua::Result<()> {
+    let state = VmState::of(lua);
+    if state.phase.get() != Phase::Init {
+        return Err(mlua::Error::runtime("bus.subscribe must be called at the script's top level, before bus.serve()"));
+    }
+    if subject.is_empty() || subject.contains(char::is_whitespace) {
+        return Err(mlua::Error::runtime(format!("bus.subscribe: invalid subject {subject:?}")));
+    }
+    let opts = match opts {
+        Some(opts) => opts,
+        None => lua.create_table()?,
+    };
+    let template = opts.get::<Option<String>>("kind")?.unwrap_or_else(|| KindTemplate::DEFAULT.to_string());
+    let kind = KindTemplate::parse(&template, &subject).map_err(mlua::Error::runtime)?;
+    let queue = match opts.get::<Value>("queue")? {
+        Value::Nil => Queue::Default,
+        Value::Boolean(false) => Queue::None,
+        Value::String(name) if !name.as_bytes().is_empty() => Queue::Named(name.to_str()?.to_string()),
+        other => {
+            return Err(mlua::Error::runtime(format!(
+                "bus.subscribe: queue must be a group name or false, got {}",
+                other.type_name()
+            )));
+        }
+    };
+    let timeout = match opts.get::<Value>("timeout")? {
+        Value::Nil => None,
+        value => Some(duration_of(&value, "bus.subscribe timeout")?),
+    };
+    state.subscriptions.borrow_mut().push(SubscriptionSpec { subject, kind, queue, timeout });
+    Ok(())
+}
+
+/// Ends init: marks the VM ready and waits until shutdown releases it.
+async fn serve(lua: Lua) -> mlua::Result<()> {
+    let state = VmState::of(&lua);
+    if state.phase.get() != Phase::Init {
+        return Err(mlua::Error::runtime("bus.serve() may be called only once, from the script's top level"));
+    }
+    state.phase.set(Phase::Serving);
+    if let Some(done) = state.init_done.borrow_mut().take() {
+        let _ = done.send(());
+    }
+    state.release.cancelled().await;
+    Ok(())
+}
+
+fn reply(_: &Lua, (value, opts): (Value, Option<Table>)) -> mlua::Result<Directive> {
+    let headers = match opts {
+        Some(opts) => opts.get::<Option<Table>>("headers")?.map(|t| headers_of(&t)).transpose()?,
+        None => None,
+    };
+    Ok(Directive::Reply { body: body_of(&value)?, headers })
+}
+
+fn nak(_: &Lua, opts: Option<Table>) -> mlua::Result<Directive> {
+    let delay = match opts {
+        Some(opts) => match opts.get::<Value>("delay")? {
+            Value::Nil => None,
+            value => Some(duration_of(&value, "bus.nak delay")?),
+        },
+        None => None,
+    };
+    Ok(Directive::Nak { delay })
+}
+
+fn term(_: &Lua, reason: Option<String>) -> mlua::Result<Directive> {
+    Ok(Directive::Term { reason: reason.unwrap_or_else(|| "terminated by handler".to_string()) })
+}

@@ -1,0 +1,34 @@
+//! The `log` global: structured logs tagged with the current event's kind, id and
+//! trace id. `log.info("charged", { amount = 12 })`.
+
+use mlua::{Lua, Value};
+
+use crate::event::trace_id_of;
+use crate::vm::context;
+
+pub fn install(lua: &Lua) -> mlua::Result<()> {
+    let log = lua.create_table()?;
+    for level in ["debug", "info", "warn", "error"] {
+        log.set(level, lua.create_function(move |_, (message, fields): (Value, Option<Value>)| {
+            emit(level, &message.to_string()?, fields.as_ref());
+            Ok(())
+        })?)?;
+    }
+    lua.globals().set("log", log)
+}
+
+fn emit(level: &str, message: &str, fields: Option<&Value>) {
+    let current = context::current();
+    let kind = current.as_ref().map(|c| c.kind.as_str()).unwrap_or("");
+    let id = current.as_ref().map(|c| c.id.as_str()).unwrap_or("");
+    let trace_id = current.as_ref().and_then(|c| c.traceparent.as_deref()).and_then(trace_id_of).unwrap_or("");
+    let fields = fields
+        .map(|f| serde_json::to_string(f).unwrap_or_else(|err| format!("<unencodable fields: {err}>")))
+        .unwrap_or_default();
+    match level {
+        "debug" => tracing::debug!(target: "lua", kind, id, trace_id, fields, "{message}"),
+        "info" => tracing::info!(target: "lua", kind, id, trace_id, fields, "{message}"),
+        "warn" => tracing::warn!(target: "lua", kind, id, trace_id, fields, "{message}"),
+        _ => tracing::error!(target: "lua", kind, id, trace_id, fields, "{message}"),
+    }
+}

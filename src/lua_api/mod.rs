@@ -1,0 +1,73 @@
+//! The Lua API: `bus`, `nats`, `json`, `log`, `time`, `env`, and the event table.
+
+pub mod bus;
+pub mod event;
+pub mod json;
+pub mod log;
+pub mod nats;
+pub mod time;
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use mlua::{Lua, Table, Value};
+
+use crate::duration::{parse_duration, seconds_to_duration};
+
+/// Installs every global of the Lua API into `lua`.
+pub fn install(lua: &Lua) -> mlua::Result<()> {
+    bus::install(lua)?;
+    nats::install(lua)?;
+    json::install(lua)?;
+    log::install(lua)?;
+    time::install(lua)
+}
+
+/// A duration given as a humantime string or a number of seconds.
+pub fn duration_of(value: &Value, what: &str) -> mlua::Result<Duration> {
+    let parsed = match value {
+        Value::Integer(n) => seconds_to_duration(*n as f64),
+        Value::Number(n) => seconds_to_duration(*n),
+        Value::String(s) => parse_duration(&s.to_str()?),
+        other => Err(format!("expected a duration like \"2s\", got {}", other.type_name())),
+    };
+    parsed.map_err(|err| mlua::Error::runtime(format!("{what}: {err}")))
+}
+
+/// A message body: strings as bytes, nil as empty, anything else as JSON.
+pub fn body_of(value: &Value) -> mlua::Result<Bytes> {
+    match value {
+        Value::Nil => Ok(Bytes::new()),
+        Value::String(s) => Ok(Bytes::copy_from_slice(&s.as_bytes())),
+        other => json::encode(other)
+            .map(Bytes::from)
+            .map_err(|err| mlua::Error::runtime(format!("cannot encode {} as JSON: {err}", other.type_name()))),
+    }
+}
+
+/// Headers from a Lua table of name -> string (or list of strings).
+pub fn headers_of(table: &Table) -> mlua::Result<HeaderMap> {
+    let mut headers = HeaderMap::new();
+    for pair in table.pairs::<String, Value>() {
+        let (name, value) = pair?;
+        match value {
+            Value::Table(list) => {
+                for item in list.sequence_values::<String>() {
+                    headers.append(name.as_str(), item?.as_str());
+                }
+            }
+            Value::String(s) => headers.insert(name.as_str(), s.to_str()?.as_ref()),
+            Value::Integer(_) | Value::Number(_) | Value::Boolean(_) => {
+                headers.insert(name.as_str(), value.to_string()?.as_str())
+            }
+            other => {
+                return Err(mlua::Error::runtime(format!(
+                    "header {name:?}: expected a string or a list of strings, got {}",
+                    other.type_name()
+                )));
+            }
+        }
+    }
+    Ok(headers)
+}

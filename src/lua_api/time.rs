@@ -1,0 +1,30 @@
+//! The `time` and `env` globals: `time.now()` (seconds since the epoch),
+//! `time.sleep(duration)` (yields), `env.get(name)`.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use mlua::{Lua, Value};
+
+use crate::lua_api::duration_of;
+
+pub fn install(lua: &Lua) -> mlua::Result<()> {
+    let time = lua.create_table()?;
+    time.set(
+        "now",
+        lua.create_function(|_, ()| {
+            Ok(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0))
+        })?,
+    )?;
+    time.set(
+        "sleep",
+        lua.create_async_function(|_, duration: Value| async move {
+            tokio::time::sleep(duration_of(&duration, "time.sleep")?).await;
+            Ok(())
+        })?,
+    )?;
+    lua.globals().set("time", time)?;
+
+    let env = lua.create_table()?;
+    env.set("get", lua.create_function(|_, name: String| Ok(std::env::var(name).ok()))?)?;
+    lua.globals().set("env", env)
+}

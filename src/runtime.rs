@@ -1,0 +1,120 @@
+//! A serving worker from start to clean exit: probes, NATS connection, the VM pool,
+//! sources, and the shutdown sequence (stop taking messages, let in-flight handlers
+//! finish within grace, cancel the rest, flush).
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::WorkerConfig;
+use crate::connect::{self, ConnectError};
+use crate::health::Health;
+use crate::http;
+use crate::source::Source;
+use crate::source::core::CoreSource;
+use crate::transport::Transport;
+use crate::vm::{PoolSpec, ScriptError, VmPool};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{0}")]
+    Settings(String),
+    #[error("script error: {0}")]
+    Script(#[from] ScriptError),
+    #[error("{0}")]
+    Connect(#[from] ConnectError),
+    #[error("{0}")]
+    Runtime(String),
+}
+
+impl RunError {
+    /// 2 for usage, settings and script errors; 1 for failures at run time.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            RunError::Settings(_) | RunError::Script(_) | RunError::Connect(ConnectError::Settings(_)) => 2,
+            RunError::Connect(ConnectError::TimedOut { .. }) | RunError::Runtime(_) => 1,
+        }
+    }
+}
+
+/// Time allowed for the last replies to leave after the VMs stopped.
+const FLUSH_LIMIT: Duration = Duration::from_millis(200);
+
+/// Serves `config.script` until `shutdown` resolves.
+pub async fn run_worker(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    let started = Instant::now();
+    let health = Health::default();
+    if let Some(addr) = config.metrics_addr {
+        let bound = http::serve(addr, health.clone())
+            .await
+            .map_err(|err| RunError::Runtime(format!("cannot listen on {addr} (--metrics-addr): {err}")))?;
+        tracing::info!(addr = %bound, "probes at /healthz and /readyz");
+    }
+    tokio::pin!(shutdown);
+    let client = tokio::select! {
+        client = connect::connect(&config.connection) => client?,
+        _ = &mut shutdown => return Ok(()),
+    };
+    health.set_client(client.clone());
+
+    let (pool, bus, report) = VmPool::start(PoolSpec {
+        script: config.script.clone(),
+        workers: config.workers,
+        concurrency: config.concurrency,
+        bus_capacity: config.bus_capacity,
+        handler_timeout: config.handler_timeout,
+        lua: config.lua.clone(),
+        transport: Transport::Nats(client.clone()),
+    })
+    .await?;
+    if report.subscriptions.is_empty() {
+        tracing::warn!("the script subscribes to nothing; call bus.subscribe(subject) at its top level");
+    }
+    let mut sources: Vec<Box<dyn Source>> = Vec::new();
+    for spec in &report.subscriptions {
+        let source = CoreSource::subscribe(&client, spec.clone(), &config.name)
+            .await
+            .map_err(|err| RunError::Runtime(format!("cannot subscribe to {:?}: {err}", spec.subject)))?;
+        sources.push(Box::new(source));
+    }
+    client
+        .flush()
+        .await
+        .map_err(|err| RunError::Runtime(format!("cannot confirm subscriptions with NATS: {err}")))?;
+
+    let stop = CancellationToken::new();
+    let mut running = JoinSet::new();
+    for source in sources {
+        tracing::info!(source = %source.describe(), "subscribed");
+        running.spawn(source.run(bus.clone(), stop.clone()));
+    }
+    drop(bus);
+    health.set_sources_running(true);
+    tracing::info!(
+        name = %config.name,
+        workers = config.workers,
+        kinds = ?report.kinds,
+        ready_in_ms = started.elapsed().as_millis() as u64,
+        "worker ready"
+    );
+
+    shutdown.await;
+    let grace_deadline = Instant::now() + config.grace;
+    health.set_shutting_down();
+    tracing::info!(grace = %humantime::format_duration(config.grace), "shutting down: draining subscriptions");
+    stop.cancel();
+    let drained = async { while running.join_next().await.is_some() {} };
+    if tokio::time::timeout_at(grace_deadline, drained).await.is_err() {
+        running.abort_all();
+        while running.join_next().await.is_some() {}
+    }
+    pool.shutdown(grace_deadline).await;
+    if tokio::time::timeout(FLUSH_LIMIT, client.flush()).await.is_err() {
+        tracing::warn!("could not flush the last replies to NATS");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

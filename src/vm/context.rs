@@ -1,0 +1,120 @@
+//! The context of the Lua code running right now on this VM thread: its deadline,
+//! its cancellation, and the event it serves (for logs and trace propagation).
+//!
+//! [`Scoped`] installs a context for the duration of each poll of a Lua call, so the
+//! instruction hook can stop a handler that never yields, and bridges know which
+//! event they act for, although many handler coroutines interleave on one thread.
+
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use tokio_util::sync::CancellationToken;
+
+/// Why the instruction hook stopped Lua code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Interrupt {
+    #[error("handler timed out")]
+    Timeout,
+    #[error("handler cancelled by shutdown")]
+    Cancelled,
+}
+
+pub struct TaskContext {
+    deadline: Cell<Option<Instant>>,
+    cancel: Option<CancellationToken>,
+    interrupted: Cell<Option<Interrupt>>,
+    pub kind: String,
+    pub id: String,
+    pub traceparent: Option<String>,
+}
+
+impl TaskContext {
+    pub fn new(deadline: Option<Instant>, cancel: Option<CancellationToken>) -> Self {
+        TaskContext {
+            deadline: Cell::new(deadline),
+            cancel,
+            interrupted: Cell::new(None),
+            kind: String::new(),
+            id: String::new(),
+            traceparent: None,
+        }
+    }
+
+    pub fn set_deadline(&self, deadline: Option<Instant>) {
+        self.deadline.set(deadline);
+    }
+
+    /// What stopped this task, if the hook or the caller did.
+    pub fn interrupted(&self) -> Option<Interrupt> {
+        self.interrupted.get()
+    }
+
+    pub fn mark(&self, interrupt: Interrupt) {
+        self.interrupted.set(Some(interrupt));
+    }
+
+    /// Called by the hook: an error stops the running Lua code.
+    fn check(&self) -> Result<(), Interrupt> {
+        if self.cancel.as_ref().is_some_and(|c| c.is_cancelled()) {
+            self.mark(Interrupt::Cancelled);
+            return Err(Interrupt::Cancelled);
+        }
+        if self.deadline.get().is_some_and(|d| Instant::now() >= d) {
+            self.mark(Interrupt::Timeout);
+            return Err(Interrupt::Timeout);
+        }
+        Ok(())
+    }
+}
+
+thread_local! {
+    static CURRENT: RefCell<Option<Rc<TaskContext>>> = const { RefCell::new(None) };
+}
+
+/// The context of the Lua code running now, if any.
+pub fn current() -> Option<Rc<TaskContext>> {
+    CURRENT.with(|c| c.borrow().clone())
+}
+
+/// Checks the running code's deadline and cancellation; the VM's instruction hook.
+pub fn check_current() -> Result<(), Interrupt> {
+    CURRENT.with(|c| match c.borrow().as_ref() {
+        Some(context) => context.check(),
+        None => Ok(()),
+    })
+}
+
+/// A future that runs with `context` as the current context while polled.
+pub struct Scoped<F> {
+    context: Rc<TaskContext>,
+    inner: Pin<Box<F>>,
+}
+
+impl<F: Future> Scoped<F> {
+    pub fn new(context: Rc<TaskContext>, inner: F) -> Self {
+        Scoped { context, inner: Box::pin(inner) }
+    }
+}
+
+impl<F: Future> Future for Scoped<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let previous = CURRENT.with(|c| c.replace(Some(self.context.clone())));
+        let _restore = Restore(previous);
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+struct Restore(Option<Rc<TaskContext>>);
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        let previous = self.0.take();
+        CURRENT.with(|c| *c.borrow_mut() = previous);
+    }
+}

@@ -1,0 +1,76 @@
+//! Building a VM's Lua state: standard libraries, the sandbox, the memory limit and
+//! `require` of modules next to the script or embedded in the binary.
+
+use std::path::Path;
+
+use mlua::chunk::ChunkMode;
+use mlua::{Function, Lua, LuaOptions, StdLib, Value};
+
+use crate::config::LuaConfig;
+
+/// Lua libraries shipped inside the binary, found by `require(name)`.
+const EMBEDDED: &[(&str, &str)] = &[("validate", include_str!("../../lua/lib/validate.lua"))];
+
+/// Removes what lets a script reach the host: processes, files, native code, binary
+/// chunks, and the debug library (which can break out of any sandbox).
+const SANDBOX: &str = r#"
+local load, searchers = load, package.searchers
+load = function(chunk, name, _, env) return load(chunk, name, "t", env) end
+dofile, loadfile, io = nil, nil, nil
+package.loaded.io = nil
+for _, name in ipairs({ "execute", "exit", "remove", "rename", "tmpname", "setlocale" }) do
+  os[name] = nil
+end
+package.loadlib, package.cpath, package.path = nil, "", ""
+for i = #searchers, 2, -1 do searchers[i] = nil end
+"#;
+
+pub fn new_lua(config: &LuaConfig, script_dir: &Path) -> mlua::Result<Lua> {
+    let lua = if config.unsafe_lua {
+        // SAFETY: `--unsafe-lua` is the operator's explicit request for the debug library.
+        unsafe { Lua::unsafe_new_with(StdLib::ALL, LuaOptions::new()) }
+    } else {
+        Lua::new_with(StdLib::ALL_SAFE, LuaOptions::new())?
+    };
+    if !config.unsafe_lua {
+        lua.load(SANDBOX).set_name("=sandbox").exec()?;
+    }
+    install_searcher(&lua, script_dir, !config.unsafe_lua)?;
+    if let Some(limit) = config.memory_limit {
+        lua.set_memory_limit(limit)?;
+    }
+    Ok(lua)
+}
+
+/// Loads a script file as text (binary chunks are refused unless unsafe).
+pub fn load_file(lua: &Lua, path: &Path, text_only: bool) -> mlua::Result<Function> {
+    let source = std::fs::read(path)
+        .map_err(|err| mlua::Error::runtime(format!("cannot read {}: {err}", path.display())))?;
+    let chunk = lua.load(source).set_name(format!("@{}", path.display()));
+    if text_only { chunk.set_mode(ChunkMode::Text) } else { chunk }.into_function()
+}
+
+/// `require` looks in the embedded libraries, then next to the script
+/// (`name.lua`, `name/init.lua`, dots as folders).
+fn install_searcher(lua: &Lua, script_dir: &Path, text_only: bool) -> mlua::Result<()> {
+    let dir = script_dir.to_path_buf();
+    let searcher = lua.create_function(move |lua, name: String| {
+        if let Some((_, source)) = EMBEDDED.iter().find(|(module, _)| *module == name) {
+            let loader = lua.load(*source).set_name(format!("=embedded:{name}")).into_function()?;
+            return Ok((Value::Function(loader), Value::Nil));
+        }
+        let relative = name.replace('.', "/");
+        let candidates = [dir.join(format!("{relative}.lua")), dir.join(&relative).join("init.lua")];
+        for path in &candidates {
+            if path.is_file() {
+                let loader = load_file(lua, path, text_only)?;
+                let path = lua.create_string(path.display().to_string())?;
+                return Ok((Value::Function(loader), Value::String(path)));
+            }
+        }
+        let tried: Vec<String> = candidates.iter().map(|p| format!("\n\tno file '{}'", p.display())).collect();
+        Ok((Value::String(lua.create_string(tried.concat())?), Value::Nil))
+    })?;
+    let searchers: mlua::Table = lua.globals().get::<mlua::Table>("package")?.get("searchers")?;
+    searchers.raw_insert(2, searcher)
+}

@@ -1,0 +1,242 @@
+//! One VM thread: loads the script, runs init until `bus.serve()`, then serves
+//! events from its bus lane until the lane closes or shutdown cancels it, then lets
+//! `bus.serve()` return so the script's cleanup code runs.
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mlua::{Function, HookTriggers, Lua, VmState as HookState};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::task::LocalSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::ack;
+use crate::dispatch;
+use crate::event::Event;
+use crate::lua_api::{self, event::EventTables};
+use crate::outcome::{Failure, Outcome};
+use crate::vm::context::{self, Scoped, TaskContext};
+use crate::vm::state::{Handlers, Phase, VmState};
+use crate::vm::{InitReport, PoolSpec, ScriptError, sandbox};
+
+/// Instructions between deadline checks: small enough to stop a loop within
+/// microseconds, large enough to cost nothing measurable.
+const HOOK_INTERVAL: u32 = 4096;
+/// Time the script's code after `bus.serve()` gets at shutdown.
+const CLEANUP_LIMIT: Duration = Duration::from_millis(500);
+/// Events taken from the lane per wakeup.
+const BATCH: usize = 64;
+
+pub(super) struct Setup {
+    pub worker_id: usize,
+    pub spec: PoolSpec,
+    pub cancel: CancellationToken,
+}
+
+/// A loaded VM, shared by the handler tasks of its thread.
+pub struct Vm {
+    pub lua: Lua,
+    pub state: Rc<VmState>,
+    pub events: EventTables,
+    /// `pcall(handler, ev)`: errors come back as values, so tables keep their fields.
+    pub runner: Function,
+    pub handler_timeout: Duration,
+    pub cancel: CancellationToken,
+}
+
+pub(super) fn run(
+    setup: Setup,
+    events: mpsc::Receiver<Event>,
+    init: oneshot::Sender<Result<InitReport, ScriptError>>,
+    done: oneshot::Sender<()>,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            let _ = init.send(Err(ScriptError(format!("cannot start a VM runtime: {err}"))));
+            return;
+        }
+    };
+    LocalSet::new().block_on(&runtime, lifecycle(setup, events, init));
+    let _ = done.send(());
+}
+
+async fn lifecycle(
+    setup: Setup,
+    events: mpsc::Receiver<Event>,
+    init: oneshot::Sender<Result<InitReport, ScriptError>>,
+) {
+    let concurrency = setup.spec.concurrency;
+    let (vm, main_chunk) = match Vm::load(setup) {
+        Ok(loaded) => loaded,
+        Err(err) => {
+            let _ = init.send(Err(err));
+            return;
+        }
+    };
+    let vm = Rc::new(vm);
+    let (serving_tx, serving) = oneshot::channel();
+    *vm.state.init_done.borrow_mut() = Some(serving_tx);
+    let main_context = Rc::new(TaskContext::new(Some(Instant::now() + vm.handler_timeout), None));
+    let mut main = Some(tokio::task::spawn_local(Scoped::new(
+        main_context.clone(),
+        main_chunk.call_async::<()>(()),
+    )));
+    let outcome = tokio::select! {
+        _ = serving => Ok(()),
+        finished = main.as_mut().expect("main task is set") => {
+            main = None;
+            match finished {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(_)) if main_context.interrupted().is_some() => Err(ScriptError(format!(
+                    "{}: the script's top level ran longer than the handler timeout ({})",
+                    vm.state.script.display(), humantime::format_duration(vm.handler_timeout)
+                ))),
+                Ok(Err(err)) => Err(ScriptError(script_error_message(&err))),
+                Err(_) => Err(ScriptError("the script's top level panicked".to_string())),
+            }
+        }
+    };
+    main_context.set_deadline(None);
+    vm.state.phase.set(Phase::Serving);
+    let report = outcome.map(|()| vm.report());
+    let failed = report.is_err();
+    if init.send(report).is_err() || failed {
+        return;
+    }
+
+    vm.serve_events(events, concurrency).await;
+
+    main_context.set_deadline(Some(Instant::now() + CLEANUP_LIMIT));
+    vm.state.release.cancel();
+    if let Some(main) = main {
+        match tokio::time::timeout(CLEANUP_LIMIT, main).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(err))) => tracing::warn!(error = %script_error_message(&err), "script cleanup failed"),
+            Ok(Err(_)) => tracing::warn!("script cleanup panicked"),
+            Err(_) => tracing::warn!("script cleanup did not finish within {CLEANUP_LIMIT:?}"),
+        }
+    }
+}
+
+impl Vm {
+    fn load(setup: Setup) -> Result<(Vm, Function), ScriptError> {
+        let spec = &setup.spec;
+        let script_dir = spec
+            .script
+            .parent()
+            .map(|p| if p.as_os_str().is_empty() { std::path::Path::new(".") } else { p })
+            .unwrap_or(std::path::Path::new("."))
+            .to_path_buf();
+        let lua = sandbox::new_lua(&spec.lua, &script_dir).map_err(|err| ScriptError(err.to_string()))?;
+        let state = Rc::new(VmState {
+            worker_id: setup.worker_id,
+            workers: spec.workers,
+            script: spec.script.clone(),
+            script_dir: script_dir.clone(),
+            transport: spec.transport.clone(),
+            handlers: Default::default(),
+            subscriptions: Default::default(),
+            phase: std::cell::Cell::new(Phase::Init),
+            init_done: Default::default(),
+            release: CancellationToken::new(),
+        });
+        lua.set_app_data(state.clone());
+        let setup_lua = || -> mlua::Result<(EventTables, Function)> {
+            lua_api::install(&lua)?;
+            let runner: Function = lua
+                .load("local pcall = pcall; return function(handler, ev) return pcall(handler, ev) end")
+                .set_name("=handler")
+                .eval()?;
+            lua.set_global_hook(HookTriggers::new().every_nth_instruction(HOOK_INTERVAL), |_, _| {
+                context::check_current().map(|()| HookState::Continue).map_err(mlua::Error::external)
+            })?;
+            Ok((EventTables::new(&lua)?, runner))
+        };
+        let (events, runner) = setup_lua().map_err(|err| ScriptError(format!("cannot set up the Lua API: {err}")))?;
+        let main_chunk = sandbox::load_file(&lua, &spec.script, !spec.lua.unsafe_lua)
+            .map_err(|err| ScriptError(script_error_message(&err)))?;
+        let vm = Vm { lua, state, events, runner, handler_timeout: spec.handler_timeout, cancel: setup.cancel };
+        Ok((vm, main_chunk))
+    }
+
+    fn report(&self) -> InitReport {
+        let handlers: std::cell::Ref<'_, Handlers> = self.state.handlers.borrow();
+        InitReport {
+            subscriptions: self.state.subscriptions.borrow().clone(),
+            kinds: handlers.kinds(),
+            has_on_any: handlers.has_any(),
+        }
+    }
+
+    /// Runs handlers for the lane's events until it closes (then waits for the ones
+    /// in flight) or shutdown cancels (then answers what is left with 503).
+    async fn serve_events(self: &Rc<Self>, mut events: mpsc::Receiver<Event>, concurrency: usize) {
+        let permits = Arc::new(Semaphore::new(concurrency));
+        let mut batch = Vec::with_capacity(BATCH);
+        'receive: loop {
+            let received = tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => break 'receive,
+                received = events.recv_many(&mut batch, BATCH) => received,
+            };
+            if received == 0 {
+                break;
+            }
+            let mut pending = batch.drain(..);
+            while let Some(event) = pending.next() {
+                let permit = tokio::select! {
+                    biased;
+                    _ = self.cancel.cancelled() => {
+                        let rest: Vec<Event> = std::iter::once(event).chain(pending).collect();
+                        self.answer_cancelled(rest).await;
+                        break 'receive;
+                    }
+                    permit = permits.clone().acquire_owned() => permit.expect("the permit semaphore is never closed"),
+                };
+                let vm = self.clone();
+                tokio::task::spawn_local(async move {
+                    dispatch::process(&vm, event).await;
+                    drop(permit);
+                });
+            }
+        }
+        events.close();
+        let mut rest = Vec::new();
+        while let Ok(event) = events.try_recv() {
+            rest.push(event);
+        }
+        self.answer_cancelled(rest).await;
+        let _ = permits.acquire_many(concurrency as u32).await;
+    }
+
+    async fn answer_cancelled(&self, events: Vec<Event>) {
+        for event in events {
+            ack::settle(&self.state.transport, event, Outcome::Error(Failure::cancelled())).await;
+        }
+    }
+}
+
+/// A script error as `file:line: message`, locating errors raised by Rust
+/// callbacks through the traceback.
+pub fn script_error_message(err: &mlua::Error) -> String {
+    match err {
+        mlua::Error::CallbackError { traceback, cause } => {
+            let message = script_error_message(cause);
+            let location = traceback
+                .lines()
+                .map(str::trim)
+                .find(|line| !line.starts_with('[') && line.contains(": in "))
+                .and_then(|line| line.split(": in ").next());
+            match location {
+                Some(location) if !message.starts_with(location) => format!("{location}: {message}"),
+                _ => message,
+            }
+        }
+        mlua::Error::SyntaxError { message, .. } => message.clone(),
+        mlua::Error::RuntimeError(message) => message.clone(),
+        mlua::Error::WithContext { context, cause } => format!("{context}: {}", script_error_message(cause)),
+        other => other.to_string(),
+    }
+}
