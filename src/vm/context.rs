@@ -57,17 +57,22 @@ impl TaskContext {
         self.interrupted.set(Some(interrupt));
     }
 
-    /// Called by the hook: an error stops the running Lua code.
-    fn check(&self) -> Result<(), Interrupt> {
-        if self.cancel.as_ref().is_some_and(|c| c.is_cancelled()) {
-            self.mark(Interrupt::Cancelled);
-            return Err(Interrupt::Cancelled);
+    /// Called by the hook. The first interruption raises an error, which unwinds
+    /// well-behaved code; if the code catches it and keeps running, later checks
+    /// yield the coroutine so the dispatcher can drop it.
+    fn check(&self) -> HookAction {
+        if self.interrupted.get().is_some() {
+            return HookAction::Yield;
         }
-        if self.deadline.get().is_some_and(|d| Instant::now() >= d) {
-            self.mark(Interrupt::Timeout);
-            return Err(Interrupt::Timeout);
-        }
-        Ok(())
+        let interrupt = if self.cancel.as_ref().is_some_and(|c| c.is_cancelled()) {
+            Interrupt::Cancelled
+        } else if self.deadline.get().is_some_and(|d| Instant::now() >= d) {
+            Interrupt::Timeout
+        } else {
+            return HookAction::Continue;
+        };
+        self.mark(interrupt);
+        HookAction::Raise(interrupt)
     }
 }
 
@@ -80,11 +85,19 @@ pub fn current() -> Option<Rc<TaskContext>> {
     CURRENT.with(|c| c.borrow().clone())
 }
 
+/// What the instruction hook should do with the running Lua code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HookAction {
+    Continue,
+    Raise(Interrupt),
+    Yield,
+}
+
 /// Checks the running code's deadline and cancellation; the VM's instruction hook.
-pub fn check_current() -> Result<(), Interrupt> {
+pub fn check_current() -> HookAction {
     CURRENT.with(|c| match c.borrow().as_ref() {
         Some(context) => context.check(),
-        None => Ok(()),
+        None => HookAction::Continue,
     })
 }
 

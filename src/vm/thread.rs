@@ -16,7 +16,7 @@ use crate::dispatch;
 use crate::event::Event;
 use crate::lua_api::{self, event::EventTables};
 use crate::outcome::{Failure, Outcome};
-use crate::vm::context::{self, Scoped, TaskContext};
+use crate::vm::context::{self, HookAction, Scoped, TaskContext};
 use crate::vm::state::{Handlers, Phase, VmState};
 use crate::vm::{InitReport, PoolSpec, ScriptError, sandbox};
 
@@ -25,6 +25,8 @@ use crate::vm::{InitReport, PoolSpec, ScriptError, sandbox};
 const HOOK_INTERVAL: u32 = 4096;
 /// Time the script's code after `bus.serve()` gets at shutdown.
 const CLEANUP_LIMIT: Duration = Duration::from_millis(500);
+/// How long past its deadline a stuck top level may take to be noticed.
+const INIT_SLACK: Duration = Duration::from_millis(100);
 /// Events taken from the lane per wakeup.
 const BATCH: usize = 64;
 
@@ -78,21 +80,27 @@ async fn lifecycle(
     let vm = Rc::new(vm);
     let (serving_tx, serving) = oneshot::channel();
     *vm.state.init_done.borrow_mut() = Some(serving_tx);
-    let main_context = Rc::new(TaskContext::new(Some(Instant::now() + vm.handler_timeout), None));
+    let init_deadline = Instant::now() + vm.handler_timeout;
+    let main_context = Rc::new(TaskContext::new(Some(init_deadline), None));
     let mut main = Some(tokio::task::spawn_local(Scoped::new(
         main_context.clone(),
         main_chunk.call_async::<()>(()),
     )));
+    let init_timeout = || {
+        ScriptError(format!(
+            "{}: the script's top level ran longer than the handler timeout ({})",
+            vm.state.script.display(),
+            humantime::format_duration(vm.handler_timeout)
+        ))
+    };
     let outcome = tokio::select! {
         _ = serving => Ok(()),
+        _ = tokio::time::sleep_until((init_deadline + INIT_SLACK).into()) => Err(init_timeout()),
         finished = main.as_mut().expect("main task is set") => {
             main = None;
             match finished {
                 Ok(Ok(())) => Ok(()),
-                Ok(Err(_)) if main_context.interrupted().is_some() => Err(ScriptError(format!(
-                    "{}: the script's top level ran longer than the handler timeout ({})",
-                    vm.state.script.display(), humantime::format_duration(vm.handler_timeout)
-                ))),
+                Ok(Err(_)) if main_context.interrupted().is_some() => Err(init_timeout()),
                 Ok(Err(err)) => Err(ScriptError(script_error_message(&err))),
                 Err(_) => Err(ScriptError("the script's top level panicked".to_string())),
             }
@@ -150,7 +158,11 @@ impl Vm {
                 .set_name("=handler")
                 .eval()?;
             lua.set_global_hook(HookTriggers::new().every_nth_instruction(HOOK_INTERVAL), |_, _| {
-                context::check_current().map(|()| HookState::Continue).map_err(mlua::Error::external)
+                match context::check_current() {
+                    HookAction::Continue => Ok(HookState::Continue),
+                    HookAction::Raise(interrupt) => Err(mlua::Error::external(interrupt)),
+                    HookAction::Yield => Ok(HookState::Yield),
+                }
             })?;
             Ok((EventTables::new(&lua)?, runner))
         };

@@ -1,0 +1,251 @@
+//! Shared test helpers: a private nats-server per test, the real `agent-block`
+//! binary as a child process, and small NATS client conveniences.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::{HeaderMap, Message};
+use bytes::Bytes;
+
+pub use agent_block::nats_server::NatsServer;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_agent-block");
+
+/// Generous on purpose: a loaded 2-core CI machine may take seconds to start
+/// processes; the bounds catch hangs, not slowness.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+pub fn server() -> NatsServer {
+    NatsServer::start().expect("start a private nats-server")
+}
+
+/// A temporary folder holding test scripts.
+pub struct Scripts(tempfile::TempDir);
+
+impl Scripts {
+    pub fn new() -> Self {
+        Scripts(tempfile::tempdir().expect("create a script folder"))
+    }
+
+    pub fn write(&self, name: &str, source: &str) -> PathBuf {
+        let path = self.0.path().join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).expect("create script subfolder");
+        }
+        std::fs::write(&path, source).expect("write script");
+        path
+    }
+
+    pub fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+/// Output of a child process, collected line by line as it arrives.
+#[derive(Clone, Default)]
+pub struct Output(Arc<(Mutex<String>, Condvar)>);
+
+impl Output {
+    fn collect(&self, stream: impl Read + Send + 'static) {
+        let output = self.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                let (text, changed) = &*output.0;
+                let mut text = text.lock().unwrap();
+                text.push_str(&line);
+                text.push('\n');
+                changed.notify_all();
+            }
+        });
+    }
+
+    pub fn text(&self) -> String {
+        self.0.0.lock().unwrap().clone()
+    }
+
+    /// Waits until the output contains `needle`.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let (text, changed) = &*self.0;
+        let mut text = text.lock().unwrap();
+        while !text.contains(needle) {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            text = changed.wait_timeout(text, deadline - now).unwrap().0;
+        }
+        true
+    }
+}
+
+/// An `agent-block` child process; killed on drop.
+pub struct Worker {
+    child: Child,
+    pub stdout: Output,
+    pub stderr: Output,
+}
+
+impl Worker {
+    /// Starts `agent-block ARGS` (JSON logs) without waiting.
+    pub fn spawn(args: &[&str]) -> Self {
+        Self::spawn_with_env(args, &[])
+    }
+
+    pub fn spawn_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(BIN);
+        command
+            .args(args)
+            .args(["--log-format", "json"])
+            .env_remove("NATS_URL")
+            .env("RUST_LOG", "info,async_nats=warn,agent_block::event=off")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let mut child = command.spawn().expect("start agent-block");
+        let stdout = Output::default();
+        let stderr = Output::default();
+        stdout.collect(child.stdout.take().expect("piped stdout"));
+        stderr.collect(child.stderr.take().expect("piped stderr"));
+        Worker { child, stdout, stderr }
+    }
+
+    /// `agent-block run SCRIPT --nats-url URL ARGS`, waiting until it is ready.
+    pub fn run(server: &NatsServer, script: &Path, args: &[&str]) -> Self {
+        let url = server.url();
+        let mut all = vec!["run", script.to_str().unwrap(), "--nats-url", &url];
+        all.extend_from_slice(args);
+        let worker = Self::spawn(&all);
+        worker.expect_ready();
+        worker
+    }
+
+    pub fn expect_ready(&self) {
+        assert!(
+            self.stderr.wait_for("worker ready", PATIENCE),
+            "worker did not become ready; its log:\n{}",
+            self.stderr.text()
+        );
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let status = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status().expect("run kill");
+        assert!(status.success(), "kill -TERM failed");
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("poll child") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `agent-block ARGS` to completion: (exit code, stdout, stderr).
+pub fn run_command(args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env_remove("NATS_URL")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start agent-block");
+    let mut input = child.stdin.take().expect("piped stdin");
+    if let Some(text) = stdin {
+        input.write_all(text.as_bytes()).expect("write stdin");
+    }
+    drop(input);
+    let output = child.wait_with_output().expect("wait for agent-block");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+pub async fn client(server: &NatsServer) -> async_nats::Client {
+    async_nats::connect(server.url()).await.expect("connect test client")
+}
+
+/// Sends a request and returns the reply.
+pub async fn request(client: &async_nats::Client, subject: &str, body: &str) -> Message {
+    request_with(client, subject, None, body).await
+}
+
+pub async fn request_with(client: &async_nats::Client, subject: &str, headers: Option<HeaderMap>, body: &str) -> Message {
+    let mut request =
+        async_nats::Request::new().payload(Bytes::from(body.to_string())).timeout(Some(PATIENCE));
+    if let Some(headers) = headers {
+        request = request.headers(headers);
+    }
+    client
+        .send_request(subject.to_string(), request)
+        .await
+        .unwrap_or_else(|err| panic!("request to {subject} failed: {err}"))
+}
+
+/// The `Nats-Service-Error-Code` and `Nats-Service-Error` of a reply, if it is an error.
+pub fn error_of(message: &Message) -> Option<(u16, String)> {
+    let headers = message.headers.as_ref()?;
+    let text = headers.get("Nats-Service-Error")?.as_str().to_string();
+    let code = headers.get("Nats-Service-Error-Code")?.as_str().parse().expect("numeric error code");
+    Some((code, text))
+}
+
+pub fn body(message: &Message) -> String {
+    String::from_utf8_lossy(&message.payload).into_owned()
+}
+
+pub fn json(message: &Message) -> serde_json::Value {
+    serde_json::from_slice(&message.payload)
+        .unwrap_or_else(|err| panic!("reply is not JSON ({err}): {:?}", body(message)))
+}
+
+/// `GET path` on a local HTTP listener: (status, body).
+pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(PATIENCE))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    Ok((status, body))
+}
+
+/// A TCP port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}

@@ -1,0 +1,94 @@
+//! Faults that must stay local to one event: timeouts (even a loop that never
+//! yields), runaway memory, and handlers that wait on each other.
+
+mod common;
+
+use common::*;
+
+const APP: &str = r#"
+local arrived = 0
+bus.subscribe("work.*", { kind = "{{wildcard(1)}}" })
+bus.subscribe("quick", { timeout = "200ms" })
+
+bus.on("spin", function(ev) while true do end end)
+bus.on("spin_pcall", function(ev)
+  -- a handler that swallows errors still cannot outlive its deadline
+  while true do pcall(function() while true do end end) end
+end)
+bus.on("nap", function(ev) time.sleep("10s") return "woke" end)
+bus.on("quick", function(ev) time.sleep("5s") return "late" end)
+bus.on("hog", function(ev)
+  local t = {}
+  for i = 1, 1e9 do t[i] = string.rep("x", 1024) .. i end
+end)
+bus.on("ok", function(ev) return "still serving" end)
+bus.on("barrier", function(ev)
+  -- completes only if `n` handlers are in flight on this VM at once
+  local n = ev.payload.n
+  arrived = arrived + 1
+  while arrived < n do time.sleep("5ms") end
+  return "all arrived"
+end)
+"#;
+
+fn start(args: &[&str]) -> (NatsServer, Scripts, Worker) {
+    let server = server();
+    let scripts = Scripts::new();
+    let script = scripts.write("app.lua", APP);
+    let worker = Worker::run(&server, &script, args);
+    (server, scripts, worker)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loop_that_never_yields_times_out_and_the_vm_keeps_serving() {
+    let (server, _scripts, _worker) = start(&["--workers", "1", "--handler-timeout", "300ms"]);
+    let client = client(&server).await;
+    for subject in ["work.spin", "work.spin_pcall"] {
+        let (code, message) = error_of(&request(&client, subject, "").await).expect("timeout reply");
+        assert_eq!((code, message.as_str()), (504, "handler timed out after 300ms"), "{subject}");
+        assert_eq!(body(&request(&client, "work.ok", "").await), "still serving");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_yielding_handler_is_cancelled_at_its_deadline() {
+    let (server, _scripts, _worker) = start(&["--workers", "1", "--handler-timeout", "300ms"]);
+    let client = client(&server).await;
+    assert_eq!(error_of(&request(&client, "work.nap", "").await).map(|e| e.0), Some(504));
+    assert_eq!(body(&request(&client, "work.ok", "").await), "still serving");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_timeout_overrides_the_default() {
+    let (server, _scripts, _worker) = start(&["--workers", "1", "--handler-timeout", "1m"]);
+    let client = client(&server).await;
+    assert_eq!(
+        error_of(&request(&client, "quick", "").await),
+        Some((504, "handler timed out after 200ms".to_string()))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exceeding_the_memory_limit_fails_that_handler_only() {
+    let (server, _scripts, _worker) = start(&["--workers", "1", "--lua-memory-limit", "16MiB"]);
+    let client = client(&server).await;
+    let (code, message) = error_of(&request(&client, "work.hog", "").await).expect("error reply");
+    assert_eq!(code, 500);
+    assert!(message.contains("memory"), "{message}");
+    assert_eq!(body(&request(&client, "work.ok", "").await), "still serving");
+    assert!(error_of(&request(&client, "work.hog", "").await).is_some());
+    assert_eq!(body(&request(&client, "work.ok", "").await), "still serving");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handlers_that_yield_run_concurrently_on_one_vm() {
+    let (server, _scripts, _worker) = start(&["--workers", "1", "--concurrency", "8", "--handler-timeout", "20s"]);
+    let client = client(&server).await;
+    let requests = (0..8).map(|_| {
+        let client = client.clone();
+        async move { request(&client, "work.barrier", r#"{"n": 8}"#).await }
+    });
+    for reply in futures::future::join_all(requests).await {
+        assert_eq!(body(&reply), "all arrived", "{:?}", error_of(&reply));
+    }
+}

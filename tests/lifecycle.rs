@@ -1,0 +1,198 @@
+//! Start, shutdown and NATS faults: graceful SIGTERM, grace bound, cleanup code,
+//! unreachable and restarting servers, and a pool of workers in one queue group.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures::StreamExt;
+
+const APP: &str = r#"
+bus.subscribe("slow")
+bus.subscribe("stuck")
+bus.subscribe("ping")
+bus.subscribe("fanout", { queue = false })
+
+bus.on("slow", function(ev)
+  nats.publish("started", "")
+  time.sleep("1s")
+  return "finished"
+end)
+bus.on("stuck", function(ev)
+  nats.publish("started", "")
+  while true do end
+end)
+bus.on("ping", function(ev)
+  nats.publish("handled", tostring(env.get("WORKER_TAG")))
+  return "pong"
+end)
+bus.on("fanout", function(ev) nats.publish("fanned", tostring(env.get("WORKER_TAG"))) end)
+
+bus.serve()
+log.info("cleanup ran")
+"#;
+
+fn app() -> (Scripts, std::path::PathBuf) {
+    let scripts = Scripts::new();
+    let script = scripts.write("app.lua", APP);
+    (scripts, script)
+}
+
+async fn next(sub: &mut async_nats::Subscriber) -> async_nats::Message {
+    tokio::time::timeout(PATIENCE, sub.next()).await.expect("message in time").expect("subscription open")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_the_handler_in_flight_finish() {
+    let server = server();
+    let (_scripts, script) = app();
+    let mut worker = Worker::run(&server, &script, &["--grace", "20s"]);
+    let client = client(&server).await;
+    let mut started = client.subscribe("started").await.unwrap();
+    client.flush().await.unwrap();
+
+    let pending = tokio::spawn({
+        let client = client.clone();
+        async move { request(&client, "slow", "").await }
+    });
+    next(&mut started).await;
+    worker.terminate();
+    let reply = pending.await.unwrap();
+    assert_eq!(body(&reply), "finished");
+    let status = worker.wait_exit(PATIENCE).expect("worker exits");
+    assert_eq!(status.code(), Some(0), "log:\n{}", worker.stderr.text());
+    assert!(worker.stderr.text().contains("cleanup ran"), "code after bus.serve() runs at shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_handler_is_cancelled_when_grace_runs_out() {
+    let server = server();
+    let (_scripts, script) = app();
+    let mut worker = Worker::run(&server, &script, &["--grace", "1s", "--handler-timeout", "10m"]);
+    let client = client(&server).await;
+    let mut started = client.subscribe("started").await.unwrap();
+    client.flush().await.unwrap();
+
+    let pending = tokio::spawn({
+        let client = client.clone();
+        async move { request(&client, "stuck", "").await }
+    });
+    next(&mut started).await;
+    let signalled = Instant::now();
+    worker.terminate();
+    let reply = pending.await.unwrap();
+    assert_eq!(error_of(&reply).map(|e| e.0), Some(503), "a cancelled request is answered 503");
+    let status = worker.wait_exit(PATIENCE).expect("worker exits");
+    assert_eq!(status.code(), Some(0));
+    // The bound under test is grace + 1 s; the slack covers a loaded CI machine.
+    assert!(signalled.elapsed() < Duration::from_secs(6), "took {:?}", signalled.elapsed());
+    assert!(signalled.elapsed() >= Duration::from_millis(900), "grace was honoured");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_server_is_retried_until_it_appears() {
+    let mut server = server();
+    let url = server.url();
+    server.stop();
+    let (_scripts, script) = app();
+    let worker = Worker::spawn(&["run", script.to_str().unwrap(), "--nats-url", &url]);
+    assert!(worker.stderr.wait_for("cannot connect to NATS; retrying", PATIENCE));
+    assert!(worker.stderr.text().contains(&url), "the retry log names the URL");
+    server.restart().unwrap();
+    worker.expect_ready();
+    let client = client(&server).await;
+    assert_eq!(body(&request(&client, "ping", "").await), "pong");
+}
+
+#[test]
+fn connect_timeout_ends_the_wait_with_exit_1() {
+    let port = free_port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let (_scripts, script) = app();
+    let mut worker = Worker::spawn(&["run", script.to_str().unwrap(), "--nats-url", &url, "--connect-timeout", "500ms"]);
+    let status = worker.wait_exit(PATIENCE).expect("worker gives up");
+    assert_eq!(status.code(), Some(1));
+    assert!(worker.stderr.wait_for(&format!("cannot reach NATS at {url}"), PATIENCE), "{}", worker.stderr.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_reconnects_after_a_server_restart() {
+    let mut server = server();
+    let (_scripts, script) = app();
+    let worker = Worker::run(&server, &script, &[]);
+    server.restart().unwrap();
+    assert!(worker.stderr.wait_for("NATS connection restored", PATIENCE), "{}", worker.stderr.text());
+    let client = client(&server).await;
+    // The worker resubscribes right after reconnecting; retry until it answers.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let reply = client.request("ping", "".into()).await;
+        if let Ok(reply) = reply {
+            assert_eq!(body(&reply), "pong");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no reply after reconnect: {reply:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_group_answers_each_request_once() {
+    let server = server();
+    let (_scripts, script) = app();
+    let url = server.url();
+    let args = |tag: &'static str| Worker::spawn_with_env(&["run", script.to_str().unwrap(), "--nats-url", &url], &[("WORKER_TAG", tag)]);
+    let (a, b) = (args("a"), args("b"));
+    a.expect_ready();
+    b.expect_ready();
+    let client = client(&server).await;
+    let mut handled = client.subscribe("handled").await.unwrap();
+    let mut fanned = client.subscribe("fanned").await.unwrap();
+    client.flush().await.unwrap();
+
+    const REQUESTS: usize = 60;
+    for _ in 0..REQUESTS {
+        assert_eq!(body(&request(&client, "ping", "").await), "pong");
+    }
+    let mut by = std::collections::HashMap::new();
+    for _ in 0..REQUESTS {
+        *by.entry(body(&next(&mut handled).await)).or_insert(0) += 1;
+    }
+    client.flush().await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), handled.next()).await.is_err(),
+        "no request is handled twice"
+    );
+    assert_eq!(by.len(), 2, "both workers share the load: {by:?}");
+
+    client.publish("fanout", "".into()).await.unwrap();
+    let mut tags = vec![body(&next(&mut fanned).await), body(&next(&mut fanned).await)];
+    tags.sort();
+    assert_eq!(tags, ["a", "b"], "queue = false delivers to every worker");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_report_liveness_and_readiness() {
+    let mut server = server();
+    let url = server.url();
+    server.stop();
+    let (_scripts, script) = app();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut worker = Worker::spawn(&["run", script.to_str().unwrap(), "--nats-url", &url, "--metrics-addr", &addr]);
+    assert!(worker.stderr.wait_for("probes at /healthz", PATIENCE));
+    assert_eq!(http_get(&addr, "/healthz").unwrap().0, 200);
+    let (status, reason) = http_get(&addr, "/readyz").unwrap();
+    assert_eq!((status, reason.trim()), (503, "not ready: not connected to NATS yet"));
+
+    server.restart().unwrap();
+    worker.expect_ready();
+    assert_eq!(http_get(&addr, "/readyz").unwrap().0, 200);
+
+    server.stop();
+    assert!(worker.stderr.wait_for("NATS disconnected", PATIENCE));
+    assert_eq!(http_get(&addr, "/readyz").unwrap().0, 503, "not ready while disconnected");
+
+    worker.terminate();
+    assert_eq!(worker.wait_exit(PATIENCE).and_then(|s| s.code()), Some(0));
+}
