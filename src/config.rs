@@ -35,11 +35,7 @@ impl ConnectionConfig {
     pub fn from_args(args: &ConnectionArgs, client_name: &str) -> Self {
         let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
         ConnectionConfig {
-            url: args
-                .nats_url
-                .clone()
-                .or_else(|| env("NATS_URL"))
-                .unwrap_or_else(|| DEFAULT_NATS_URL.to_string()),
+            url: args.nats_url.clone().or_else(|| env("NATS_URL")).unwrap_or_else(|| DEFAULT_NATS_URL.to_string()),
             creds: args.creds.clone().or_else(|| env("NATS_CREDS").map(PathBuf::from)),
             nkey: args.nkey.clone(),
             user: args.user.clone(),
@@ -92,7 +88,8 @@ impl WorkerConfig {
         let workers = args.workers.unwrap_or_else(default_workers);
         let concurrency = args.concurrency.unwrap_or(DEFAULT_CONCURRENCY);
         let bus_capacity = args.bus_capacity.unwrap_or(DEFAULT_BUS_CAPACITY);
-        for (flag, value) in [("--workers", workers), ("--concurrency", concurrency), ("--bus-capacity", bus_capacity)] {
+        for (flag, value) in [("--workers", workers), ("--concurrency", concurrency), ("--bus-capacity", bus_capacity)]
+        {
             if value == 0 {
                 return Err(format!("{flag} must be at least 1"));
             }

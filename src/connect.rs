@@ -59,8 +59,7 @@ fn servers(url: &str) -> Result<Vec<ServerAddr>, ConnectError> {
         .map(str::trim)
         .filter(|u| !u.is_empty())
         .map(|u| {
-            u.parse::<ServerAddr>()
-                .map_err(|err| ConnectError::Settings(format!("invalid NATS URL {u:?}: {err}")))
+            u.parse::<ServerAddr>().map_err(|err| ConnectError::Settings(format!("invalid NATS URL {u:?}: {err}")))
         })
         .collect::<Result<Vec<_>, _>>()
         .and_then(|servers| {
@@ -74,9 +73,9 @@ fn servers(url: &str) -> Result<Vec<ServerAddr>, ConnectError> {
 
 async fn options(config: &ConnectionConfig) -> Result<ConnectOptions, ConnectError> {
     let mut options = match &config.creds {
-        Some(path) => ConnectOptions::with_credentials_file(path).await.map_err(|err| {
-            ConnectError::Settings(format!("cannot read credentials file {}: {err}", path.display()))
-        })?,
+        Some(path) => ConnectOptions::with_credentials_file(path)
+            .await
+            .map_err(|err| ConnectError::Settings(format!("cannot read credentials file {}: {err}", path.display())))?,
         None => ConnectOptions::new(),
     };
     if let Some(seed) = &config.nkey {
@@ -99,13 +98,10 @@ async fn options(config: &ConnectionConfig) -> Result<ConnectOptions, ConnectErr
         _ => return Err(ConnectError::Settings("--tls-cert and --tls-key go together".to_string())),
     }
     let was_down = Arc::new(AtomicBool::new(false));
-    Ok(options
-        .name(&config.client_name)
-        .max_reconnects(None)
-        .event_callback(move |event| {
-            let was_down = was_down.clone();
-            async move { log_event(event, &was_down) }
-        }))
+    Ok(options.name(&config.client_name).max_reconnects(None).event_callback(move |event| {
+        let was_down = was_down.clone();
+        async move { log_event(event, &was_down) }
+    }))
 }
 
 fn log_event(event: Event, was_down: &AtomicBool) {

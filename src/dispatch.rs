@@ -55,11 +55,7 @@ pub async fn run(vm: &Vm, event: &Event) -> Outcome {
     let mut context = TaskContext::new(Some(deadline), Some(vm.cancel.clone()));
     context.kind = event.kind.clone();
     context.id = event.id.clone();
-    context.traceparent = event
-        .headers
-        .as_ref()
-        .and_then(|h| h.get("traceparent"))
-        .map(|v| v.as_str().to_string());
+    context.traceparent = event.headers.as_ref().and_then(|h| h.get("traceparent")).map(|v| v.as_str().to_string());
     let context = Rc::new(context);
     let call = Scoped::new(context.clone(), vm.runner.call_async::<(bool, Value)>((handler, table)));
     let result = tokio::select! {

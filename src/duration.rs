@@ -23,13 +23,10 @@ pub fn seconds_to_duration(seconds: f64) -> Result<Duration, String> {
 /// (powers of 1024, optionally written `KiB`, `MB`, ...) suffix.
 pub fn parse_size(text: &str) -> Result<usize, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
-    let number: usize = digits
-        .parse()
-        .map_err(|_| format!("invalid size {text:?}: expected bytes, e.g. 67108864 or \"64MiB\""))?;
+    let number: usize =
+        digits.parse().map_err(|_| format!("invalid size {text:?}: expected bytes, e.g. 67108864 or \"64MiB\""))?;
     let multiplier: usize = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,
@@ -37,9 +34,7 @@ pub fn parse_size(text: &str) -> Result<usize, String> {
         "g" | "gb" | "gib" => 1 << 30,
         other => return Err(format!("invalid size unit {other:?} in {text:?}: use KiB, MiB or GiB")),
     };
-    number
-        .checked_mul(multiplier)
-        .ok_or_else(|| format!("size {text:?} is too large"))
+    number.checked_mul(multiplier).ok_or_else(|| format!("size {text:?} is too large"))
 }
 
 #[cfg(test)]

@@ -46,17 +46,7 @@ impl Event {
             .and_then(|h| h.get("Nats-Msg-Id"))
             .map(|v| v.as_str().to_string())
             .unwrap_or_else(|| nuid::next().to_string());
-        Event {
-            kind,
-            id,
-            subject,
-            reply,
-            headers,
-            data,
-            received: SystemTime::now(),
-            timeout: None,
-            delivery,
-        }
+        Event { kind, id, subject, reply, headers, data, received: SystemTime::now(), timeout: None, delivery }
     }
 
     /// The W3C trace id carried by the `traceparent` header, if any.
@@ -71,9 +61,8 @@ pub fn trace_id_of(traceparent: &str) -> Option<&str> {
     let mut fields = traceparent.split('-');
     let _version = fields.next()?;
     let trace_id = fields.next()?;
-    let valid = trace_id.len() == 32
-        && trace_id.bytes().all(|b| b.is_ascii_hexdigit())
-        && trace_id.bytes().any(|b| b != b'0');
+    let valid =
+        trace_id.len() == 32 && trace_id.bytes().all(|b| b.is_ascii_hexdigit()) && trace_id.bytes().any(|b| b != b'0');
     valid.then_some(trace_id)
 }
 

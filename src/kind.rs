@@ -36,10 +36,8 @@ impl KindTemplate {
             if start > 0 {
                 parts.push(Part::Literal(rest[..start].to_string()));
             }
-            let end = rest[start..]
-                .find("}}")
-                .ok_or_else(|| format!("kind template {template:?}: unclosed '{{{{'"))?
-                + start;
+            let end =
+                rest[start..].find("}}").ok_or_else(|| format!("kind template {template:?}: unclosed '{{{{'"))? + start;
             let placeholder = rest[start + 2..end].trim();
             parts.push(parse_placeholder(placeholder, template, wildcards.len())?);
             rest = &rest[end + 2..];

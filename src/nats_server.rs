@@ -72,7 +72,10 @@ fn spawn(port: Option<u16>, store: &tempfile::TempDir) -> Result<(Child, u16), S
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|err| {
-            format!("cannot start {}: {err}; install nats-server (apt-get install nats-server) or set NATS_SERVER_BIN", binary.display())
+            format!(
+                "cannot start {}: {err}; install nats-server (apt-get install nats-server) or set NATS_SERVER_BIN",
+                binary.display()
+            )
         })?;
     let stderr = child.stderr.take().expect("stderr is piped");
     let (ready_tx, ready_rx) = mpsc::channel();

@@ -80,10 +80,7 @@ pub async fn run_worker(config: WorkerConfig, shutdown: impl Future<Output = ()>
             .map_err(|err| RunError::Runtime(format!("cannot subscribe to {:?}: {err}", spec.subject)))?;
         sources.push(Box::new(source));
     }
-    client
-        .flush()
-        .await
-        .map_err(|err| RunError::Runtime(format!("cannot confirm subscriptions with NATS: {err}")))?;
+    client.flush().await.map_err(|err| RunError::Runtime(format!("cannot confirm subscriptions with NATS: {err}")))?;
 
     let stop = CancellationToken::new();
     let mut running = JoinSet::new();

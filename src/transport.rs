@@ -52,7 +52,12 @@ pub enum Transport {
 }
 
 impl Transport {
-    pub async fn publish(&self, subject: String, headers: Option<HeaderMap>, data: Bytes) -> Result<(), TransportError> {
+    pub async fn publish(
+        &self,
+        subject: String,
+        headers: Option<HeaderMap>,
+        data: Bytes,
+    ) -> Result<(), TransportError> {
         match self {
             Transport::Nats(client) => {
                 let result = match headers {

@@ -110,7 +110,8 @@ fn connect_timeout_ends_the_wait_with_exit_1() {
     let port = free_port();
     let url = format!("nats://127.0.0.1:{port}");
     let (_scripts, script) = app();
-    let mut worker = Worker::spawn(&["run", script.to_str().unwrap(), "--nats-url", &url, "--connect-timeout", "500ms"]);
+    let mut worker =
+        Worker::spawn(&["run", script.to_str().unwrap(), "--nats-url", &url, "--connect-timeout", "500ms"]);
     let status = worker.wait_exit(PATIENCE).expect("worker gives up");
     assert_eq!(status.code(), Some(1));
     assert!(worker.stderr.wait_for(&format!("cannot reach NATS at {url}"), PATIENCE), "{}", worker.stderr.text());
@@ -142,7 +143,9 @@ async fn a_queue_group_answers_each_request_once() {
     let server = server();
     let (_scripts, script) = app();
     let url = server.url();
-    let args = |tag: &'static str| Worker::spawn_with_env(&["run", script.to_str().unwrap(), "--nats-url", &url], &[("WORKER_TAG", tag)]);
+    let args = |tag: &'static str| {
+        Worker::spawn_with_env(&["run", script.to_str().unwrap(), "--nats-url", &url], &[("WORKER_TAG", tag)])
+    };
     let (a, b) = (args("a"), args("b"));
     a.expect_ready();
     b.expect_ready();

@@ -73,9 +73,8 @@ fn parse_headers(headers: &[String]) -> Result<Option<HeaderMap>, String> {
     }
     let mut map = HeaderMap::new();
     for header in headers {
-        let (name, value) = header
-            .split_once(':')
-            .ok_or_else(|| format!("invalid --header {header:?}: expected NAME:VALUE"))?;
+        let (name, value) =
+            header.split_once(':').ok_or_else(|| format!("invalid --header {header:?}: expected NAME:VALUE"))?;
         map.append(name.trim(), value.trim());
     }
     Ok(Some(map))

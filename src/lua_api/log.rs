@@ -9,10 +9,13 @@ use crate::vm::context;
 pub fn install(lua: &Lua) -> mlua::Result<()> {
     let log = lua.create_table()?;
     for level in ["debug", "info", "warn", "error"] {
-        log.set(level, lua.create_function(move |_, (message, fields): (Value, Option<Value>)| {
-            emit(level, &message.to_string()?, fields.as_ref());
-            Ok(())
-        })?)?;
+        log.set(
+            level,
+            lua.create_function(move |_, (message, fields): (Value, Option<Value>)| {
+                emit(level, &message.to_string()?, fields.as_ref());
+                Ok(())
+            })?,
+        )?;
     }
     lua.globals().set("log", log)
 }

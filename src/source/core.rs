@@ -44,10 +44,7 @@ impl SubscriptionSpec {
 
     pub fn describe(&self, worker_name: &str) -> String {
         let queue = self.queue_group(worker_name).map(|q| format!(" queue={q}")).unwrap_or_default();
-        let timeout = self
-            .timeout
-            .map(|t| format!(" timeout={}", humantime::format_duration(t)))
-            .unwrap_or_default();
+        let timeout = self.timeout.map(|t| format!(" timeout={}", humantime::format_duration(t))).unwrap_or_default();
         format!("{} kind={}{queue}{timeout}", self.subject, self.kind)
     }
 }

@@ -72,11 +72,8 @@ impl ReplaySource {
             data,
             Delivery::Replay { line: number, done: Some(done) },
         );
-        event.timeout = self
-            .subscriptions
-            .iter()
-            .find(|s| subject_matches(&s.subject, &line.subject))
-            .and_then(|s| s.timeout);
+        event.timeout =
+            self.subscriptions.iter().find(|s| subject_matches(&s.subject, &line.subject)).and_then(|s| s.timeout);
         Ok((event, finished))
     }
 }
@@ -88,7 +85,9 @@ fn headers_of(map: &serde_json::Map<String, Json>) -> Result<HeaderMap, String> 
             Json::String(s) => headers.append(name.as_str(), s.as_str()),
             Json::Array(items) => {
                 for item in items {
-                    let Json::String(s) = item else { return Err(format!("header {name:?}: list items must be strings")) };
+                    let Json::String(s) = item else {
+                        return Err(format!("header {name:?}: list items must be strings"));
+                    };
                     headers.append(name.as_str(), s.as_str());
                 }
             }

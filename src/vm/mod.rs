@@ -81,9 +81,7 @@ impl VmPool {
         }
         let mut first_report = None;
         for init in inits {
-            let report = init
-                .await
-                .map_err(|_| ScriptError("a Lua VM thread stopped during init".to_string()))??;
+            let report = init.await.map_err(|_| ScriptError("a Lua VM thread stopped during init".to_string()))??;
             first_report.get_or_insert(report);
         }
         let report = first_report.expect("the pool has at least one VM");

@@ -13,9 +13,13 @@ const EMBEDDED: &[(&str, &str)] = &[("validate", include_str!("../../lua/lib/val
 
 /// Removes what lets a script reach the host: processes, files, native code, binary
 /// chunks, and the debug library (which can break out of any sandbox).
-const SANDBOX: &str = r#"
-local load, searchers = load, package.searchers
-load = function(chunk, name, _, env) return load(chunk, name, "t", env) end
+const SANDBOX: &str = r##"
+local raw_load, select, searchers = load, select, package.searchers
+load = function(chunk, name, _, ...)
+  -- an explicit nil env differs from none, so pass env only when given
+  if select("#", ...) > 0 then return raw_load(chunk, name, "t", ...) end
+  return raw_load(chunk, name, "t")
+end
 dofile, loadfile, io = nil, nil, nil
 package.loaded.io = nil
 for _, name in ipairs({ "execute", "exit", "remove", "rename", "tmpname", "setlocale" }) do
@@ -23,7 +27,7 @@ for _, name in ipairs({ "execute", "exit", "remove", "rename", "tmpname", "setlo
 end
 package.loadlib, package.cpath, package.path = nil, "", ""
 for i = #searchers, 2, -1 do searchers[i] = nil end
-"#;
+"##;
 
 pub fn new_lua(config: &LuaConfig, script_dir: &Path) -> mlua::Result<Lua> {
     let lua = if config.unsafe_lua {
@@ -44,8 +48,8 @@ pub fn new_lua(config: &LuaConfig, script_dir: &Path) -> mlua::Result<Lua> {
 
 /// Loads a script file as text (binary chunks are refused unless unsafe).
 pub fn load_file(lua: &Lua, path: &Path, text_only: bool) -> mlua::Result<Function> {
-    let source = std::fs::read(path)
-        .map_err(|err| mlua::Error::runtime(format!("cannot read {}: {err}", path.display())))?;
+    let source =
+        std::fs::read(path).map_err(|err| mlua::Error::runtime(format!("cannot read {}: {err}", path.display())))?;
     let chunk = lua.load(source).set_name(format!("@{}", path.display()));
     if text_only { chunk.set_mode(ChunkMode::Text) } else { chunk }.into_function()
 }

@@ -82,10 +82,7 @@ async fn lifecycle(
     *vm.state.init_done.borrow_mut() = Some(serving_tx);
     let init_deadline = Instant::now() + vm.handler_timeout;
     let main_context = Rc::new(TaskContext::new(Some(init_deadline), None));
-    let mut main = Some(tokio::task::spawn_local(Scoped::new(
-        main_context.clone(),
-        main_chunk.call_async::<()>(()),
-    )));
+    let mut main = Some(tokio::task::spawn_local(Scoped::new(main_context.clone(), main_chunk.call_async::<()>(()))));
     let init_timeout = || {
         ScriptError(format!(
             "{}: the script's top level ran longer than the handler timeout ({})",

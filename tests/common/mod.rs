@@ -200,9 +200,13 @@ pub async fn request(client: &async_nats::Client, subject: &str, body: &str) -> 
     request_with(client, subject, None, body).await
 }
 
-pub async fn request_with(client: &async_nats::Client, subject: &str, headers: Option<HeaderMap>, body: &str) -> Message {
-    let mut request =
-        async_nats::Request::new().payload(Bytes::from(body.to_string())).timeout(Some(PATIENCE));
+pub async fn request_with(
+    client: &async_nats::Client,
+    subject: &str,
+    headers: Option<HeaderMap>,
+    body: &str,
+) -> Message {
+    let mut request = async_nats::Request::new().payload(Bytes::from(body.to_string())).timeout(Some(PATIENCE));
     if let Some(headers) = headers {
         request = request.headers(headers);
     }
@@ -236,11 +240,7 @@ pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
     write!(stream, "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
+    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
     Ok((status, body))
 }

@@ -1,0 +1,234 @@
+//! The command line: check, replay, request, dev, exit codes, the script model
+//! across VMs, and the sandbox.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::*;
+
+#[test]
+fn check_lists_subscriptions_and_handler_kinds() {
+    let scripts = Scripts::new();
+    let script = scripts.write(
+        "app.lua",
+        r#"
+        bus.subscribe("orders.*", { kind = "order.{{wildcard(1)}}", queue = "billing", timeout = "2s" })
+        bus.subscribe("audit", { queue = false })
+        bus.on("order.created", function(ev) end)
+        bus.on_any(function(ev) end)
+        bus.serve()
+        "#,
+    );
+    let (code, stdout, stderr) = run_command(&["check", script.to_str().unwrap()], None);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("orders.* kind=order.{{wildcard(1)}} queue=billing timeout=2s"), "{stdout}");
+    assert!(stdout.contains("audit kind={{subject}}\n"), "{stdout}");
+    assert!(stdout.contains("handlers:\n  order.created\n  (on_any fallback)"), "{stdout}");
+}
+
+#[test]
+fn check_reports_script_errors_with_file_and_line() {
+    let scripts = Scripts::new();
+    let cases = [
+        ("syntax.lua", "bus.on('a', function(ev)\n  return 1 +\nend)\n", "syntax.lua:3:"),
+        ("runtime.lua", "local x = 1\nlocal y = nil\nprint(y.z)\n", "runtime.lua:3:"),
+        ("template.lua", "\nbus.subscribe('a.*', { kind = '{{wildcard(2)}}' })\n", "template.lua:2:"),
+        ("badon.lua", "bus.on(42)\n", "badon.lua:1: bus.on expects"),
+        ("require.lua", "require('missing_module')\n", "module 'missing_module' not found"),
+    ];
+    for (name, source, expected) in cases {
+        let script = scripts.write(name, source);
+        let (code, _, stderr) = run_command(&["check", script.to_str().unwrap()], None);
+        assert_eq!(code, 2, "{name}: {stderr}");
+        assert!(stderr.contains(expected), "{name}: expected {expected:?} in {stderr:?}");
+    }
+    let (code, _, stderr) = run_command(&["check", "/nonexistent/app.lua"], None);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("cannot read /nonexistent/app.lua"), "{stderr}");
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let (code, _, stderr) = run_command(&["run"], None);
+    assert_eq!(code, 2, "{stderr}");
+    let (code, _, stderr) = run_command(&["run", "app.lua", "--grace", "soon"], None);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("invalid duration \"soon\""), "{stderr}");
+    let (code, _, stderr) = run_command(&["run", "app.lua", "--workers", "0"], None);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("--workers must be at least 1"), "{stderr}");
+    let (code, _, stderr) = run_command(&["run", "app.lua", "--nats-url", "nats://[bad"], None);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("invalid NATS URL"), "{stderr}");
+}
+
+const REPLAY_APP: &str = r#"
+bus.subscribe("orders.*", { kind = "order.{{wildcard(1)}}" })
+bus.on("order.created", function(ev)
+  nats.publish("billing.charge", { order = ev.payload.id })
+  return { ok = ev.payload.id }
+end)
+bus.on("order.raw", function(ev) return ev.data .. "!" end)
+bus.on("order.fail", function(ev) error({ code = 409, message = "duplicate" }) end)
+bus.on("order.later", function(ev) return bus.nak({ delay = "5s" }) end)
+bus.on("order.serve", function(ev) bus.serve() end)
+bus.on("order.sub", function(ev) bus.subscribe("x") end)
+"#;
+
+#[test]
+fn replay_prints_outcomes_and_publishes_in_order() {
+    let scripts = Scripts::new();
+    let script = scripts.write("app.lua", REPLAY_APP);
+    let events = [
+        r#"{"subject":"orders.created","payload":{"id":7},"headers":{"Nats-Msg-Id":"m1"}}"#,
+        r#"{"subject":"orders.raw","data":"hi"}"#,
+        "not json",
+        r#"{"subject":"orders.fail"}"#,
+        r#"{"subject":"orders.unknown"}"#,
+        r#"{"subject":"orders.later"}"#,
+        r#"{"subject":"orders.created","data":"{broken"}"#,
+        r#"{"subject":"orders.serve"}"#,
+        r#"{"subject":"orders.sub"}"#,
+    ]
+    .join("\n");
+    let (code, stdout, stderr) = run_command(&["replay", script.to_str().unwrap(), "--events", "-"], Some(&events));
+    assert_eq!(code, 0, "{stderr}");
+    let lines: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let summary: Vec<String> = lines
+        .iter()
+        .map(|l| match l["type"].as_str().unwrap() {
+            "publish" => format!("publish {} {}", l["subject"], l["data"]),
+            "outcome" => format!("{} {} {} {}", l["line"], l["kind"], l["outcome"], l["code"]),
+            _ => format!("error {}", l["line"]),
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            r#"publish "billing.charge" "{\"order\":7}""#,
+            r#"1 "order.created" "ack" null"#,
+            r#"2 "order.raw" "ack" null"#,
+            "error 3",
+            r#"4 "order.fail" "error" 409"#,
+            r#"5 "order.unknown" "error" 404"#,
+            r#"6 "order.later" "nak" null"#,
+            r#"7 "order.created" "error" 400"#,
+            r#"8 "order.serve" "error" 500"#,
+            r#"9 "order.sub" "error" 500"#,
+        ]
+    );
+    assert_eq!(lines[1]["id"], "m1");
+    assert_eq!(lines[1]["payload"], serde_json::json!({"ok": 7}));
+    assert_eq!(lines[2]["data"], "hi!");
+    assert_eq!(lines[6]["delay"], "5s");
+    assert!(lines[8]["message"].as_str().unwrap().contains("only once"));
+    assert!(lines[9]["message"].as_str().unwrap().contains("top level"));
+}
+
+#[test]
+fn the_sandbox_closes_the_host_unless_unsafe() {
+    let scripts = Scripts::new();
+    let script = scripts.write(
+        "probe.lua",
+        r#"
+        bus.on("probe", function(ev)
+          local binary_ok = load(string.dump(function() return 1 end))
+          return {
+            execute = os.execute ~= nil, io = io ~= nil, debug = debug ~= nil,
+            loadlib = package.loadlib ~= nil, dofile = dofile ~= nil, exit = os.exit ~= nil,
+            binary = binary_ok ~= nil, text = load("return 2")() == 2, clock = os.time() > 0,
+          }
+        end)
+        "#,
+    );
+    let event = r#"{"subject":"probe"}"#;
+    let probe = |extra: &[&str]| {
+        let mut args = vec!["replay", script.to_str().unwrap(), "--events", "-"];
+        args.extend_from_slice(extra);
+        let (code, stdout, stderr) = run_command(&args, Some(event));
+        assert_eq!(code, 0, "{stderr}");
+        let line: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        line["payload"].clone()
+    };
+    assert_eq!(
+        probe(&[]),
+        serde_json::json!({"execute": false, "io": false, "debug": false, "loadlib": false,
+            "dofile": false, "exit": false, "binary": false, "text": true, "clock": true})
+    );
+    assert_eq!(
+        probe(&["--unsafe-lua"]),
+        serde_json::json!({"execute": true, "io": true, "debug": true, "loadlib": true,
+            "dofile": true, "exit": true, "binary": true, "text": true, "clock": true})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_vm_loads_the_script_and_one_time_work_can_pick_vm_0() {
+    let server = server();
+    let scripts = Scripts::new();
+    let script = scripts.write(
+        "app.lua",
+        r#"
+        local me = bus.worker_id()
+        if me == 0 then log.info("one-time setup") end
+        bus.subscribe("who")
+        bus.on("who", function(ev) return { id = me, of = bus.workers() } end)
+        "#,
+    );
+    let worker = Worker::run(&server, &script, &["--workers", "2"]);
+    let client = client(&server).await;
+    let mut seen = BTreeSet::new();
+    for _ in 0..20 {
+        let reply = json(&request(&client, "who", "").await);
+        assert_eq!(reply["of"], 2);
+        seen.insert(reply["id"].as_u64().unwrap());
+    }
+    assert_eq!(seen, BTreeSet::from([0, 1]), "requests reach both VMs");
+    assert_eq!(worker.stderr.text().matches("one-time setup").count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_command_prints_replies_and_errors() {
+    let server = server();
+    let scripts = Scripts::new();
+    let script = scripts.write(
+        "app.lua",
+        r#"
+        bus.subscribe("echo")
+        bus.subscribe("hdr")
+        bus.on("echo", function(ev) return ev.payload end)
+        bus.on("hdr", function(ev) return ev.headers["X-Name"] end)
+        "#,
+    );
+    let _worker = Worker::run(&server, &script, &[]);
+    let url = server.url();
+    let (code, stdout, _) = run_command(&["request", "echo", r#"{"a": 1}"#, "--nats-url", &url], None);
+    assert_eq!((code, stdout.as_str()), (0, "{\"a\":1}\n"));
+    let (code, stdout, _) = run_command(&["request", "hdr", "--header", "X-Name: ada", "--nats-url", &url], None);
+    assert_eq!((code, stdout.as_str()), (0, "ada\n"));
+    let (code, stdout, _) = run_command(&["request", "echo", "-", "--nats-url", &url], Some("[1,2]"));
+    assert_eq!((code, stdout.as_str()), (0, "[1,2]\n"));
+    let (code, _, stderr) = run_command(&["request", "echo", "nope", "--nats-url", &url], None);
+    assert_eq!(code, 1);
+    assert!(stderr.starts_with("error 400: payload is not valid JSON"), "{stderr}");
+    let (code, _, stderr) = run_command(&["request", "nobody", "--nats-url", &url], None);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("no responders"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_runs_a_worker_against_a_private_server() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/lua/examples/echo.lua");
+    let mut dev = Worker::spawn(&["dev", example]);
+    assert!(dev.stdout.wait_for("nats-server running at ", PATIENCE), "{}", dev.stderr.text());
+    dev.expect_ready();
+    let url =
+        dev.stdout.text().lines().find_map(|l| l.strip_prefix("nats-server running at ")).unwrap().trim().to_string();
+    let client = async_nats::connect(&url).await.unwrap();
+    assert_eq!(json(&request(&client, "echo", r#"{"hello":"world"}"#).await), serde_json::json!({"hello":"world"}));
+    drop(client);
+    dev.terminate();
+    assert_eq!(dev.wait_exit(PATIENCE).and_then(|s| s.code()), Some(0));
+    assert!(async_nats::connect(&url).await.is_err(), "the private server stops with dev");
+}
