@@ -21,6 +21,10 @@ pub async fn settle(transport: &Transport, event: Event, outcome: Outcome) {
                 let (headers, body) = reply_of(outcome);
                 if let Err(err) = transport.publish(reply.to_string(), headers, body).await {
                     tracing::warn!(kind = %event.kind, id = %event.id, error = %err, "reply not sent");
+                    // Most often the body exceeds the server's max payload; an empty
+                    // error reply still fits, so the requester is not left waiting.
+                    let headers = error_headers(500, &format!("reply not sent: {err}"));
+                    let _ = transport.publish(reply.to_string(), Some(headers), Bytes::new()).await;
                 }
             }
         }

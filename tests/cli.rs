@@ -232,3 +232,14 @@ async fn dev_runs_a_worker_against_a_private_server() {
     assert_eq!(dev.wait_exit(PATIENCE).and_then(|s| s.code()), Some(0));
     assert!(async_nats::connect(&url).await.is_err(), "the private server stops with dev");
 }
+
+#[test]
+fn run_exits_2_on_a_script_error() {
+    let server = server();
+    let scripts = Scripts::new();
+    let script = scripts.write("broken.lua", "bus.subscribe('a')\nbus.on('a', function(ev)\n");
+    let mut worker = Worker::spawn(&["run", script.to_str().unwrap(), "--nats-url", &server.url()]);
+    let status = worker.wait_exit(PATIENCE).expect("worker stops");
+    assert_eq!(status.code(), Some(2));
+    assert!(worker.stderr.wait_for("broken.lua:3:", PATIENCE), "{}", worker.stderr.text());
+}

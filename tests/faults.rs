@@ -22,6 +22,11 @@ bus.on("hog", function(ev)
   for i = 1, 1e9 do t[i] = string.rep("x", 1024) .. i end
 end)
 bus.on("ok", function(ev) return "still serving" end)
+bus.on("huge", function(ev) return string.rep("x", 2 * 1024 * 1024) end)
+bus.on("huge_publish", function(ev)
+  local ok, err = pcall(nats.publish, "sink", string.rep("x", 2 * 1024 * 1024))
+  return { ok = ok, err = tostring(err) }
+end)
 bus.on("barrier", function(ev)
   -- completes only if `n` handlers are in flight on this VM at once
   local n = ev.payload.n
@@ -91,4 +96,18 @@ async fn handlers_that_yield_run_concurrently_on_one_vm() {
     for reply in futures::future::join_all(requests).await {
         assert_eq!(body(&reply), "all arrived", "{:?}", error_of(&reply));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_data_is_an_error_not_a_lost_request() {
+    let (server, _scripts, _worker) = start(&["--workers", "1"]);
+    let client = client(&server).await;
+    let (code, message) = error_of(&request(&client, "work.huge", "").await).expect("error reply");
+    assert_eq!(code, 500);
+    assert!(message.contains("reply not sent") && message.contains("exceeded"), "{message}");
+
+    let published = json(&request(&client, "work.huge_publish", "").await);
+    assert_eq!(published["ok"], false);
+    assert!(published["err"].as_str().unwrap().contains("exceeded"), "{published}");
+    assert_eq!(body(&request(&client, "work.ok", "").await), "still serving");
 }

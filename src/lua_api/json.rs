@@ -128,7 +128,7 @@ mod tests {
         assert_eq!(roundtrip(r#"[1,2.5,"x",true,null]"#), r#"[1,2.5,"x",true,null]"#);
         assert_eq!(roundtrip(r#"{"empty":[]}"#), r#"{"empty":[]}"#);
         assert_eq!(roundtrip(r#""héllo""#), r#""héllo""#);
-        assert_eq!(roundtrip("18446744073709551615"), "1.8446744073709552e19");
+        assert_eq!(roundtrip("18446744073709551615"), "1.8446744073709552e+19");
     }
 
     #[test]
