@@ -4,7 +4,6 @@ mod common;
 
 use async_nats::HeaderMap;
 use common::*;
-use futures::StreamExt;
 
 const APP: &str = r#"
 bus.subscribe("pub")
@@ -59,10 +58,6 @@ fn start() -> (NatsServer, Scripts, Worker) {
     );
     worker.expect_ready();
     (server, scripts, worker)
-}
-
-async fn next(sub: &mut async_nats::Subscriber) -> async_nats::Message {
-    tokio::time::timeout(PATIENCE, sub.next()).await.expect("message in time").expect("open subscription")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

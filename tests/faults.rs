@@ -9,6 +9,7 @@ const APP: &str = r#"
 local arrived = 0
 bus.subscribe("work.*", { kind = "{{wildcard(1)}}" })
 bus.subscribe("quick", { timeout = "200ms" })
+bus.subscribe("marker", { timeout = "5s" })
 
 bus.on("spin", function(ev) while true do end end)
 bus.on("spin_pcall", function(ev)
@@ -22,6 +23,15 @@ bus.on("hog", function(ev)
   for i = 1, 1e9 do t[i] = string.rep("x", 1024) .. i end
 end)
 bus.on("ok", function(ev) return "still serving" end)
+bus.on("zombie", function(ev)
+  time.sleep("500ms")
+  nats.publish("trail.zombie", "the abandoned handler kept running")
+end)
+bus.on("marker", function(ev)
+  time.sleep("1s")
+  nats.publish("trail.marker", "")
+  return "done"
+end)
 bus.on("huge", function(ev) return string.rep("x", 2 * 1024 * 1024) end)
 bus.on("huge_publish", function(ev)
   local ok, err = pcall(nats.publish, "sink", string.rep("x", 2 * 1024 * 1024))
@@ -110,4 +120,18 @@ async fn oversize_data_is_an_error_not_a_lost_request() {
     assert_eq!(published["ok"], false);
     assert!(published["err"].as_str().unwrap().contains("exceeded"), "{published}");
     assert_eq!(body(&request(&client, "work.ok", "").await), "still serving");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_handler_never_resumes() {
+    let (server, _scripts, _worker) = start(&["--workers", "1", "--handler-timeout", "100ms"]);
+    let client = client(&server).await;
+    let mut trail = client.subscribe("trail.*").await.unwrap();
+    client.flush().await.unwrap();
+    assert_eq!(error_of(&request(&client, "work.zombie", "").await).map(|e| e.0), Some(504));
+    // `marker` publishes after the zombie would have, on the same connection, so
+    // the first message on the trail shows whether the zombie ever ran on.
+    assert_eq!(body(&request(&client, "marker", "").await), "done");
+    let first = next(&mut trail).await;
+    assert_eq!(first.subject.as_str(), "trail.marker", "{}", body(&first));
 }

@@ -39,10 +39,6 @@ fn app() -> (Scripts, std::path::PathBuf) {
     (scripts, script)
 }
 
-async fn next(sub: &mut async_nats::Subscriber) -> async_nats::Message {
-    tokio::time::timeout(PATIENCE, sub.next()).await.expect("message in time").expect("subscription open")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_the_handler_in_flight_finish() {
     let server = server();

@@ -249,3 +249,9 @@ pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
+
+/// The next message of a subscription, failing the test if none comes.
+pub async fn next(sub: &mut async_nats::Subscriber) -> Message {
+    use futures::StreamExt;
+    tokio::time::timeout(PATIENCE, sub.next()).await.expect("message in time").expect("subscription open")
+}
