@@ -66,7 +66,7 @@ pub async fn run(vm: &Vm, event: &Event) -> Outcome {
     match (context.interrupted(), result) {
         (_, Err(_)) | (Some(Interrupt::Timeout), _) => Outcome::Error(Failure::timeout(limit)),
         (Some(Interrupt::Cancelled), _) => Outcome::Error(Failure::cancelled()),
-        (None, Ok(Ok((true, value)))) => outcome_of(value),
+        (None, Ok(Ok((true, value)))) => outcome_of(&vm.lua, value),
         (None, Ok(Ok((false, error)))) => Outcome::Error(failure_of(error)),
         (None, Ok(Err(error))) => Outcome::Error(failure_of_error(&error)),
     }
@@ -78,7 +78,7 @@ fn internal(message: String) -> Outcome {
 
 /// A handler's return value as an outcome: directives as they say, strings raw,
 /// nil empty, anything else JSON.
-fn outcome_of(value: Value) -> Outcome {
+fn outcome_of(lua: &mlua::Lua, value: Value) -> Outcome {
     match value {
         Value::Nil => Outcome::empty_ack(),
         Value::String(s) => Outcome::Ack { body: bytes::Bytes::copy_from_slice(&s.as_bytes()), headers: None },
@@ -88,7 +88,7 @@ fn outcome_of(value: Value) -> Outcome {
             Ok(Directive::Term { reason }) => Outcome::Term { reason },
             Err(_) => internal("a bus.reply/nak/term value was returned twice".to_string()),
         },
-        other => match json::encode(&other) {
+        other => match json::encode(lua, &other) {
             Ok(body) => Outcome::Ack { body: body.into(), headers: None },
             Err(err) => internal(format!("cannot encode the handler's {} result as JSON: {err}", other.type_name())),
         },

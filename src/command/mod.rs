@@ -15,7 +15,7 @@ use crate::runtime::{RunError, run_worker};
 pub fn execute(cli: Cli) -> ExitCode {
     let serving = matches!(cli.command, Command::Run { .. } | Command::Dev { .. });
     crate::logging::init(cli.log_format, serving);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("error: cannot start the async runtime: {err}");

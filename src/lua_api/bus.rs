@@ -105,12 +105,12 @@ async fn serve(lua: Lua) -> mlua::Result<()> {
     Ok(())
 }
 
-fn reply(_: &Lua, (value, opts): (Value, Option<Table>)) -> mlua::Result<Directive> {
+fn reply(lua: &Lua, (value, opts): (Value, Option<Table>)) -> mlua::Result<Directive> {
     let headers = match opts {
         Some(opts) => opts.get::<Option<Table>>("headers")?.map(|t| headers_of(&t)).transpose()?,
         None => None,
     };
-    Ok(Directive::Reply { body: body_of(&value)?, headers })
+    Ok(Directive::Reply { body: body_of(lua, &value)?, headers })
 }
 
 fn nak(_: &Lua, opts: Option<Table>) -> mlua::Result<Directive> {

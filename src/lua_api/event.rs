@@ -5,7 +5,9 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_nats::HeaderMap;
-use mlua::{AnyUserData, Lua, Table, UserData, Value};
+use std::ffi::c_char;
+
+use mlua::{Lua, Table, UserData, Value, ffi};
 
 use crate::event::Event;
 use crate::lua_api::json;
@@ -38,23 +40,48 @@ impl EventTables {
         Ok(EventTables { metatable })
     }
 
+    /// Builds the table in one raw section: this runs for every event, and
+    /// per-field mlua calls cost more than the fields themselves.
     pub fn build(&self, lua: &Lua, event: &Event) -> mlua::Result<Table> {
-        let table = lua.create_table_with_capacity(0, 8)?;
-        table.raw_set("kind", event.kind.as_str())?;
-        table.raw_set("id", event.id.as_str())?;
-        table.raw_set("subject", event.subject.as_str())?;
-        if let Some(reply) = &event.reply {
-            table.raw_set("reply", reply.as_str())?;
-        }
-        table.raw_set("data", lua.create_string(&event.data)?)?;
-        let extra = EventExtra {
-            headers: event.headers.clone(),
-            received: event.received,
-            trace_id: event.trace_id().map(str::to_string),
+        // Messages without headers (most) skip the userdata: the receipt time is all
+        // the lazy fields need.
+        let extra = match &event.headers {
+            Some(headers) => Value::UserData(lua.create_userdata(EventExtra {
+                headers: Some(headers.clone()),
+                received: event.received,
+                trace_id: event.trace_id().map(str::to_string),
+            })?),
+            None => Value::Number(seconds_since_epoch(event.received)),
         };
-        table.raw_set(EXTRA, lua.create_userdata(extra)?)?;
-        table.set_metatable(Some(self.metatable.clone()))?;
-        Ok(table)
+        let fields: [(&str, Option<&[u8]>); 5] = [
+            ("kind", Some(event.kind.as_bytes())),
+            ("id", Some(event.id.as_bytes())),
+            ("subject", Some(event.subject.as_bytes())),
+            ("reply", event.reply.as_ref().map(|r| r.as_bytes())),
+            ("data", Some(&event.data)),
+        ];
+        // SAFETY: the closure pushes at most 3 values above its 2 arguments (checked
+        // below) and holds no value with a destructor.
+        unsafe {
+            lua.exec_raw::<Table>((&self.metatable, extra), |state| {
+                ffi::luaL_checkstack(state, 3, c"event table".as_ptr());
+                ffi::lua_createtable(state, 0, 8);
+                for (name, value) in fields {
+                    if let Some(value) = value {
+                        push_bytes(state, name.as_bytes());
+                        push_bytes(state, value);
+                        ffi::lua_rawset(state, -3);
+                    }
+                }
+                push_bytes(state, EXTRA.as_bytes());
+                ffi::lua_pushvalue(state, 2);
+                ffi::lua_rawset(state, -3);
+                ffi::lua_pushvalue(state, 1);
+                ffi::lua_setmetatable(state, -2);
+                ffi::lua_replace(state, 1);
+                ffi::lua_settop(state, 1);
+            })
+        }
     }
 }
 
@@ -62,7 +89,10 @@ fn lazy_field(lua: &Lua, (table, key): (Table, Value)) -> mlua::Result<Value> {
     let Value::String(key) = key else { return Ok(Value::Nil) };
     let value = match &*key.as_bytes() {
         b"payload" => payload(lua, &table)?,
-        b"headers" => Value::Table(headers_table(lua, extra(&table)?.headers.as_ref())?),
+        b"headers" => Value::Table(match extra(&table)? {
+            Extra::Full(extra) => headers_table(lua, extra.headers.as_ref())?,
+            Extra::ReceivedAt(_) => lua.create_table()?,
+        }),
         b"meta" => Value::Table(meta(lua, &table)?),
         _ => return Ok(Value::Nil),
     };
@@ -70,8 +100,26 @@ fn lazy_field(lua: &Lua, (table, key): (Table, Value)) -> mlua::Result<Value> {
     Ok(value)
 }
 
-fn extra(table: &Table) -> mlua::Result<mlua::UserDataRef<EventExtra>> {
-    table.raw_get::<AnyUserData>(EXTRA)?.borrow::<EventExtra>()
+unsafe fn push_bytes(state: *mut ffi::lua_State, bytes: &[u8]) {
+    unsafe { ffi::lua_pushlstring(state, bytes.as_ptr() as *const c_char, bytes.len()) };
+}
+
+fn seconds_since_epoch(time: SystemTime) -> f64 {
+    time.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// The hidden per-event data: headers, receipt time and trace id.
+enum Extra {
+    Full(mlua::UserDataRef<EventExtra>),
+    ReceivedAt(f64),
+}
+
+fn extra(table: &Table) -> mlua::Result<Extra> {
+    match table.raw_get::<Value>(EXTRA)? {
+        Value::UserData(data) => Ok(Extra::Full(data.borrow::<EventExtra>()?)),
+        Value::Number(received) => Ok(Extra::ReceivedAt(received)),
+        _ => Err(mlua::Error::runtime("not an event table")),
+    }
 }
 
 fn payload(lua: &Lua, table: &Table) -> mlua::Result<Value> {
@@ -80,7 +128,11 @@ fn payload(lua: &Lua, table: &Table) -> mlua::Result<Value> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(Value::Nil);
     }
-    json::decode(lua, &bytes).map_err(|err| mlua::Error::external(PayloadError(err.to_string())))
+    match json::decode(lua, &bytes) {
+        Ok(value) => Ok(value),
+        Err(json::DecodeError::Json(err)) => Err(mlua::Error::external(PayloadError(err.to_string()))),
+        Err(json::DecodeError::Lua(err)) => Err(err),
+    }
 }
 
 /// Header name -> value, or a list of values when the header repeats.
@@ -99,13 +151,16 @@ pub fn headers_table(lua: &Lua, headers: Option<&HeaderMap>) -> mlua::Result<Tab
 }
 
 fn meta(lua: &Lua, table: &Table) -> mlua::Result<Table> {
-    let extra = extra(table)?;
     let meta = lua.create_table()?;
     meta.raw_set("subject", table.raw_get::<Value>("subject")?)?;
     meta.raw_set("reply", table.raw_get::<Value>("reply")?)?;
     meta.raw_set("delivered", 1)?;
-    let timestamp = extra.received.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
-    meta.raw_set("timestamp", timestamp)?;
-    meta.raw_set("trace_id", extra.trace_id.as_deref())?;
+    match extra(table)? {
+        Extra::Full(extra) => {
+            meta.raw_set("timestamp", seconds_since_epoch(extra.received))?;
+            meta.raw_set("trace_id", extra.trace_id.as_deref())?;
+        }
+        Extra::ReceivedAt(received) => meta.raw_set("timestamp", received)?,
+    }
     Ok(meta)
 }

@@ -1,25 +1,81 @@
-//! JSON <-> Lua, the hot path of every request: bytes are decoded straight into Lua
-//! values (no intermediate `serde_json::Value`), and Lua values are encoded with
-//! mlua's serde support. `null` is `json.null`; decoded arrays carry mlua's array
-//! metatable so an empty array encodes back as `[]`.
+//! JSON <-> Lua, the hot path of every request.
+//!
+//! Decoding parses the bytes into a flat token tape in safe Rust, then builds the
+//! Lua value straight on the Lua stack in one protected call. Encoding walks the
+//! Lua value on the stack and writes bytes. Neither goes through mlua's per-value
+//! handles, which cost more than the JSON itself. Inside the raw sections only
+//! references and plain numbers are alive, so a Lua memory error that unwinds
+//! out of them skips no destructor.
+//!
+//! Conventions: `null` is `json.null` (a NULL light userdata); decoded arrays carry
+//! mlua's array metatable so an empty array encodes back as `[]`; a table with a
+//! positive length encodes as an array of its items `1..#t`, any other table as an
+//! object (integer keys become strings).
 
+use std::borrow::Cow;
+use std::ffi::{c_char, c_int};
 use std::fmt;
+use std::ptr;
 
-use mlua::{Lua, LuaSerdeExt, Table, Value};
+use mlua::{Lua, LuaSerdeExt, Value, ffi};
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 
+/// Deepest nesting accepted by the encoder; cyclic tables hit it.
+const MAX_DEPTH: usize = 128;
+
+/// A decoding failure: the JSON is invalid, or Lua ran out of memory.
+#[derive(Debug)]
+pub enum DecodeError {
+    Json(serde_json::Error),
+    Lua(mlua::Error),
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DecodeError::Json(err) => err.fmt(f),
+            DecodeError::Lua(err) => err.fmt(f),
+        }
+    }
+}
+
 /// Decodes JSON `bytes` into a Lua value.
-pub fn decode(lua: &Lua, bytes: &[u8]) -> Result<Value, serde_json::Error> {
+pub fn decode(lua: &Lua, bytes: &[u8]) -> Result<Value, DecodeError> {
+    let tape = Tape::parse(bytes).map_err(DecodeError::Json)?;
     let array_metatable = lua.array_metatable();
-    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
-    let value = LuaSeed { lua, array_metatable: &array_metatable }.deserialize(&mut deserializer)?;
-    deserializer.end()?;
-    Ok(value)
+    // SAFETY: the closure only calls Lua API functions on a stack it sized with
+    // lua_checkstack, and holds no value with a destructor (see the module docs).
+    unsafe {
+        lua.exec_raw::<Value>(array_metatable, |state| {
+            let mut position = 0;
+            push_token(state, &tape.tokens, &mut position);
+            ffi::lua_replace(state, 1);
+        })
+    }
+    .map_err(DecodeError::Lua)
 }
 
 /// Encodes a Lua value as JSON.
-pub fn encode(value: &Value) -> Result<Vec<u8>, serde_json::Error> {
-    serde_json::to_vec(value)
+pub fn encode(lua: &Lua, value: &Value) -> Result<Vec<u8>, String> {
+    let mut out = Vec::with_capacity(128);
+    let mut error = None;
+    // SAFETY: the walk only reads the stack (lua_next, lua_tolstring on strings,
+    // lua_getmetatable): nothing in it allocates in Lua or raises.
+    let walked = unsafe {
+        lua.exec_raw::<()>((value, lua.array_metatable()), |state| {
+            if let Err(message) = write_value(state, 1, 0, &mut out) {
+                error = Some(message);
+            }
+            ffi::lua_settop(state, 0);
+        })
+    };
+    if let Err(err) = walked {
+        return Err(err.to_string());
+    }
+    match error {
+        Some(message) => Err(message),
+        None => Ok(out),
+    }
 }
 
 /// The `json` global: `encode`, `decode`, `null`.
@@ -28,7 +84,7 @@ pub fn install(lua: &Lua) -> mlua::Result<()> {
     json.set(
         "encode",
         lua.create_function(|lua, value: Value| {
-            let bytes = encode(&value).map_err(|err| mlua::Error::runtime(format!("json.encode: {err}")))?;
+            let bytes = encode(lua, &value).map_err(|err| mlua::Error::runtime(format!("json.encode: {err}")))?;
             lua.create_string(bytes)
         })?,
     )?;
@@ -42,74 +98,280 @@ pub fn install(lua: &Lua) -> mlua::Result<()> {
     lua.globals().set("json", json)
 }
 
-#[derive(Clone, Copy)]
-struct LuaSeed<'a> {
-    lua: &'a Lua,
-    array_metatable: &'a Table,
+enum Token<'a> {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(Cow<'a, str>),
+    Array(usize),
+    Object(usize),
 }
 
-impl<'de> DeserializeSeed<'de> for LuaSeed<'_> {
-    type Value = Value;
+struct Tape<'a> {
+    tokens: Vec<Token<'a>>,
+}
 
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+impl<'a> Tape<'a> {
+    fn parse(bytes: &'a [u8]) -> Result<Self, serde_json::Error> {
+        let mut tape = Tape { tokens: Vec::with_capacity(16) };
+        let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+        TapeSeed(&mut tape).deserialize(&mut deserializer)?;
+        deserializer.end()?;
+        Ok(tape)
+    }
+}
+
+struct TapeSeed<'t, 'a>(&'t mut Tape<'a>);
+
+impl<'de> DeserializeSeed<'de> for TapeSeed<'_, 'de> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
         deserializer.deserialize_any(self)
     }
 }
 
-fn lua_error<E: serde::de::Error>(err: mlua::Error) -> E {
-    E::custom(err)
-}
-
-impl<'de> Visitor<'de> for LuaSeed<'_> {
-    type Value = Value;
+impl<'de> Visitor<'de> for TapeSeed<'_, 'de> {
+    type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a JSON value")
     }
 
-    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
-        Ok(Value::Boolean(v))
+    fn visit_bool<E>(self, v: bool) -> Result<(), E> {
+        self.0.tokens.push(Token::Bool(v));
+        Ok(())
     }
 
-    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
-        Ok(Value::Integer(v))
+    fn visit_i64<E>(self, v: i64) -> Result<(), E> {
+        self.0.tokens.push(Token::Int(v));
+        Ok(())
     }
 
-    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
-        Ok(i64::try_from(v).map(Value::Integer).unwrap_or(Value::Number(v as f64)))
+    fn visit_u64<E>(self, v: u64) -> Result<(), E> {
+        self.0.tokens.push(i64::try_from(v).map(Token::Int).unwrap_or(Token::Float(v as f64)));
+        Ok(())
     }
 
-    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
-        Ok(Value::Number(v))
+    fn visit_f64<E>(self, v: f64) -> Result<(), E> {
+        self.0.tokens.push(Token::Float(v));
+        Ok(())
     }
 
-    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Value, E> {
-        self.lua.create_string(v).map(Value::String).map_err(lua_error)
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<(), E> {
+        self.0.tokens.push(Token::Str(Cow::Borrowed(v)));
+        Ok(())
     }
 
-    fn visit_unit<E>(self) -> Result<Value, E> {
-        Ok(Value::NULL)
+    fn visit_str<E>(self, v: &str) -> Result<(), E> {
+        self.0.tokens.push(Token::Str(Cow::Owned(v.to_string())));
+        Ok(())
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
-        let table = self.lua.create_table_with_capacity(seq.size_hint().unwrap_or(0), 0).map_err(lua_error)?;
-        let mut index = 1;
-        while let Some(item) = seq.next_element_seed(self)? {
-            table.raw_set(index, item).map_err(lua_error)?;
-            index += 1;
+    fn visit_unit<E>(self) -> Result<(), E> {
+        self.0.tokens.push(Token::Null);
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let start = self.0.tokens.len();
+        self.0.tokens.push(Token::Array(0));
+        let mut count = 0;
+        while seq.next_element_seed(TapeSeed(self.0))?.is_some() {
+            count += 1;
         }
-        table.set_metatable(Some(self.array_metatable.clone())).map_err(lua_error)?;
-        Ok(Value::Table(table))
+        self.0.tokens[start] = Token::Array(count);
+        Ok(())
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
-        let table = self.lua.create_table_with_capacity(0, map.size_hint().unwrap_or(0)).map_err(lua_error)?;
-        while let Some(key) = map.next_key_seed(self)? {
-            let value = map.next_value_seed(self)?;
-            table.raw_set(key, value).map_err(lua_error)?;
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let start = self.0.tokens.len();
+        self.0.tokens.push(Token::Object(0));
+        let mut count = 0;
+        while map.next_key_seed(TapeSeed(self.0))?.is_some() {
+            map.next_value_seed(TapeSeed(self.0))?;
+            count += 1;
         }
-        Ok(Value::Table(table))
+        self.0.tokens[start] = Token::Object(count);
+        Ok(())
     }
+}
+
+/// Pushes the value starting at `tokens[*position]`; the array metatable is at
+/// stack index 1.
+unsafe fn push_token(state: *mut ffi::lua_State, tokens: &[Token<'_>], position: &mut usize) {
+    let token = &tokens[*position];
+    *position += 1;
+    unsafe {
+        // Each nesting level holds a table, a key and a value.
+        ffi::luaL_checkstack(state, 4, c"JSON nesting".as_ptr());
+        match token {
+            Token::Null => ffi::lua_pushlightuserdata(state, ptr::null_mut()),
+            Token::Bool(b) => ffi::lua_pushboolean(state, c_int::from(*b)),
+            Token::Int(i) => ffi::lua_pushinteger(state, *i),
+            Token::Float(f) => ffi::lua_pushnumber(state, *f),
+            Token::Str(s) => push_str(state, s),
+            Token::Array(count) => {
+                ffi::lua_createtable(state, c_int::try_from(*count).unwrap_or(c_int::MAX), 0);
+                for index in 1..=*count {
+                    push_token(state, tokens, position);
+                    ffi::lua_rawseti(state, -2, index as ffi::lua_Integer);
+                }
+                ffi::lua_pushvalue(state, 1);
+                ffi::lua_setmetatable(state, -2);
+            }
+            Token::Object(count) => {
+                ffi::lua_createtable(state, 0, c_int::try_from(*count).unwrap_or(c_int::MAX));
+                for _ in 0..*count {
+                    push_token(state, tokens, position);
+                    push_token(state, tokens, position);
+                    ffi::lua_rawset(state, -3);
+                }
+            }
+        }
+    }
+}
+
+unsafe fn push_str(state: *mut ffi::lua_State, s: &str) {
+    unsafe { ffi::lua_pushlstring(state, s.as_ptr() as *const c_char, s.len()) };
+}
+
+/// Writes the value at stack `index` (absolute); the array metatable is at index 2.
+unsafe fn write_value(state: *mut ffi::lua_State, index: c_int, depth: usize, out: &mut Vec<u8>) -> Result<(), String> {
+    unsafe {
+        match ffi::lua_type(state, index) {
+            ffi::LUA_TNIL => out.extend_from_slice(b"null"),
+            ffi::LUA_TBOOLEAN => {
+                out.extend_from_slice(if ffi::lua_toboolean(state, index) != 0 { b"true" } else { b"false" })
+            }
+            ffi::LUA_TNUMBER => {
+                if ffi::lua_isinteger(state, index) != 0 {
+                    let mut buffer = itoa_buffer();
+                    out.extend_from_slice(format_integer(&mut buffer, ffi::lua_tointeger(state, index)));
+                } else {
+                    let number = ffi::lua_tonumber(state, index);
+                    if !number.is_finite() {
+                        return Err(format!("cannot encode {number} as JSON"));
+                    }
+                    serde_json::to_writer(&mut *out, &number).map_err(|err| err.to_string())?;
+                }
+            }
+            ffi::LUA_TSTRING => write_string(out, lua_bytes(state, index))?,
+            ffi::LUA_TLIGHTUSERDATA if ffi::lua_touserdata(state, index).is_null() => out.extend_from_slice(b"null"),
+            ffi::LUA_TTABLE => write_table(state, index, depth, out)?,
+            other => {
+                let name = std::ffi::CStr::from_ptr(ffi::lua_typename(state, other)).to_string_lossy();
+                return Err(format!("cannot encode a {name} as JSON"));
+            }
+        }
+    }
+    Ok(())
+}
+
+unsafe fn write_table(state: *mut ffi::lua_State, index: c_int, depth: usize, out: &mut Vec<u8>) -> Result<(), String> {
+    if depth >= MAX_DEPTH {
+        return Err(format!("tables nest deeper than {MAX_DEPTH} (is one inside itself?)"));
+    }
+    unsafe {
+        if ffi::lua_checkstack(state, 4) == 0 {
+            return Err("Lua stack exhausted".to_string());
+        }
+        let length = ffi::lua_rawlen(state, index);
+        let is_array = length > 0 || {
+            let has_metatable = ffi::lua_getmetatable(state, index) != 0;
+            let array = has_metatable && ffi::lua_rawequal(state, -1, 2) != 0;
+            if has_metatable {
+                ffi::lua_pop(state, 1);
+            }
+            array
+        };
+        if is_array {
+            out.push(b'[');
+            for item in 1..=length {
+                if item > 1 {
+                    out.push(b',');
+                }
+                ffi::lua_rawgeti(state, index, item as ffi::lua_Integer);
+                let result = write_value(state, ffi::lua_gettop(state), depth + 1, out);
+                ffi::lua_pop(state, 1);
+                result?;
+            }
+            out.push(b']');
+            return Ok(());
+        }
+        out.push(b'{');
+        let mut first = true;
+        ffi::lua_pushnil(state);
+        while ffi::lua_next(state, index) != 0 {
+            let top = ffi::lua_gettop(state);
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            let key = match ffi::lua_type(state, top - 1) {
+                ffi::LUA_TSTRING => write_string(out, lua_bytes(state, top - 1)),
+                ffi::LUA_TNUMBER if ffi::lua_isinteger(state, top - 1) != 0 => {
+                    let mut buffer = itoa_buffer();
+                    let digits = format_integer(&mut buffer, ffi::lua_tointeger(state, top - 1));
+                    out.push(b'"');
+                    out.extend_from_slice(digits);
+                    out.push(b'"');
+                    Ok(())
+                }
+                other => {
+                    let name = std::ffi::CStr::from_ptr(ffi::lua_typename(state, other)).to_string_lossy();
+                    Err(format!("cannot encode a table key of type {name} as JSON"))
+                }
+            };
+            let result = key.and_then(|()| {
+                out.push(b':');
+                write_value(state, top, depth + 1, out)
+            });
+            if let Err(err) = result {
+                ffi::lua_pop(state, 2);
+                return Err(err);
+            }
+            ffi::lua_pop(state, 1);
+        }
+        out.push(b'}');
+    }
+    Ok(())
+}
+
+unsafe fn lua_bytes<'a>(state: *mut ffi::lua_State, index: c_int) -> &'a [u8] {
+    unsafe {
+        let mut length = 0;
+        let data = ffi::lua_tolstring(state, index, &mut length);
+        std::slice::from_raw_parts(data as *const u8, length)
+    }
+}
+
+fn write_string(out: &mut Vec<u8>, bytes: &[u8]) -> Result<(), String> {
+    let text = std::str::from_utf8(bytes).map_err(|_| "cannot encode a string that is not UTF-8 as JSON".to_string())?;
+    serde_json::to_writer(&mut *out, text).map_err(|err| err.to_string())
+}
+
+fn itoa_buffer() -> [u8; 20] {
+    [0; 20]
+}
+
+fn format_integer(buffer: &mut [u8; 20], value: i64) -> &[u8] {
+    let mut n = value.unsigned_abs();
+    let mut start = buffer.len();
+    loop {
+        start -= 1;
+        buffer[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    if value < 0 {
+        start -= 1;
+        buffer[start] = b'-';
+    }
+    &buffer[start..]
 }
 
 #[cfg(test)]
@@ -119,16 +381,23 @@ mod tests {
     fn roundtrip(text: &str) -> String {
         let lua = Lua::new();
         let value = decode(&lua, text.as_bytes()).unwrap();
-        String::from_utf8(encode(&value).unwrap()).unwrap()
+        String::from_utf8(encode(&lua, &value).unwrap()).unwrap()
+    }
+
+    fn encoded(lua: &Lua, source: &str) -> Result<String, String> {
+        let value: Value = lua.load(source).eval().unwrap();
+        encode(lua, &value).map(|bytes| String::from_utf8(bytes).unwrap())
     }
 
     #[test]
     fn values_survive_a_roundtrip() {
         assert_eq!(roundtrip(r#"{"a":1}"#), r#"{"a":1}"#);
-        assert_eq!(roundtrip(r#"[1,2.5,"x",true,null]"#), r#"[1,2.5,"x",true,null]"#);
-        assert_eq!(roundtrip(r#"{"empty":[]}"#), r#"{"empty":[]}"#);
-        assert_eq!(roundtrip(r#""héllo""#), r#""héllo""#);
+        assert_eq!(roundtrip(r#"[1,2.5,"x",true,false,null]"#), r#"[1,2.5,"x",true,false,null]"#);
+        assert_eq!(roundtrip(r#"{"empty":[],"obj":{}}"#).len(), r#"{"empty":[],"obj":{}}"#.len());
+        assert_eq!(roundtrip(r#""h\u00e9llo \"q\" \n""#), r#""héllo \"q\" \n""#);
         assert_eq!(roundtrip("18446744073709551615"), "1.8446744073709552e+19");
+        assert_eq!(roundtrip("-9223372036854775808"), "-9223372036854775808");
+        assert_eq!(roundtrip("[[[[1]]]]"), "[[[[1]]]]");
     }
 
     #[test]
@@ -144,10 +413,33 @@ mod tests {
     #[test]
     fn lua_tables_encode_as_objects_or_arrays() {
         let lua = Lua::new();
-        let value: Value = lua.load("return { list = {1, 2}, map = { k = 'v' } }").eval().unwrap();
-        let text = String::from_utf8(encode(&value).unwrap()).unwrap();
-        assert!(text.contains(r#""list":[1,2]"#) && text.contains(r#""map":{"k":"v"}"#), "{text}");
-        let function: Value = lua.load("return { f = print }").eval().unwrap();
-        assert!(encode(&function).is_err());
+        let text = encoded(&lua, "return { list = {1, 2}, map = { k = 'v' }, n = 1.5, i = -3, t = true }").unwrap();
+        for part in [r#""list":[1,2]"#, r#""map":{"k":"v"}"#, r#""n":1.5"#, r#""i":-3"#, r#""t":true"#] {
+            assert!(text.contains(part), "{part} in {text}");
+        }
+        assert_eq!(encoded(&lua, "return {}").unwrap(), "{}");
+        assert_eq!(encoded(&lua, "return { [7] = 'x' }").unwrap(), r#"{"7":"x"}"#);
+        assert_eq!(encoded(&lua, "return 'tab\\t'").unwrap(), r#""tab\t""#);
+        assert_eq!(encoded(&lua, "return nil").unwrap(), "null");
+    }
+
+    #[test]
+    fn unencodable_values_are_errors() {
+        let lua = Lua::new();
+        assert!(encoded(&lua, "return { f = print }").unwrap_err().contains("function"));
+        assert!(encoded(&lua, "local t = {}; t.self = t; return t").unwrap_err().contains("deeper"));
+        assert!(encoded(&lua, "return 0/0").unwrap_err().contains("NaN"));
+        assert!(encoded(&lua, "return { [true] = 1 }").unwrap_err().contains("key of type boolean"));
+        assert!(encoded(&lua, "return '\\255'").unwrap_err().contains("UTF-8"));
+    }
+
+    #[test]
+    fn decoding_respects_the_memory_limit() {
+        let lua = Lua::new();
+        lua.set_memory_limit(lua.used_memory() + 64 * 1024).unwrap();
+        let big = format!("[{}]", vec!["\"some text that takes room\""; 10_000].join(","));
+        assert!(matches!(decode(&lua, big.as_bytes()), Err(DecodeError::Lua(_))));
+        lua.set_memory_limit(0).unwrap();
+        assert!(decode(&lua, b"[1]").is_ok(), "the VM is fine afterwards");
     }
 }

@@ -36,11 +36,11 @@ pub fn duration_of(value: &Value, what: &str) -> mlua::Result<Duration> {
 }
 
 /// A message body: strings as bytes, nil as empty, anything else as JSON.
-pub fn body_of(value: &Value) -> mlua::Result<Bytes> {
+pub fn body_of(lua: &Lua, value: &Value) -> mlua::Result<Bytes> {
     match value {
         Value::Nil => Ok(Bytes::new()),
         Value::String(s) => Ok(Bytes::copy_from_slice(&s.as_bytes())),
-        other => json::encode(other)
+        other => json::encode(lua, other)
             .map(Bytes::from)
             .map_err(|err| mlua::Error::runtime(format!("cannot encode {} as JSON: {err}", other.type_name()))),
     }

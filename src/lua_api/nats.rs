@@ -41,7 +41,7 @@ struct Outgoing {
     data: bytes::Bytes,
 }
 
-fn outgoing(subject: String, data: &Value, opts: Option<&Table>, what: &str) -> mlua::Result<Outgoing> {
+fn outgoing(lua: &Lua, subject: String, data: &Value, opts: Option<&Table>, what: &str) -> mlua::Result<Outgoing> {
     if subject.is_empty() || subject.contains(char::is_whitespace) {
         return Err(mlua::Error::runtime(format!("{what}: invalid subject {subject:?}")));
     }
@@ -55,11 +55,11 @@ fn outgoing(subject: String, data: &Value, opts: Option<&Table>, what: &str) -> 
             headers.insert("traceparent", traceparent.as_str());
         }
     }
-    Ok(Outgoing { subject, headers, data: body_of(data)? })
+    Ok(Outgoing { subject, headers, data: body_of(lua, data)? })
 }
 
 async fn publish(lua: Lua, (subject, data, opts): (String, Value, Option<Table>)) -> mlua::Result<()> {
-    let message = outgoing(subject, &data, opts.as_ref(), "nats.publish")?;
+    let message = outgoing(&lua, subject, &data, opts.as_ref(), "nats.publish")?;
     let transport = VmState::of(&lua).transport.clone();
     transport
         .publish(message.subject, message.headers, message.data)
@@ -68,7 +68,7 @@ async fn publish(lua: Lua, (subject, data, opts): (String, Value, Option<Table>)
 }
 
 async fn request(lua: Lua, (subject, data, opts): (String, Value, Option<Table>)) -> mlua::Result<(Value, Value)> {
-    let message = outgoing(subject, &data, opts.as_ref(), "nats.request")?;
+    let message = outgoing(&lua, subject, &data, opts.as_ref(), "nats.request")?;
     let timeout = match opts.as_ref().map(|o| o.get::<Value>("timeout")).transpose()? {
         None | Some(Value::Nil) => DEFAULT_REQUEST_TIMEOUT,
         Some(value) => duration_of(&value, "nats.request timeout")?,

@@ -6,6 +6,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use mlua::prelude::{LuaGcGenParams as GcGenParams, LuaGcMode as GcMode};
 use mlua::{Function, HookTriggers, Lua, VmState as HookState};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::LocalSet;
@@ -148,6 +149,9 @@ impl Vm {
             release: CancellationToken::new(),
         });
         lua.set_app_data(state.clone());
+        // Handlers allocate many short-lived tables; the generational collector
+        // reclaims them for less work than the incremental one.
+        lua.gc_set_mode(GcMode::Generational(GcGenParams::default()));
         let setup_lua = || -> mlua::Result<(EventTables, Function)> {
             lua_api::install(&lua)?;
             let runner: Function = lua
