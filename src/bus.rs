@@ -52,7 +52,7 @@ mod tests {
     use crate::event::Delivery;
 
     fn event(n: usize) -> Event {
-        Event::new(n.to_string(), "s".into(), None, None, Default::default(), Delivery::Core)
+        Event::new(n.to_string().into(), "s".into(), None, None, Default::default(), Delivery::Core)
     }
 
     #[tokio::test]
@@ -63,8 +63,8 @@ mod tests {
         busy_tx.try_send(event(1)).unwrap();
         let bus = Bus::new(vec![busy_tx, idle_tx]);
         bus.send(event(2)).await.unwrap();
-        assert_eq!(idle_rx.recv().await.unwrap().kind, "2");
-        assert_eq!(busy_rx.recv().await.unwrap().kind, "0");
+        assert_eq!(idle_rx.recv().await.unwrap().kind.as_str(), "2");
+        assert_eq!(busy_rx.recv().await.unwrap().kind.as_str(), "0");
     }
 
     #[tokio::test]
@@ -72,6 +72,6 @@ mod tests {
         let (tx, rx) = mpsc::channel(1);
         drop(rx);
         let bus = Bus::new(vec![tx]);
-        assert_eq!(bus.send(event(7)).await.unwrap_err().kind, "7");
+        assert_eq!(bus.send(event(7)).await.unwrap_err().kind.as_str(), "7");
     }
 }

@@ -35,7 +35,7 @@ pub async fn process(vm: &Rc<Vm>, event: Event) {
     async {
         let outcome = run(vm, &event).await;
         tracing::Span::current().record("agent_block.outcome", outcome.label());
-        ack::settle(&vm.state.transport, event, outcome).await;
+        ack::settle(&vm.outbox, event, outcome).await;
     }
     .instrument(span)
     .await
@@ -53,8 +53,8 @@ pub async fn run(vm: &Vm, event: &Event) -> Outcome {
     let limit = event.timeout.unwrap_or(vm.handler_timeout);
     let deadline = Instant::now() + limit;
     let mut context = TaskContext::new(Some(deadline), Some(vm.cancel.clone()));
-    context.kind = event.kind.clone();
-    context.id = event.id.clone();
+    context.kind = Some(event.kind.clone());
+    context.id = Some(event.id.clone());
     context.traceparent = event.headers.as_ref().and_then(|h| h.get("traceparent")).map(|v| v.as_str().to_string());
     let context = Rc::new(context);
     let call = Scoped::new(context.clone(), vm.runner.call_async::<(bool, Value)>((handler, table)));

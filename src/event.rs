@@ -9,9 +9,9 @@ use tokio::sync::oneshot;
 /// One message on its way to a handler.
 #[derive(Debug)]
 pub struct Event {
-    pub kind: String,
-    /// `Nats-Msg-Id` header, else a unique generated id.
-    pub id: String,
+    /// A `Subject` only for its cheap clones: the default kind is the subject.
+    pub kind: Subject,
+    pub id: EventId,
     pub subject: Subject,
     pub reply: Option<Subject>,
     pub headers: Option<HeaderMap>,
@@ -20,6 +20,36 @@ pub struct Event {
     /// Per-subscription handler deadline overriding `--handler-timeout`.
     pub timeout: Option<Duration>,
     pub delivery: Delivery,
+}
+
+/// `Nats-Msg-Id` header, else a unique generated id (kept inline: no allocation).
+#[derive(Debug, Clone)]
+pub enum EventId {
+    Given(Box<str>),
+    Generated([u8; NUID_LENGTH]),
+}
+
+const NUID_LENGTH: usize = 22;
+
+fn generated_id() -> EventId {
+    let mut id = [0; NUID_LENGTH];
+    id.copy_from_slice(nuid::next().as_str().as_bytes());
+    EventId::Generated(id)
+}
+
+impl EventId {
+    pub fn as_str(&self) -> &str {
+        match self {
+            EventId::Given(id) => id,
+            EventId::Generated(id) => std::str::from_utf8(id).unwrap_or_default(),
+        }
+    }
+}
+
+impl std::fmt::Display for EventId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Where an event came from, which decides how its outcome is settled.
@@ -34,18 +64,17 @@ pub enum Delivery {
 impl Event {
     /// Builds an event, taking its id from `Nats-Msg-Id` when present.
     pub fn new(
-        kind: String,
+        kind: Subject,
         subject: Subject,
         reply: Option<Subject>,
         headers: Option<HeaderMap>,
         data: Bytes,
         delivery: Delivery,
     ) -> Self {
-        let id = headers
-            .as_ref()
-            .and_then(|h| h.get("Nats-Msg-Id"))
-            .map(|v| v.as_str().to_string())
-            .unwrap_or_else(|| nuid::next().to_string());
+        let id = match headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")) {
+            Some(value) => EventId::Given(value.as_str().into()),
+            None => generated_id(),
+        };
         Event { kind, id, subject, reply, headers, data, received: SystemTime::now(), timeout: None, delivery }
     }
 
@@ -83,9 +112,9 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", "order-7");
         let event = Event::new("k".into(), "s".into(), None, Some(headers), Bytes::new(), Delivery::Core);
-        assert_eq!(event.id, "order-7");
+        assert_eq!(event.id.as_str(), "order-7");
         let generated = Event::new("k".into(), "s".into(), None, None, Bytes::new(), Delivery::Core);
         let other = Event::new("k".into(), "s".into(), None, None, Bytes::new(), Delivery::Core);
-        assert_ne!(generated.id, other.id);
+        assert_ne!(generated.id.as_str(), other.id.as_str());
     }
 }

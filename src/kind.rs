@@ -3,6 +3,8 @@
 
 use std::fmt;
 
+use async_nats::Subject;
+
 /// A parsed kind template, checked against the subscription's subject pattern.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KindTemplate {
@@ -51,11 +53,16 @@ impl KindTemplate {
         Ok(KindTemplate { source: template.to_string(), parts, wildcards })
     }
 
-    /// The kind of a message that arrived on `subject`.
-    pub fn render(&self, subject: &str) -> String {
+    /// The kind of a message that arrived on `subject`. The default template
+    /// shares the subject's buffer instead of copying it.
+    pub fn render(&self, subject: &Subject) -> Subject {
         if let [Part::Subject] = self.parts.as_slice() {
-            return subject.to_string();
+            return subject.clone();
         }
+        Subject::from(self.render_text(subject))
+    }
+
+    fn render_text(&self, subject: &str) -> String {
         let mut kind = String::with_capacity(subject.len() + 8);
         for part in &self.parts {
             match part {
@@ -108,7 +115,7 @@ mod tests {
     use super::*;
 
     fn kind(template: &str, pattern: &str, subject: &str) -> String {
-        KindTemplate::parse(template, pattern).unwrap().render(subject)
+        KindTemplate::parse(template, pattern).unwrap().render(&Subject::from(subject)).to_string()
     }
 
     #[test]

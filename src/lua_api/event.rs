@@ -10,7 +10,7 @@ use std::ffi::c_char;
 use mlua::{Lua, Table, UserData, Value, ffi};
 
 use crate::event::Event;
-use crate::lua_api::json;
+use crate::lua_api::{json, raw};
 
 /// A body that the handler read as `ev.payload` is not JSON: the event fails with 400.
 #[derive(Debug, thiserror::Error)]
@@ -55,16 +55,16 @@ impl EventTables {
         };
         let fields: [(&str, Option<&[u8]>); 5] = [
             ("kind", Some(event.kind.as_bytes())),
-            ("id", Some(event.id.as_bytes())),
+            ("id", Some(event.id.as_str().as_bytes())),
             ("subject", Some(event.subject.as_bytes())),
             ("reply", event.reply.as_ref().map(|r| r.as_bytes())),
             ("data", Some(&event.data)),
         ];
-        // SAFETY: the closure pushes at most 3 values above its 2 arguments (checked
-        // below) and holds no value with a destructor.
-        unsafe {
-            lua.exec_raw::<Table>((&self.metatable, extra), |state| {
-                ffi::luaL_checkstack(state, 3, c"event table".as_ptr());
+        let metatable = Value::Table(self.metatable.clone());
+        // SAFETY: the builder pushes one table using 3 slots and holds only
+        // references.
+        let table = unsafe {
+            raw::build_value(lua, &[&metatable, &extra], 3, |state, base| {
                 ffi::lua_createtable(state, 0, 8);
                 for (name, value) in fields {
                     if let Some(value) = value {
@@ -74,13 +74,15 @@ impl EventTables {
                     }
                 }
                 push_bytes(state, EXTRA.as_bytes());
-                ffi::lua_pushvalue(state, 2);
+                ffi::lua_pushvalue(state, base + 2);
                 ffi::lua_rawset(state, -3);
-                ffi::lua_pushvalue(state, 1);
+                ffi::lua_pushvalue(state, base + 1);
                 ffi::lua_setmetatable(state, -2);
-                ffi::lua_replace(state, 1);
-                ffi::lua_settop(state, 1);
             })
+        }?;
+        match table {
+            Value::Table(table) => Ok(table),
+            _ => unreachable!("the builder pushes a table"),
         }
     }
 }

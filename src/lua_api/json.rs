@@ -18,6 +18,8 @@ use std::fmt;
 use std::ptr;
 
 use mlua::{Lua, LuaSerdeExt, Value, ffi};
+
+use crate::lua_api::raw;
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 
 /// Deepest nesting accepted by the encoder; cyclic tables hit it.
@@ -42,14 +44,15 @@ impl fmt::Display for DecodeError {
 /// Decodes JSON `bytes` into a Lua value.
 pub fn decode(lua: &Lua, bytes: &[u8]) -> Result<Value, DecodeError> {
     let tape = Tape::parse(bytes).map_err(DecodeError::Json)?;
-    let array_metatable = lua.array_metatable();
-    // SAFETY: the closure only calls Lua API functions on a stack it sized with
-    // lua_checkstack, and holds no value with a destructor (see the module docs).
+    let array_metatable = Value::Table(lua.array_metatable());
+    // Each nesting level holds a table, a key and a value.
+    let slots = 3 * (tape.depth + 1);
+    // SAFETY: push_token pushes one value within those slots and holds only
+    // references.
     unsafe {
-        lua.exec_raw::<Value>(array_metatable, |state| {
+        raw::build_value(lua, &[&array_metatable], slots, |state, base| {
             let mut position = 0;
-            push_token(state, &tape.tokens, &mut position);
-            ffi::lua_replace(state, 1);
+            push_token(state, &tape.tokens, &mut position, base + 1);
         })
     }
     .map_err(DecodeError::Lua)
@@ -58,23 +61,16 @@ pub fn decode(lua: &Lua, bytes: &[u8]) -> Result<Value, DecodeError> {
 /// Encodes a Lua value as JSON.
 pub fn encode(lua: &Lua, value: &Value) -> Result<Vec<u8>, String> {
     let mut out = Vec::with_capacity(128);
-    let mut error = None;
-    // SAFETY: the walk only reads the stack (lua_next, lua_tolstring on strings,
-    // lua_getmetatable): nothing in it allocates in Lua or raises.
-    let walked = unsafe {
-        lua.exec_raw::<()>((value, lua.array_metatable()), |state| {
-            if let Err(message) = write_value(state, 1, 0, &mut out) {
-                error = Some(message);
-            }
-            ffi::lua_settop(state, 0);
-        })
-    };
-    if let Err(err) = walked {
-        return Err(err.to_string());
-    }
-    match error {
-        Some(message) => Err(message),
-        None => Ok(out),
+    let array_metatable = Value::Table(lua.array_metatable());
+    // The walk only reads (lua_next, lua_tolstring on strings, lua_getmetatable):
+    // nothing in it allocates in Lua or raises.
+    let walked = raw::read_value(lua, &[value, &array_metatable], |state, base| unsafe {
+        write_value(state, base + 1, base + 2, 0, &mut out)
+    });
+    match walked {
+        Ok(Ok(())) => Ok(out),
+        Ok(Err(message)) => Err(message),
+        Err(err) => Err(err.to_string()),
     }
 }
 
@@ -110,15 +106,32 @@ enum Token<'a> {
 
 struct Tape<'a> {
     tokens: Vec<Token<'a>>,
+    /// Deepest nesting seen, for sizing the Lua stack.
+    depth: usize,
+    open: usize,
 }
 
 impl<'a> Tape<'a> {
     fn parse(bytes: &'a [u8]) -> Result<Self, serde_json::Error> {
-        let mut tape = Tape { tokens: Vec::with_capacity(16) };
+        let mut tape = Tape { tokens: Vec::with_capacity(16), depth: 0, open: 0 };
         let mut deserializer = serde_json::Deserializer::from_slice(bytes);
         TapeSeed(&mut tape).deserialize(&mut deserializer)?;
         deserializer.end()?;
         Ok(tape)
+    }
+}
+
+impl<'a> Tape<'a> {
+    fn open_container(&mut self, placeholder: Token<'a>) -> usize {
+        self.open += 1;
+        self.depth = self.depth.max(self.open);
+        self.tokens.push(placeholder);
+        self.tokens.len() - 1
+    }
+
+    fn close_container(&mut self, start: usize, token: Token<'a>) {
+        self.open -= 1;
+        self.tokens[start] = token;
     }
 }
 
@@ -175,37 +188,33 @@ impl<'de> Visitor<'de> for TapeSeed<'_, 'de> {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        let start = self.0.tokens.len();
-        self.0.tokens.push(Token::Array(0));
+        let start = self.0.open_container(Token::Array(0));
         let mut count = 0;
         while seq.next_element_seed(TapeSeed(self.0))?.is_some() {
             count += 1;
         }
-        self.0.tokens[start] = Token::Array(count);
+        self.0.close_container(start, Token::Array(count));
         Ok(())
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let start = self.0.tokens.len();
-        self.0.tokens.push(Token::Object(0));
+        let start = self.0.open_container(Token::Object(0));
         let mut count = 0;
         while map.next_key_seed(TapeSeed(self.0))?.is_some() {
             map.next_value_seed(TapeSeed(self.0))?;
             count += 1;
         }
-        self.0.tokens[start] = Token::Object(count);
+        self.0.close_container(start, Token::Object(count));
         Ok(())
     }
 }
 
 /// Pushes the value starting at `tokens[*position]`; the array metatable is at
-/// stack index 1.
-unsafe fn push_token(state: *mut ffi::lua_State, tokens: &[Token<'_>], position: &mut usize) {
+/// stack index `array_metatable`.
+unsafe fn push_token(state: *mut ffi::lua_State, tokens: &[Token<'_>], position: &mut usize, array_metatable: c_int) {
     let token = &tokens[*position];
     *position += 1;
     unsafe {
-        // Each nesting level holds a table, a key and a value.
-        ffi::luaL_checkstack(state, 4, c"JSON nesting".as_ptr());
         match token {
             Token::Null => ffi::lua_pushlightuserdata(state, ptr::null_mut()),
             Token::Bool(b) => ffi::lua_pushboolean(state, c_int::from(*b)),
@@ -215,17 +224,17 @@ unsafe fn push_token(state: *mut ffi::lua_State, tokens: &[Token<'_>], position:
             Token::Array(count) => {
                 ffi::lua_createtable(state, c_int::try_from(*count).unwrap_or(c_int::MAX), 0);
                 for index in 1..=*count {
-                    push_token(state, tokens, position);
+                    push_token(state, tokens, position, array_metatable);
                     ffi::lua_rawseti(state, -2, index as ffi::lua_Integer);
                 }
-                ffi::lua_pushvalue(state, 1);
+                ffi::lua_pushvalue(state, array_metatable);
                 ffi::lua_setmetatable(state, -2);
             }
             Token::Object(count) => {
                 ffi::lua_createtable(state, 0, c_int::try_from(*count).unwrap_or(c_int::MAX));
                 for _ in 0..*count {
-                    push_token(state, tokens, position);
-                    push_token(state, tokens, position);
+                    push_token(state, tokens, position, array_metatable);
+                    push_token(state, tokens, position, array_metatable);
                     ffi::lua_rawset(state, -3);
                 }
             }
@@ -237,8 +246,15 @@ unsafe fn push_str(state: *mut ffi::lua_State, s: &str) {
     unsafe { ffi::lua_pushlstring(state, s.as_ptr() as *const c_char, s.len()) };
 }
 
-/// Writes the value at stack `index` (absolute); the array metatable is at index 2.
-unsafe fn write_value(state: *mut ffi::lua_State, index: c_int, depth: usize, out: &mut Vec<u8>) -> Result<(), String> {
+/// Writes the value at stack `index` (absolute); the array metatable is at index
+/// `array_metatable`.
+unsafe fn write_value(
+    state: *mut ffi::lua_State,
+    index: c_int,
+    array_metatable: c_int,
+    depth: usize,
+    out: &mut Vec<u8>,
+) -> Result<(), String> {
     unsafe {
         match ffi::lua_type(state, index) {
             ffi::LUA_TNIL => out.extend_from_slice(b"null"),
@@ -259,7 +275,7 @@ unsafe fn write_value(state: *mut ffi::lua_State, index: c_int, depth: usize, ou
             }
             ffi::LUA_TSTRING => write_string(out, lua_bytes(state, index))?,
             ffi::LUA_TLIGHTUSERDATA if ffi::lua_touserdata(state, index).is_null() => out.extend_from_slice(b"null"),
-            ffi::LUA_TTABLE => write_table(state, index, depth, out)?,
+            ffi::LUA_TTABLE => write_table(state, index, array_metatable, depth, out)?,
             other => {
                 let name = std::ffi::CStr::from_ptr(ffi::lua_typename(state, other)).to_string_lossy();
                 return Err(format!("cannot encode a {name} as JSON"));
@@ -269,7 +285,13 @@ unsafe fn write_value(state: *mut ffi::lua_State, index: c_int, depth: usize, ou
     Ok(())
 }
 
-unsafe fn write_table(state: *mut ffi::lua_State, index: c_int, depth: usize, out: &mut Vec<u8>) -> Result<(), String> {
+unsafe fn write_table(
+    state: *mut ffi::lua_State,
+    index: c_int,
+    array_metatable: c_int,
+    depth: usize,
+    out: &mut Vec<u8>,
+) -> Result<(), String> {
     if depth >= MAX_DEPTH {
         return Err(format!("tables nest deeper than {MAX_DEPTH} (is one inside itself?)"));
     }
@@ -280,7 +302,7 @@ unsafe fn write_table(state: *mut ffi::lua_State, index: c_int, depth: usize, ou
         let length = ffi::lua_rawlen(state, index);
         let is_array = length > 0 || {
             let has_metatable = ffi::lua_getmetatable(state, index) != 0;
-            let array = has_metatable && ffi::lua_rawequal(state, -1, 2) != 0;
+            let array = has_metatable && ffi::lua_rawequal(state, -1, array_metatable) != 0;
             if has_metatable {
                 ffi::lua_pop(state, 1);
             }
@@ -293,7 +315,7 @@ unsafe fn write_table(state: *mut ffi::lua_State, index: c_int, depth: usize, ou
                     out.push(b',');
                 }
                 ffi::lua_rawgeti(state, index, item as ffi::lua_Integer);
-                let result = write_value(state, ffi::lua_gettop(state), depth + 1, out);
+                let result = write_value(state, ffi::lua_gettop(state), array_metatable, depth + 1, out);
                 ffi::lua_pop(state, 1);
                 result?;
             }
@@ -326,7 +348,7 @@ unsafe fn write_table(state: *mut ffi::lua_State, index: c_int, depth: usize, ou
             };
             let result = key.and_then(|()| {
                 out.push(b':');
-                write_value(state, top, depth + 1, out)
+                write_value(state, top, array_metatable, depth + 1, out)
             });
             if let Err(err) = result {
                 ffi::lua_pop(state, 2);
@@ -348,7 +370,8 @@ unsafe fn lua_bytes<'a>(state: *mut ffi::lua_State, index: c_int) -> &'a [u8] {
 }
 
 fn write_string(out: &mut Vec<u8>, bytes: &[u8]) -> Result<(), String> {
-    let text = std::str::from_utf8(bytes).map_err(|_| "cannot encode a string that is not UTF-8 as JSON".to_string())?;
+    let text =
+        std::str::from_utf8(bytes).map_err(|_| "cannot encode a string that is not UTF-8 as JSON".to_string())?;
     serde_json::to_writer(&mut *out, text).map_err(|err| err.to_string())
 }
 
@@ -436,6 +459,7 @@ mod tests {
     #[test]
     fn decoding_respects_the_memory_limit() {
         let lua = Lua::new();
+        lua.set_app_data(raw::MemoryLimited);
         lua.set_memory_limit(lua.used_memory() + 64 * 1024).unwrap();
         let big = format!("[{}]", vec!["\"some text that takes room\""; 10_000].join(","));
         assert!(matches!(decode(&lua, big.as_bytes()), Err(DecodeError::Lua(_))));

@@ -5,6 +5,7 @@ pub mod event;
 pub mod json;
 pub mod log;
 pub mod nats;
+pub mod raw;
 pub mod time;
 
 use std::time::Duration;

@@ -46,12 +46,12 @@ impl ReplaySource {
         ReplaySource { input, subscriptions, output }
     }
 
-    fn kind_of(&self, subject: &str) -> String {
+    fn kind_of(&self, subject: &Subject) -> Subject {
         self.subscriptions
             .iter()
             .find(|s| subject_matches(&s.subject, subject))
             .map(|s| s.kind.render(subject))
-            .unwrap_or_else(|| subject.to_string())
+            .unwrap_or_else(|| subject.clone())
     }
 
     fn event(&self, number: usize, text: &str) -> Result<(Event, oneshot::Receiver<()>), String> {
@@ -64,9 +64,10 @@ impl ReplaySource {
         };
         let headers = line.headers.map(|h| headers_of(&h)).transpose()?;
         let (done, finished) = oneshot::channel();
+        let subject = Subject::from(line.subject.as_str());
         let mut event = Event::new(
-            self.kind_of(&line.subject),
-            Subject::from(line.subject.as_str()),
+            self.kind_of(&subject),
+            subject,
             line.reply.map(|r| Subject::from(r.as_str())),
             headers,
             data,

@@ -14,6 +14,8 @@ use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::event::EventId;
+
 /// Why the instruction hook stopped Lua code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Interrupt {
@@ -27,8 +29,8 @@ pub struct TaskContext {
     deadline: Cell<Option<Instant>>,
     cancel: Option<CancellationToken>,
     interrupted: Cell<Option<Interrupt>>,
-    pub kind: String,
-    pub id: String,
+    pub kind: Option<async_nats::Subject>,
+    pub id: Option<EventId>,
     pub traceparent: Option<String>,
 }
 
@@ -38,8 +40,8 @@ impl TaskContext {
             deadline: Cell::new(deadline),
             cancel,
             interrupted: Cell::new(None),
-            kind: String::new(),
-            id: String::new(),
+            kind: None,
+            id: None,
             traceparent: None,
         }
     }
@@ -104,22 +106,25 @@ pub fn check_current() -> HookAction {
 /// A future that runs with `context` as the current context while polled.
 pub struct Scoped<F> {
     context: Rc<TaskContext>,
-    inner: Pin<Box<F>>,
+    inner: F,
 }
 
 impl<F: Future> Scoped<F> {
     pub fn new(context: Rc<TaskContext>, inner: F) -> Self {
-        Scoped { context, inner: Box::pin(inner) }
+        Scoped { context, inner }
     }
 }
 
 impl<F: Future> Future for Scoped<F> {
     type Output = F::Output;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let previous = CURRENT.with(|c| c.replace(Some(self.context.clone())));
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        // SAFETY: `inner` is structurally pinned: never moved out of `self`, and
+        // `Scoped` has no Drop impl or Unpin impl that could move it.
+        let this = unsafe { self.get_unchecked_mut() };
+        let previous = CURRENT.with(|c| c.replace(Some(this.context.clone())));
         let _restore = Restore(previous);
-        self.inner.as_mut().poll(cx)
+        unsafe { Pin::new_unchecked(&mut this.inner) }.poll(cx)
     }
 }
 

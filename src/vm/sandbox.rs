@@ -7,6 +7,7 @@ use mlua::chunk::ChunkMode;
 use mlua::{Function, Lua, LuaOptions, StdLib, Value};
 
 use crate::config::LuaConfig;
+use crate::lua_api::raw::MemoryLimited;
 
 /// Lua libraries shipped inside the binary, found by `require(name)`.
 const EMBEDDED: &[(&str, &str)] = &[("validate", include_str!("../../lua/lib/validate.lua"))];
@@ -42,6 +43,7 @@ pub fn new_lua(config: &LuaConfig, script_dir: &Path) -> mlua::Result<Lua> {
     install_searcher(&lua, script_dir, !config.unsafe_lua)?;
     if let Some(limit) = config.memory_limit {
         lua.set_memory_limit(limit)?;
+        lua.set_app_data(MemoryLimited);
     }
     Ok(lua)
 }

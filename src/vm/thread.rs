@@ -9,13 +9,14 @@ use std::time::{Duration, Instant};
 use mlua::prelude::{LuaGcGenParams as GcGenParams, LuaGcMode as GcMode};
 use mlua::{Function, HookTriggers, Lua, VmState as HookState};
 use tokio::sync::{Semaphore, mpsc, oneshot};
-use tokio::task::LocalSet;
+use tokio::task::{JoinHandle, LocalSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::ack;
 use crate::dispatch;
 use crate::event::Event;
 use crate::lua_api::{self, event::EventTables};
+use crate::outbox::Outbox;
 use crate::outcome::{Failure, Outcome};
 use crate::vm::context::{self, HookAction, Scoped, TaskContext};
 use crate::vm::state::{Handlers, Phase, VmState};
@@ -28,6 +29,8 @@ const HOOK_INTERVAL: u32 = 4096;
 const CLEANUP_LIMIT: Duration = Duration::from_millis(500);
 /// How long past its deadline a stuck top level may take to be noticed.
 const INIT_SLACK: Duration = Duration::from_millis(100);
+/// Replies queued per VM before handlers wait for the publisher.
+const OUTBOX_CAPACITY: usize = 1024;
 /// Events taken from the lane per wakeup.
 const BATCH: usize = 64;
 
@@ -46,6 +49,7 @@ pub struct Vm {
     pub runner: Function,
     pub handler_timeout: Duration,
     pub cancel: CancellationToken,
+    pub outbox: Outbox,
 }
 
 pub(super) fn run(
@@ -71,7 +75,7 @@ async fn lifecycle(
     init: oneshot::Sender<Result<InitReport, ScriptError>>,
 ) {
     let concurrency = setup.spec.concurrency;
-    let (vm, main_chunk) = match Vm::load(setup) {
+    let (vm, main_chunk, publisher) = match Vm::load(setup) {
         Ok(loaded) => loaded,
         Err(err) => {
             let _ = init.send(Err(err));
@@ -113,6 +117,8 @@ async fn lifecycle(
     }
 
     vm.serve_events(events, concurrency).await;
+    vm.outbox.close().await;
+    let _ = publisher.await;
 
     main_context.set_deadline(Some(Instant::now() + CLEANUP_LIMIT));
     vm.state.release.cancel();
@@ -127,7 +133,7 @@ async fn lifecycle(
 }
 
 impl Vm {
-    fn load(setup: Setup) -> Result<(Vm, Function), ScriptError> {
+    fn load(setup: Setup) -> Result<(Vm, Function, JoinHandle<()>), ScriptError> {
         let spec = &setup.spec;
         let script_dir = spec
             .script
@@ -170,8 +176,9 @@ impl Vm {
         let (events, runner) = setup_lua().map_err(|err| ScriptError(format!("cannot set up the Lua API: {err}")))?;
         let main_chunk = sandbox::load_file(&lua, &spec.script, !spec.lua.unsafe_lua)
             .map_err(|err| ScriptError(script_error_message(&err)))?;
-        let vm = Vm { lua, state, events, runner, handler_timeout: spec.handler_timeout, cancel: setup.cancel };
-        Ok((vm, main_chunk))
+        let (outbox, publisher) = Outbox::spawn_local(spec.transport.clone(), OUTBOX_CAPACITY);
+        let vm = Vm { lua, state, events, runner, handler_timeout: spec.handler_timeout, cancel: setup.cancel, outbox };
+        Ok((vm, main_chunk, publisher))
     }
 
     fn report(&self) -> InitReport {
@@ -209,10 +216,12 @@ impl Vm {
                     permit = permits.clone().acquire_owned() => permit.expect("the permit semaphore is never closed"),
                 };
                 let vm = self.clone();
-                tokio::task::spawn_local(async move {
+                // Boxed: tokio copies a task's whole future when its stage changes,
+                // and an event's future is a few kilobytes.
+                tokio::task::spawn_local(Box::pin(async move {
                     dispatch::process(&vm, event).await;
                     drop(permit);
-                });
+                }));
             }
         }
         events.close();
@@ -226,7 +235,7 @@ impl Vm {
 
     async fn answer_cancelled(&self, events: Vec<Event>) {
         for event in events {
-            ack::settle(&self.state.transport, event, Outcome::Error(Failure::cancelled())).await;
+            ack::settle(&self.outbox, event, Outcome::Error(Failure::cancelled())).await;
         }
     }
 }
