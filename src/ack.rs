@@ -7,24 +7,29 @@ use bytes::Bytes;
 use serde_json::json;
 
 use crate::event::{Delivery, Event};
-use crate::outbox::{Outbox, Outgoing};
 use crate::outcome::Outcome;
 use crate::transport::{Transport, describe_body};
 
 pub const SERVICE_ERROR: &str = "Nats-Service-Error";
 pub const SERVICE_ERROR_CODE: &str = "Nats-Service-Error-Code";
 
-pub async fn settle(outbox: &Outbox, event: Event, outcome: Outcome) {
+pub async fn settle(transport: &Transport, event: Event, outcome: Outcome) {
     log_outcome(&event, &outcome);
     match event.delivery {
         Delivery::Core => {
-            if let Some(reply) = event.reply {
+            if let Some(reply) = &event.reply {
                 let (headers, body) = reply_of(outcome);
-                outbox.send(Outgoing { subject: reply, headers, body }).await;
+                if let Err(err) = transport.publish(reply.to_string(), headers, body).await {
+                    tracing::warn!(kind = %event.kind, id = %event.id, error = %err, "reply not sent");
+                    // Most often the body exceeds the server's max payload; an empty
+                    // error reply still fits, so the requester is not left waiting.
+                    let headers = error_headers(500, &format!("reply not sent: {err}"));
+                    let _ = transport.publish(reply.to_string(), Some(headers), Bytes::new()).await;
+                }
             }
         }
         Delivery::Replay { line, done } => {
-            if let Transport::Replay(out) = outbox.transport() {
+            if let Transport::Replay(out) = transport {
                 out.line(&replay_line(line, &event.subject, &event.kind, event.id.as_str(), outcome));
             }
             if let Some(done) = done {

@@ -35,7 +35,7 @@ pub async fn process(vm: &Rc<Vm>, event: Event) {
     async {
         let outcome = run(vm, &event).await;
         tracing::Span::current().record("agent_block.outcome", outcome.label());
-        ack::settle(&vm.outbox, event, outcome).await;
+        ack::settle(&vm.state.transport, event, outcome).await;
     }
     .instrument(span)
     .await

@@ -1,7 +1,7 @@
 //! Liveness and readiness as the HTTP probes report them.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use async_nats::connection::State;
 
@@ -10,14 +10,15 @@ pub struct Health(Arc<Inner>);
 
 #[derive(Default)]
 struct Inner {
-    client: OnceLock<async_nats::Client>,
+    clients: Mutex<Vec<async_nats::Client>>,
     sources_running: AtomicBool,
     shutting_down: AtomicBool,
 }
 
 impl Health {
-    pub fn set_client(&self, client: async_nats::Client) {
-        let _ = self.0.client.set(client);
+    /// Adds a connection that must be up for the worker to be ready.
+    pub fn add_client(&self, client: async_nats::Client) {
+        self.0.clients.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(client);
     }
 
     pub fn set_sources_running(&self, running: bool) {
@@ -33,10 +34,12 @@ impl Health {
         if self.0.shutting_down.load(Ordering::SeqCst) {
             return Err("shutting down");
         }
-        match self.0.client.get().map(|c| c.connection_state()) {
-            None => return Err("not connected to NATS yet"),
-            Some(State::Connected) => {}
-            Some(_) => return Err("NATS connection lost; reconnecting"),
+        let clients = self.0.clients.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if clients.is_empty() {
+            return Err("not connected to NATS yet");
+        }
+        if clients.iter().any(|c| c.connection_state() != State::Connected) {
+            return Err("NATS connection lost; reconnecting");
         }
         if !self.0.sources_running.load(Ordering::SeqCst) {
             return Err("sources not running");

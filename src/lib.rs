@@ -22,7 +22,6 @@ pub mod kind;
 pub mod logging;
 pub mod lua_api;
 pub mod nats_server;
-pub mod outbox;
 pub mod outcome;
 pub mod runtime;
 pub mod source;

@@ -15,8 +15,9 @@ use crate::health::Health;
 use crate::http;
 use crate::source::Source;
 use crate::source::core::CoreSource;
+use crate::source::core::Queue;
 use crate::transport::Transport;
-use crate::vm::{PoolSpec, ScriptError, VmPool};
+use crate::vm::{PoolSpec, ScriptError, StartError, VmPool};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -28,6 +29,16 @@ pub enum RunError {
     Connect(#[from] ConnectError),
     #[error("{0}")]
     Runtime(String),
+}
+
+impl From<StartError> for RunError {
+    fn from(err: StartError) -> Self {
+        match err {
+            StartError::Script(err) => RunError::Script(err),
+            StartError::Connect(err) => RunError::Connect(err),
+            StartError::Runtime(message) => RunError::Runtime(message),
+        }
+    }
 }
 
 impl RunError {
@@ -58,9 +69,9 @@ pub async fn run_worker(config: WorkerConfig, shutdown: impl Future<Output = ()>
         client = connect::connect(&config.connection) => client?,
         _ = &mut shutdown => return Ok(()),
     };
-    health.set_client(client.clone());
+    health.add_client(client.clone());
 
-    let (pool, bus, report) = VmPool::start(PoolSpec {
+    let (mut pool, bus, report) = VmPool::start(PoolSpec {
         script: config.script.clone(),
         workers: config.workers,
         concurrency: config.concurrency,
@@ -68,13 +79,27 @@ pub async fn run_worker(config: WorkerConfig, shutdown: impl Future<Output = ()>
         handler_timeout: config.handler_timeout,
         lua: config.lua.clone(),
         transport: Transport::Nats(client.clone()),
+        connection: Some(config.connection.clone()),
     })
     .await?;
+    for vm_client in pool.clients() {
+        health.add_client(vm_client.clone());
+    }
     if report.subscriptions.is_empty() {
         tracing::warn!("the script subscribes to nothing; call bus.subscribe(subject) at its top level");
     }
+    // Queue-group subscriptions are made by every VM on its own connection: NATS
+    // spreads their messages over all VMs and each is handled where it arrives.
+    // The others must reach the process once, so they feed the shared bus.
+    let (per_vm, shared): (Vec<_>, Vec<_>) =
+        report.subscriptions.iter().cloned().partition(|spec| spec.queue != Queue::None);
+    let stop = CancellationToken::new();
+    pool.start_local_sources(&per_vm, &config.name, &stop).await.map_err(RunError::Runtime)?;
+    for spec in &per_vm {
+        tracing::info!(source = %spec.describe(&config.name), vms = config.workers, "subscribed on every VM");
+    }
     let mut sources: Vec<Box<dyn Source>> = Vec::new();
-    for spec in &report.subscriptions {
+    for spec in &shared {
         let source = CoreSource::subscribe(&client, spec.clone(), &config.name)
             .await
             .map_err(|err| RunError::Runtime(format!("cannot subscribe to {:?}: {err}", spec.subject)))?;
@@ -82,7 +107,6 @@ pub async fn run_worker(config: WorkerConfig, shutdown: impl Future<Output = ()>
     }
     client.flush().await.map_err(|err| RunError::Runtime(format!("cannot confirm subscriptions with NATS: {err}")))?;
 
-    let stop = CancellationToken::new();
     let mut running = JoinSet::new();
     for source in sources {
         tracing::info!(source = %source.describe(), "subscribed");

@@ -19,6 +19,7 @@ pub async fn execute(script: PathBuf, lua: &LuaArgs) -> ExitCode {
         handler_timeout: DEFAULT_HANDLER_TIMEOUT,
         lua: LuaConfig::from(lua),
         transport: Transport::Offline,
+        connection: None,
     };
     let (pool, bus, report) = match VmPool::start(spec).await {
         Ok(started) => started,

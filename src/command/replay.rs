@@ -36,6 +36,7 @@ pub async fn execute(script: PathBuf, events: PathBuf, handler_timeout: Option<D
         handler_timeout: handler_timeout.unwrap_or(DEFAULT_HANDLER_TIMEOUT),
         lua: LuaConfig::from(lua),
         transport: Transport::Replay(output.clone()),
+        connection: None,
     };
     let (pool, bus, report) = match VmPool::start(spec).await {
         Ok(started) => started,

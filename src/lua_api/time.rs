@@ -18,7 +18,13 @@ pub fn install(lua: &Lua) -> mlua::Result<()> {
     time.set(
         "sleep",
         lua.create_async_function(|_, duration: Value| async move {
-            tokio::time::sleep(duration_of(&duration, "time.sleep")?).await;
+            let duration = duration_of(&duration, "time.sleep")?;
+            if duration.is_zero() {
+                // `time.sleep(0)` lets the rest of the VM run, its connection included.
+                tokio::task::yield_now().await;
+            } else {
+                tokio::time::sleep(duration).await;
+            }
             Ok(())
         })?,
     )?;

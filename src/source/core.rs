@@ -11,7 +11,6 @@ use crate::ack;
 use crate::bus::Bus;
 use crate::event::{Delivery, Event};
 use crate::kind::KindTemplate;
-use crate::outbox::Outbox;
 use crate::outcome::{Failure, Outcome};
 use crate::source::Source;
 use crate::transport::Transport;
@@ -83,7 +82,6 @@ impl Source for CoreSource {
 
     fn run(self: Box<Self>, bus: Bus, stop: CancellationToken) -> BoxFuture<'static, ()> {
         let CoreSource { spec, mut subscriber, transport, .. } = *self;
-        let outbox = Outbox::direct(transport);
         Box::pin(async move {
             let mut draining = false;
             loop {
@@ -104,7 +102,7 @@ impl Source for CoreSource {
                     Event::new(kind, message.subject, message.reply, message.headers, message.payload, Delivery::Core);
                 event.timeout = spec.timeout;
                 if let Err(event) = bus.send(event).await {
-                    ack::settle(&outbox, event, Outcome::Error(Failure::cancelled())).await;
+                    ack::settle(&transport, event, Outcome::Error(Failure::cancelled())).await;
                 }
             }
         })

@@ -19,7 +19,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::Bus;
-use crate::config::LuaConfig;
+use crate::config::{ConnectionConfig, LuaConfig};
+use crate::connect::ConnectError;
 use crate::source::core::SubscriptionSpec;
 use crate::transport::Transport;
 
@@ -34,7 +35,11 @@ pub struct PoolSpec {
     pub bus_capacity: usize,
     pub handler_timeout: Duration,
     pub lua: LuaConfig,
+    /// Where VMs publish when they have no connection of their own.
     pub transport: Transport,
+    /// Set for serving workers: each VM opens its own NATS connection, so its
+    /// subscriptions, handlers and replies stay on its thread.
+    pub connection: Option<ConnectionConfig>,
 }
 
 /// What the script declared, read from the first VM after init.
@@ -43,6 +48,28 @@ pub struct InitReport {
     pub subscriptions: Vec<SubscriptionSpec>,
     pub kinds: Vec<String>,
     pub has_on_any: bool,
+    /// The VM's own NATS connection, if it has one.
+    pub client: Option<async_nats::Client>,
+}
+
+/// Why the pool did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Script(#[from] ScriptError),
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("{0}")]
+    Runtime(String),
+}
+
+/// The subscriptions a VM makes on its own connection, in the worker's queue
+/// groups: NATS then spreads their messages over every VM of every worker.
+pub struct SourcePlan {
+    pub subscriptions: Vec<SubscriptionSpec>,
+    pub worker_name: String,
+    pub stop: CancellationToken,
+    pub subscribed: oneshot::Sender<Result<(), String>>,
 }
 
 /// The script failed to load or its top level raised; the message names file:line.
@@ -53,6 +80,8 @@ pub struct ScriptError(pub String);
 pub struct VmPool {
     cancel: CancellationToken,
     finished: Vec<oneshot::Receiver<()>>,
+    plans: Vec<oneshot::Sender<SourcePlan>>,
+    clients: Vec<async_nats::Client>,
 }
 
 /// Time the pool may take past the grace deadline to answer cancelled events and
@@ -61,36 +90,82 @@ const AFTER_GRACE: Duration = Duration::from_millis(800);
 
 impl VmPool {
     /// Starts the VMs and waits until every one finished init.
-    pub async fn start(spec: PoolSpec) -> Result<(VmPool, Bus, InitReport), ScriptError> {
+    pub async fn start(spec: PoolSpec) -> Result<(VmPool, Bus, InitReport), StartError> {
         let cancel = CancellationToken::new();
         let mut lanes = Vec::with_capacity(spec.workers);
         let mut inits = Vec::with_capacity(spec.workers);
         let mut finished = Vec::with_capacity(spec.workers);
+        let mut plans = Vec::with_capacity(spec.workers);
         for worker_id in 0..spec.workers {
             let (lane, events) = mpsc::channel(spec.bus_capacity);
             let (init_tx, init_rx) = oneshot::channel();
             let (done_tx, done_rx) = oneshot::channel();
-            let setup = thread::Setup { worker_id, spec: spec.clone(), cancel: cancel.clone() };
+            let (plan_tx, plan_rx) = oneshot::channel();
+            let setup = thread::Setup {
+                worker_id,
+                spec: spec.clone(),
+                cancel: cancel.clone(),
+                lane: lane.clone(),
+                plan: plan_rx,
+            };
             std::thread::Builder::new()
                 .name(format!("lua-vm-{worker_id}"))
                 .spawn(move || thread::run(setup, events, init_tx, done_tx))
-                .map_err(|err| ScriptError(format!("cannot start a Lua VM thread: {err}")))?;
+                .map_err(|err| StartError::Runtime(format!("cannot start a Lua VM thread: {err}")))?;
             lanes.push(lane);
             inits.push(init_rx);
             finished.push(done_rx);
+            plans.push(plan_tx);
         }
-        let mut first_report = None;
+        let mut first_report: Option<InitReport> = None;
+        let mut clients = Vec::new();
         for init in inits {
-            let report = init.await.map_err(|_| ScriptError("a Lua VM thread stopped during init".to_string()))??;
+            let report =
+                init.await.map_err(|_| StartError::Runtime("a Lua VM thread stopped during init".to_string()))??;
+            clients.extend(report.client.clone());
             first_report.get_or_insert(report);
         }
         let report = first_report.expect("the pool has at least one VM");
-        Ok((VmPool { cancel, finished }, Bus::new(lanes), report))
+        Ok((VmPool { cancel, finished, plans, clients }, Bus::new(lanes), report))
+    }
+
+    /// The VMs' own NATS connections.
+    pub fn clients(&self) -> &[async_nats::Client] {
+        &self.clients
+    }
+
+    /// Has every VM subscribe to `subscriptions` on its own connection; returns
+    /// once the server confirmed them all.
+    pub async fn start_local_sources(
+        &mut self,
+        subscriptions: &[SubscriptionSpec],
+        worker_name: &str,
+        stop: &CancellationToken,
+    ) -> Result<(), String> {
+        let mut confirmations = Vec::new();
+        for plan in self.plans.drain(..) {
+            let (subscribed, confirmed) = oneshot::channel();
+            let plan_sent = plan.send(SourcePlan {
+                subscriptions: subscriptions.to_vec(),
+                worker_name: worker_name.to_string(),
+                stop: stop.clone(),
+                subscribed,
+            });
+            if plan_sent.is_err() {
+                return Err("a Lua VM stopped before subscribing".to_string());
+            }
+            confirmations.push(confirmed);
+        }
+        for confirmed in confirmations {
+            confirmed.await.map_err(|_| "a Lua VM stopped while subscribing".to_string())??;
+        }
+        Ok(())
     }
 
     /// Waits for the VMs to finish their queues once every bus handle is dropped;
     /// at `grace_deadline` cancels what still runs (requests get 503).
     pub async fn shutdown(self, grace_deadline: Instant) {
+        drop(self.plans);
         let all_finished = futures::future::join_all(self.finished);
         tokio::pin!(all_finished);
         tokio::select! {

@@ -9,18 +9,22 @@ use std::time::{Duration, Instant};
 use mlua::prelude::{LuaGcGenParams as GcGenParams, LuaGcMode as GcMode};
 use mlua::{Function, HookTriggers, Lua, VmState as HookState};
 use tokio::sync::{Semaphore, mpsc, oneshot};
-use tokio::task::{JoinHandle, LocalSet};
+use tokio::task::LocalSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::ack;
+use crate::bus::Bus;
+use crate::connect;
 use crate::dispatch;
 use crate::event::Event;
 use crate::lua_api::{self, event::EventTables};
-use crate::outbox::Outbox;
 use crate::outcome::{Failure, Outcome};
+use crate::source::Source;
+use crate::source::core::CoreSource;
+use crate::transport::Transport;
 use crate::vm::context::{self, HookAction, Scoped, TaskContext};
 use crate::vm::state::{Handlers, Phase, VmState};
-use crate::vm::{InitReport, PoolSpec, ScriptError, sandbox};
+use crate::vm::{InitReport, PoolSpec, ScriptError, SourcePlan, StartError, sandbox};
 
 /// Instructions between deadline checks: small enough to stop a loop within
 /// microseconds, large enough to cost nothing measurable.
@@ -29,8 +33,8 @@ const HOOK_INTERVAL: u32 = 4096;
 const CLEANUP_LIMIT: Duration = Duration::from_millis(500);
 /// How long past its deadline a stuck top level may take to be noticed.
 const INIT_SLACK: Duration = Duration::from_millis(100);
-/// Replies queued per VM before handlers wait for the publisher.
-const OUTBOX_CAPACITY: usize = 1024;
+/// Time allowed for the last replies to leave after the VM stopped.
+const FLUSH_LIMIT: Duration = Duration::from_millis(200);
 /// Events taken from the lane per wakeup.
 const BATCH: usize = 64;
 
@@ -38,6 +42,9 @@ pub(super) struct Setup {
     pub worker_id: usize,
     pub spec: PoolSpec,
     pub cancel: CancellationToken,
+    /// This VM's own lane, for the sources it runs itself.
+    pub lane: mpsc::Sender<Event>,
+    pub plan: oneshot::Receiver<SourcePlan>,
 }
 
 /// A loaded VM, shared by the handler tasks of its thread.
@@ -49,19 +56,18 @@ pub struct Vm {
     pub runner: Function,
     pub handler_timeout: Duration,
     pub cancel: CancellationToken,
-    pub outbox: Outbox,
 }
 
 pub(super) fn run(
     setup: Setup,
     events: mpsc::Receiver<Event>,
-    init: oneshot::Sender<Result<InitReport, ScriptError>>,
+    init: oneshot::Sender<Result<InitReport, StartError>>,
     done: oneshot::Sender<()>,
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
-            let _ = init.send(Err(ScriptError(format!("cannot start a VM runtime: {err}"))));
+            let _ = init.send(Err(StartError::Runtime(format!("cannot start a VM runtime: {err}"))));
             return;
         }
     };
@@ -70,15 +76,30 @@ pub(super) fn run(
 }
 
 async fn lifecycle(
-    setup: Setup,
+    mut setup: Setup,
     events: mpsc::Receiver<Event>,
-    init: oneshot::Sender<Result<InitReport, ScriptError>>,
+    init: oneshot::Sender<Result<InitReport, StartError>>,
 ) {
     let concurrency = setup.spec.concurrency;
-    let (vm, main_chunk, publisher) = match Vm::load(setup) {
+    let client = match &setup.spec.connection {
+        Some(connection) => match connect::connect(connection).await {
+            Ok(client) => {
+                setup.spec.transport = Transport::Nats(client.clone());
+                Some(client)
+            }
+            Err(err) => {
+                let _ = init.send(Err(err.into()));
+                return;
+            }
+        },
+        None => None,
+    };
+    let lane = setup.lane.clone();
+    let plan = std::mem::replace(&mut setup.plan, oneshot::channel().1);
+    let (vm, main_chunk) = match Vm::load(setup) {
         Ok(loaded) => loaded,
         Err(err) => {
-            let _ = init.send(Err(err));
+            let _ = init.send(Err(err.into()));
             return;
         }
     };
@@ -110,15 +131,19 @@ async fn lifecycle(
     };
     main_context.set_deadline(None);
     vm.state.phase.set(Phase::Serving);
-    let report = outcome.map(|()| vm.report());
+    let report = outcome.map(|()| InitReport { client: client.clone(), ..vm.report() });
     let failed = report.is_err();
-    if init.send(report).is_err() || failed {
+    if init.send(report.map_err(StartError::from)).is_err() || failed {
         return;
     }
+    tokio::task::spawn_local(run_local_sources(plan, lane, client.clone()));
 
     vm.serve_events(events, concurrency).await;
-    vm.outbox.close().await;
-    let _ = publisher.await;
+    if let Some(client) = &client
+        && tokio::time::timeout(FLUSH_LIMIT, client.flush()).await.is_err()
+    {
+        tracing::warn!("could not flush the last replies to NATS");
+    }
 
     main_context.set_deadline(Some(Instant::now() + CLEANUP_LIMIT));
     vm.state.release.cancel();
@@ -132,8 +157,41 @@ async fn lifecycle(
     }
 }
 
+/// Subscribes as the plan says on this VM's own connection and feeds this VM's
+/// lane. Without a plan (the pool did not ask) the lane handle is just dropped.
+async fn run_local_sources(
+    plan: oneshot::Receiver<SourcePlan>,
+    lane: mpsc::Sender<Event>,
+    client: Option<async_nats::Client>,
+) {
+    let Ok(plan) = plan.await else { return };
+    let Some(client) = client else {
+        let _ = plan.subscribed.send(Ok(()));
+        return;
+    };
+    let mut sources = Vec::with_capacity(plan.subscriptions.len());
+    for spec in plan.subscriptions {
+        match CoreSource::subscribe(&client, spec.clone(), &plan.worker_name).await {
+            Ok(source) => sources.push(source),
+            Err(err) => {
+                let _ = plan.subscribed.send(Err(format!("cannot subscribe to {:?}: {err}", spec.subject)));
+                return;
+            }
+        }
+    }
+    if let Err(err) = client.flush().await {
+        let _ = plan.subscribed.send(Err(format!("cannot confirm subscriptions with NATS: {err}")));
+        return;
+    }
+    let _ = plan.subscribed.send(Ok(()));
+    let bus = Bus::new(vec![lane]);
+    for source in sources {
+        tokio::task::spawn_local(Box::new(source).run(bus.clone(), plan.stop.clone()));
+    }
+}
+
 impl Vm {
-    fn load(setup: Setup) -> Result<(Vm, Function, JoinHandle<()>), ScriptError> {
+    fn load(setup: Setup) -> Result<(Vm, Function), ScriptError> {
         let spec = &setup.spec;
         let script_dir = spec
             .script
@@ -176,9 +234,8 @@ impl Vm {
         let (events, runner) = setup_lua().map_err(|err| ScriptError(format!("cannot set up the Lua API: {err}")))?;
         let main_chunk = sandbox::load_file(&lua, &spec.script, !spec.lua.unsafe_lua)
             .map_err(|err| ScriptError(script_error_message(&err)))?;
-        let (outbox, publisher) = Outbox::spawn_local(spec.transport.clone(), OUTBOX_CAPACITY);
-        let vm = Vm { lua, state, events, runner, handler_timeout: spec.handler_timeout, cancel: setup.cancel, outbox };
-        Ok((vm, main_chunk, publisher))
+        let vm = Vm { lua, state, events, runner, handler_timeout: spec.handler_timeout, cancel: setup.cancel };
+        Ok((vm, main_chunk))
     }
 
     fn report(&self) -> InitReport {
@@ -187,6 +244,7 @@ impl Vm {
             subscriptions: self.state.subscriptions.borrow().clone(),
             kinds: handlers.kinds(),
             has_on_any: handlers.has_any(),
+            client: None,
         }
     }
 
@@ -235,7 +293,7 @@ impl Vm {
 
     async fn answer_cancelled(&self, events: Vec<Event>) {
         for event in events {
-            ack::settle(&self.outbox, event, Outcome::Error(Failure::cancelled())).await;
+            ack::settle(&self.state.transport, event, Outcome::Error(Failure::cancelled())).await;
         }
     }
 }
