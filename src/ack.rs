@@ -19,12 +19,12 @@ pub async fn settle(transport: &Transport, event: Event, outcome: Outcome) {
         Delivery::Core => {
             if let Some(reply) = &event.reply {
                 let (headers, body) = reply_of(outcome);
-                if let Err(err) = transport.publish(reply.to_string(), headers, body).await {
+                if let Err(err) = transport.publish(reply.clone(), headers, body).await {
                     tracing::warn!(kind = %event.kind, id = %event.id, error = %err, "reply not sent");
                     // Most often the body exceeds the server's max payload; an empty
                     // error reply still fits, so the requester is not left waiting.
                     let headers = error_headers(500, &format!("reply not sent: {err}"));
-                    let _ = transport.publish(reply.to_string(), Some(headers), Bytes::new()).await;
+                    let _ = transport.publish(reply.clone(), Some(headers), Bytes::new()).await;
                 }
             }
         }

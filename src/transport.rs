@@ -54,7 +54,7 @@ pub enum Transport {
 impl Transport {
     pub async fn publish(
         &self,
-        subject: String,
+        subject: Subject,
         headers: Option<HeaderMap>,
         data: Bytes,
     ) -> Result<(), TransportError> {
@@ -67,7 +67,7 @@ impl Transport {
                 result.map_err(|err| TransportError::Failed(format!("publish failed: {err}")))
             }
             Transport::Replay(out) => {
-                let mut line = json!({ "type": "publish", "subject": subject });
+                let mut line = json!({ "type": "publish", "subject": subject.as_str() });
                 describe_body(&mut line, headers.as_ref(), &data);
                 out.line(&line);
                 Ok(())

@@ -62,7 +62,7 @@ async fn publish(lua: Lua, (subject, data, opts): (String, Value, Option<Table>)
     let message = outgoing(&lua, subject, &data, opts.as_ref(), "nats.publish")?;
     let transport = VmState::of(&lua).transport.clone();
     transport
-        .publish(message.subject, message.headers, message.data)
+        .publish(message.subject.into(), message.headers, message.data)
         .await
         .map_err(|err| mlua::Error::runtime(format!("nats.publish: {err}")))
 }

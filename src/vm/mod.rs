@@ -7,6 +7,7 @@
 //! handlers at most until the grace deadline, then cancels them.
 
 pub mod context;
+mod permits;
 pub mod sandbox;
 pub mod state;
 mod thread;

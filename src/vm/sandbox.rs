@@ -30,12 +30,18 @@ package.loadlib, package.cpath, package.path = nil, "", ""
 for i = #searchers, 2, -1 do searchers[i] = nil end
 "##;
 
-pub fn new_lua(config: &LuaConfig, script_dir: &Path) -> mlua::Result<Lua> {
+/// Finished handler coroutines kept for reuse, at most: creating a coroutine per
+/// event costs more than running a small handler.
+const MAX_SPARE_COROUTINES: usize = 256;
+
+/// A VM for `concurrency` handlers in flight.
+pub fn new_lua(config: &LuaConfig, script_dir: &Path, concurrency: usize) -> mlua::Result<Lua> {
+    let options = LuaOptions::new().thread_pool_size(concurrency.min(MAX_SPARE_COROUTINES));
     let lua = if config.unsafe_lua {
         // SAFETY: `--unsafe-lua` is the operator's explicit request for the debug library.
-        unsafe { Lua::unsafe_new_with(StdLib::ALL, LuaOptions::new()) }
+        unsafe { Lua::unsafe_new_with(StdLib::ALL, options) }
     } else {
-        Lua::new_with(StdLib::ALL_SAFE, LuaOptions::new())?
+        Lua::new_with(StdLib::ALL_SAFE, options)?
     };
     if !config.unsafe_lua {
         lua.load(SANDBOX).set_name("=sandbox").exec()?;

@@ -3,12 +3,11 @@
 //! `bus.serve()` return so the script's cleanup code runs.
 
 use std::rc::Rc;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mlua::prelude::{LuaGcGenParams as GcGenParams, LuaGcMode as GcMode};
 use mlua::{Function, HookTriggers, Lua, VmState as HookState};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::LocalSet;
 use tokio_util::sync::CancellationToken;
 
@@ -23,6 +22,7 @@ use crate::source::Source;
 use crate::source::core::CoreSource;
 use crate::transport::Transport;
 use crate::vm::context::{self, HookAction, Scoped, TaskContext};
+use crate::vm::permits::Permits;
 use crate::vm::state::{Handlers, Phase, VmState};
 use crate::vm::{InitReport, PoolSpec, ScriptError, SourcePlan, StartError, sandbox};
 
@@ -199,7 +199,8 @@ impl Vm {
             .map(|p| if p.as_os_str().is_empty() { std::path::Path::new(".") } else { p })
             .unwrap_or(std::path::Path::new("."))
             .to_path_buf();
-        let lua = sandbox::new_lua(&spec.lua, &script_dir).map_err(|err| ScriptError(err.to_string()))?;
+        let lua =
+            sandbox::new_lua(&spec.lua, &script_dir, spec.concurrency).map_err(|err| ScriptError(err.to_string()))?;
         let state = Rc::new(VmState {
             worker_id: setup.worker_id,
             workers: spec.workers,
@@ -251,7 +252,7 @@ impl Vm {
     /// Runs handlers for the lane's events until it closes (then waits for the ones
     /// in flight) or shutdown cancels (then answers what is left with 503).
     async fn serve_events(self: &Rc<Self>, mut events: mpsc::Receiver<Event>, concurrency: usize) {
-        let permits = Arc::new(Semaphore::new(concurrency));
+        let permits = Permits::new(concurrency);
         let mut batch = Vec::with_capacity(BATCH);
         'receive: loop {
             let received = tokio::select! {
@@ -271,7 +272,7 @@ impl Vm {
                         self.answer_cancelled(rest).await;
                         break 'receive;
                     }
-                    permit = permits.clone().acquire_owned() => permit.expect("the permit semaphore is never closed"),
+                    permit = permits.acquire() => permit,
                 };
                 let vm = self.clone();
                 // Boxed: tokio copies a task's whole future when its stage changes,
@@ -288,7 +289,7 @@ impl Vm {
             rest.push(event);
         }
         self.answer_cancelled(rest).await;
-        let _ = permits.acquire_many(concurrency as u32).await;
+        permits.all_free(concurrency).await;
     }
 
     async fn answer_cancelled(&self, events: Vec<Event>) {
