@@ -13,6 +13,7 @@ bus.subscribe("slow")
 bus.subscribe("stuck")
 bus.subscribe("ping")
 bus.subscribe("fanout", { queue = false })
+bus.subscribe("gated")
 
 bus.on("slow", function(ev)
   nats.publish("started", "")
@@ -28,6 +29,11 @@ end)
 bus.on("ping", function(ev)
   nats.publish("handled", tostring(env.get("WORKER_TAG")))
   return "pong"
+end)
+bus.on("gated", function(ev)
+  nats.publish("started", "")
+  nats.request("gate", "", { timeout = "30s" })
+  return "released"
 end)
 bus.on("fanout", function(ev) nats.publish("fanned", tostring(env.get("WORKER_TAG"))) end)
 
@@ -196,4 +202,51 @@ async fn probes_report_liveness_and_readiness() {
 
     worker.terminate();
     assert_eq!(worker.wait_exit(PATIENCE).and_then(|s| s.code()), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_fails_while_draining() {
+    let server = server();
+    let (_scripts, script) = app();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut worker = Worker::run(&server, &script, &["--metrics-addr", &addr, "--grace", "30s"]);
+    let client = client(&server).await;
+    let mut started = client.subscribe("started").await.unwrap();
+    let mut gate = client.subscribe("gate").await.unwrap();
+    client.flush().await.unwrap();
+    assert_eq!(http_get(&addr, "/readyz").unwrap().0, 200);
+
+    let pending = tokio::spawn({
+        let client = client.clone();
+        async move { request(&client, "gated", "").await }
+    });
+    next(&mut started).await;
+    let held = next(&mut gate).await;
+    worker.terminate();
+    // The handler is held at the gate, so the worker is draining until we let go.
+    let deadline = Instant::now() + PATIENCE;
+    while http_get(&addr, "/readyz").unwrap().0 != 503 {
+        assert!(Instant::now() < deadline, "/readyz never turned 503 during shutdown");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    client.publish(held.reply.unwrap(), "".into()).await.unwrap();
+    assert_eq!(body(&pending.await.unwrap()), "released");
+    assert_eq!(worker.wait_exit(PATIENCE).and_then(|s| s.code()), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_come_from_the_environment() {
+    let server = server();
+    let (_scripts, script) = app();
+    let url = server.url();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let worker = Worker::spawn_with_env(
+        &["run", script.to_str().unwrap()],
+        &[("NATS_URL", url.as_str()), ("AGENT_BLOCK_METRICS_ADDR", addr.as_str()), ("AGENT_BLOCK_WORKERS", "3")],
+    );
+    worker.expect_ready();
+    assert!(worker.stderr.text().contains("\"workers\":3"), "{}", worker.stderr.text());
+    assert_eq!(http_get(&addr, "/readyz").unwrap().0, 200);
+    let client = client(&server).await;
+    assert_eq!(body(&request(&client, "ping", "").await), "pong");
 }
