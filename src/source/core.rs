@@ -1,6 +1,7 @@
 //! Core NATS subscriptions (`bus.subscribe`), in a queue group by default so a
 //! pool of workers answers each request once.
 
+use std::future::Future;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -75,36 +76,50 @@ impl CoreSource {
     }
 }
 
+impl CoreSource {
+    /// Hands every message to `deliver` as an event until `stop` fires and the
+    /// subscription is drained. An event `deliver` gives back (shutdown) is
+    /// answered 503.
+    pub async fn forward<F, Fut>(self, stop: CancellationToken, mut deliver: F)
+    where
+        F: FnMut(Event) -> Fut,
+        Fut: Future<Output = Result<(), Event>>,
+    {
+        let CoreSource { spec, mut subscriber, transport, .. } = self;
+        let mut draining = false;
+        loop {
+            let message = tokio::select! {
+                message = subscriber.next() => message,
+                _ = stop.cancelled(), if !draining => {
+                    draining = true;
+                    if let Err(err) = subscriber.drain().await {
+                        tracing::warn!(subject = %spec.subject, error = %err, "cannot drain subscription");
+                        break;
+                    }
+                    continue;
+                }
+            };
+            let Some(message) = message else { break };
+            let kind = spec.kind.render(&message.subject);
+            let mut event =
+                Event::new(kind, message.subject, message.reply, message.headers, message.payload, Delivery::Core);
+            event.timeout = spec.timeout;
+            if let Err(event) = deliver(event).await {
+                ack::settle(&transport, event, Outcome::Error(Failure::cancelled())).await;
+            }
+        }
+    }
+}
+
 impl Source for CoreSource {
     fn describe(&self) -> String {
         self.description.clone()
     }
 
     fn run(self: Box<Self>, bus: Bus, stop: CancellationToken) -> BoxFuture<'static, ()> {
-        let CoreSource { spec, mut subscriber, transport, .. } = *self;
-        Box::pin(async move {
-            let mut draining = false;
-            loop {
-                let message = tokio::select! {
-                    message = subscriber.next() => message,
-                    _ = stop.cancelled(), if !draining => {
-                        draining = true;
-                        if let Err(err) = subscriber.drain().await {
-                            tracing::warn!(subject = %spec.subject, error = %err, "cannot drain subscription");
-                            break;
-                        }
-                        continue;
-                    }
-                };
-                let Some(message) = message else { break };
-                let kind = spec.kind.render(&message.subject);
-                let mut event =
-                    Event::new(kind, message.subject, message.reply, message.headers, message.payload, Delivery::Core);
-                event.timeout = spec.timeout;
-                if let Err(event) = bus.send(event).await {
-                    ack::settle(&transport, event, Outcome::Error(Failure::cancelled())).await;
-                }
-            }
-        })
+        Box::pin(self.forward(stop, move |event| {
+            let bus = bus.clone();
+            async move { bus.send(event).await }
+        }))
     }
 }

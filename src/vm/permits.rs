@@ -1,5 +1,5 @@
 //! In-flight handler slots of one VM. The VM is single-threaded, so a counter and
-//! one waker do what a tokio semaphore does, without its lock.
+//! a few wakers do what a tokio semaphore does, without its lock.
 
 use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
@@ -8,8 +8,8 @@ use std::task::{Poll, Waker};
 
 pub struct Permits {
     available: Cell<usize>,
-    /// The receive loop, when it waits for a slot. It is the only acquirer.
-    waiter: RefCell<Option<Waker>>,
+    /// Tasks waiting for a slot: the lane's receive loop and the VM's own sources.
+    waiters: RefCell<Vec<Waker>>,
 }
 
 /// A taken slot; dropping it frees the slot.
@@ -17,7 +17,7 @@ pub struct Permit(Rc<Permits>);
 
 impl Permits {
     pub fn new(count: usize) -> Rc<Self> {
-        Rc::new(Permits { available: Cell::new(count), waiter: RefCell::new(None) })
+        Rc::new(Permits { available: Cell::new(count), waiters: RefCell::new(Vec::new()) })
     }
 
     /// Waits for a free slot.
@@ -28,7 +28,7 @@ impl Permits {
                 self.available.set(available - 1);
                 Poll::Ready(Permit(self.clone()))
             } else {
-                *self.waiter.borrow_mut() = Some(cx.waker().clone());
+                self.wait(cx.waker());
                 Poll::Pending
             }
         })
@@ -41,7 +41,7 @@ impl Permits {
             if self.available.get() >= count {
                 Poll::Ready(())
             } else {
-                *self.waiter.borrow_mut() = Some(cx.waker().clone());
+                self.wait(cx.waker());
                 Poll::Pending
             }
         })
@@ -49,10 +49,21 @@ impl Permits {
     }
 }
 
+impl Permits {
+    fn wait(&self, waker: &Waker) {
+        let mut waiters = self.waiters.borrow_mut();
+        if !waiters.iter().any(|w| w.will_wake(waker)) {
+            waiters.push(waker.clone());
+        }
+    }
+}
+
 impl Drop for Permit {
     fn drop(&mut self) {
         self.0.available.set(self.0.available.get() + 1);
-        if let Some(waiter) = self.0.waiter.borrow_mut().take() {
+        // Few tasks ever wait (one per source); each re-checks when woken.
+        let waiters = std::mem::take(&mut *self.0.waiters.borrow_mut());
+        for waiter in waiters {
             waiter.wake();
         }
     }

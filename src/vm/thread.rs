@@ -12,13 +12,11 @@ use tokio::task::LocalSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::ack;
-use crate::bus::Bus;
 use crate::connect;
 use crate::dispatch;
 use crate::event::Event;
 use crate::lua_api::{self, event::EventTables};
 use crate::outcome::{Failure, Outcome};
-use crate::source::Source;
 use crate::source::core::CoreSource;
 use crate::transport::Transport;
 use crate::vm::context::{self, HookAction, Scoped, TaskContext};
@@ -56,6 +54,9 @@ pub struct Vm {
     pub runner: Function,
     pub handler_timeout: Duration,
     pub cancel: CancellationToken,
+    /// Slots for handlers in flight (`--concurrency`).
+    permits: Rc<Permits>,
+    concurrency: usize,
 }
 
 pub(super) fn run(
@@ -80,7 +81,6 @@ async fn lifecycle(
     events: mpsc::Receiver<Event>,
     init: oneshot::Sender<Result<InitReport, StartError>>,
 ) {
-    let concurrency = setup.spec.concurrency;
     let client = match &setup.spec.connection {
         Some(connection) => match connect::connect(connection).await {
             Ok(client) => {
@@ -136,9 +136,9 @@ async fn lifecycle(
     if init.send(report.map_err(StartError::from)).is_err() || failed {
         return;
     }
-    tokio::task::spawn_local(run_local_sources(plan, lane, client.clone()));
+    tokio::task::spawn_local(run_local_sources(plan, lane, client.clone(), vm.clone()));
 
-    vm.serve_events(events, concurrency).await;
+    vm.serve_events(events).await;
     if let Some(client) = &client
         && tokio::time::timeout(FLUSH_LIMIT, client.flush()).await.is_err()
     {
@@ -157,12 +157,15 @@ async fn lifecycle(
     }
 }
 
-/// Subscribes as the plan says on this VM's own connection and feeds this VM's
-/// lane. Without a plan (the pool did not ask) the lane handle is just dropped.
+/// Subscribes as the plan says on this VM's own connection and starts handlers
+/// for their messages right here. Each source holds a handle of the VM's lane, so
+/// the VM keeps serving until its sources are drained. Without a plan (the pool
+/// did not ask) the handle is just dropped.
 async fn run_local_sources(
     plan: oneshot::Receiver<SourcePlan>,
     lane: mpsc::Sender<Event>,
     client: Option<async_nats::Client>,
+    vm: Rc<Vm>,
 ) {
     let Ok(plan) = plan.await else { return };
     let Some(client) = client else {
@@ -184,9 +187,12 @@ async fn run_local_sources(
         return;
     }
     let _ = plan.subscribed.send(Ok(()));
-    let bus = Bus::new(vec![lane]);
     for source in sources {
-        tokio::task::spawn_local(Box::new(source).run(bus.clone(), plan.stop.clone()));
+        let (vm, keep_lane_open, stop) = (vm.clone(), lane.clone(), plan.stop.clone());
+        tokio::task::spawn_local(async move {
+            source.forward(stop, |event| vm.start(event)).await;
+            drop(keep_lane_open);
+        });
     }
 }
 
@@ -235,7 +241,16 @@ impl Vm {
         let (events, runner) = setup_lua().map_err(|err| ScriptError(format!("cannot set up the Lua API: {err}")))?;
         let main_chunk = sandbox::load_file(&lua, &spec.script, !spec.lua.unsafe_lua)
             .map_err(|err| ScriptError(script_error_message(&err)))?;
-        let vm = Vm { lua, state, events, runner, handler_timeout: spec.handler_timeout, cancel: setup.cancel };
+        let vm = Vm {
+            lua,
+            state,
+            events,
+            runner,
+            handler_timeout: spec.handler_timeout,
+            cancel: setup.cancel,
+            permits: Permits::new(spec.concurrency),
+            concurrency: spec.concurrency,
+        };
         Ok((vm, main_chunk))
     }
 
@@ -251,8 +266,7 @@ impl Vm {
 
     /// Runs handlers for the lane's events until it closes (then waits for the ones
     /// in flight) or shutdown cancels (then answers what is left with 503).
-    async fn serve_events(self: &Rc<Self>, mut events: mpsc::Receiver<Event>, concurrency: usize) {
-        let permits = Permits::new(concurrency);
+    async fn serve_events(self: &Rc<Self>, mut events: mpsc::Receiver<Event>) {
         let mut batch = Vec::with_capacity(BATCH);
         'receive: loop {
             let received = tokio::select! {
@@ -265,22 +279,11 @@ impl Vm {
             }
             let mut pending = batch.drain(..);
             while let Some(event) = pending.next() {
-                let permit = tokio::select! {
-                    biased;
-                    _ = self.cancel.cancelled() => {
-                        let rest: Vec<Event> = std::iter::once(event).chain(pending).collect();
-                        self.answer_cancelled(rest).await;
-                        break 'receive;
-                    }
-                    permit = permits.acquire() => permit,
-                };
-                let vm = self.clone();
-                // Boxed: tokio copies a task's whole future when its stage changes,
-                // and an event's future is a few kilobytes.
-                tokio::task::spawn_local(Box::pin(async move {
-                    dispatch::process(&vm, event).await;
-                    drop(permit);
-                }));
+                if let Err(event) = self.start(event).await {
+                    let rest: Vec<Event> = std::iter::once(event).chain(pending).collect();
+                    self.answer_cancelled(rest).await;
+                    break 'receive;
+                }
             }
         }
         events.close();
@@ -289,7 +292,25 @@ impl Vm {
             rest.push(event);
         }
         self.answer_cancelled(rest).await;
-        permits.all_free(concurrency).await;
+        self.permits.all_free(self.concurrency).await;
+    }
+
+    /// Starts a handler task for `event` once a slot is free; gives the event back
+    /// when shutdown cancelled the VM.
+    pub async fn start(self: &Rc<Self>, event: Event) -> Result<(), Event> {
+        let permit = tokio::select! {
+            biased;
+            _ = self.cancel.cancelled() => return Err(event),
+            permit = self.permits.acquire() => permit,
+        };
+        let vm = self.clone();
+        // Boxed: tokio copies a task's whole future when its stage changes, and an
+        // event's future is a few kilobytes.
+        tokio::task::spawn_local(Box::pin(async move {
+            dispatch::process(&vm, event).await;
+            drop(permit);
+        }));
+        Ok(())
     }
 
     async fn answer_cancelled(&self, events: Vec<Event>) {
