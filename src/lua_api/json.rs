@@ -263,8 +263,7 @@ unsafe fn write_value(
             }
             ffi::LUA_TNUMBER => {
                 if ffi::lua_isinteger(state, index) != 0 {
-                    let mut buffer = itoa_buffer();
-                    out.extend_from_slice(format_integer(&mut buffer, ffi::lua_tointeger(state, index)));
+                    write_integer(out, ffi::lua_tointeger(state, index));
                 } else {
                     let number = ffi::lua_tonumber(state, index);
                     if !number.is_finite() {
@@ -334,10 +333,8 @@ unsafe fn write_table(
             let key = match ffi::lua_type(state, top - 1) {
                 ffi::LUA_TSTRING => write_string(out, lua_bytes(state, top - 1)),
                 ffi::LUA_TNUMBER if ffi::lua_isinteger(state, top - 1) != 0 => {
-                    let mut buffer = itoa_buffer();
-                    let digits = format_integer(&mut buffer, ffi::lua_tointeger(state, top - 1));
                     out.push(b'"');
-                    out.extend_from_slice(digits);
+                    write_integer(out, ffi::lua_tointeger(state, top - 1));
                     out.push(b'"');
                     Ok(())
                 }
@@ -375,26 +372,9 @@ fn write_string(out: &mut Vec<u8>, bytes: &[u8]) -> Result<(), String> {
     serde_json::to_writer(&mut *out, text).map_err(|err| err.to_string())
 }
 
-fn itoa_buffer() -> [u8; 20] {
-    [0; 20]
-}
-
-fn format_integer(buffer: &mut [u8; 20], value: i64) -> &[u8] {
-    let mut n = value.unsigned_abs();
-    let mut start = buffer.len();
-    loop {
-        start -= 1;
-        buffer[start] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    if value < 0 {
-        start -= 1;
-        buffer[start] = b'-';
-    }
-    &buffer[start..]
+fn write_integer(out: &mut Vec<u8>, value: i64) {
+    // Writing an integer into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, &value);
 }
 
 #[cfg(test)]
