@@ -16,6 +16,13 @@ bus.on("spin_pcall", function(ev)
   -- a handler that swallows errors still cannot outlive its deadline
   while true do pcall(function() while true do end end) end
 end)
+bus.on("spin_in_c", function(ev)
+  -- a loop inside a callback of C code (table.sort), where a coroutine cannot yield
+  local list = { 3, 1, 2 }
+  table.sort(list, function(a, b)
+    while true do pcall(function() while true do end end) end
+  end)
+end)
 bus.on("nap", function(ev) time.sleep("10s") return "woke" end)
 bus.on("quick", function(ev) time.sleep("5s") return "late" end)
 bus.on("hog", function(ev)
@@ -58,7 +65,7 @@ fn start(args: &[&str]) -> (NatsServer, Scripts, Worker) {
 async fn a_loop_that_never_yields_times_out_and_the_vm_keeps_serving() {
     let (server, _scripts, _worker) = start(&["--workers", "1", "--handler-timeout", "300ms"]);
     let client = client(&server).await;
-    for subject in ["work.spin", "work.spin_pcall"] {
+    for subject in ["work.spin", "work.spin_pcall", "work.spin_in_c"] {
         let (code, message) = error_of(&request(&client, subject, "").await).expect("timeout reply");
         assert_eq!((code, message.as_str()), (504, "handler timed out after 300ms"), "{subject}");
         assert_eq!(body(&request(&client, "work.ok", "").await), "still serving");

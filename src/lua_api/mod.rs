@@ -2,6 +2,7 @@
 
 pub mod bus;
 pub mod event;
+pub mod interrupt;
 pub mod json;
 pub mod log;
 pub mod nats;
@@ -18,6 +19,7 @@ use crate::duration::{parse_duration, seconds_to_duration};
 
 /// Installs every global of the Lua API into `lua`.
 pub fn install(lua: &Lua) -> mlua::Result<()> {
+    interrupt::install(lua)?;
     bus::install(lua)?;
     nats::install(lua)?;
     json::install(lua)?;

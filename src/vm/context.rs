@@ -59,12 +59,11 @@ impl TaskContext {
         self.interrupted.set(Some(interrupt));
     }
 
-    /// Called by the hook. The first interruption raises an error, which unwinds
-    /// well-behaved code; if the code catches it and keeps running, later checks
-    /// yield the coroutine so the dispatcher can drop it.
+    /// Called by the hook: an interruption raises an error, again at every check
+    /// while the code still runs (see [`crate::lua_api::interrupt`]).
     fn check(&self) -> HookAction {
-        if self.interrupted.get().is_some() {
-            return HookAction::Yield;
+        if let Some(interrupt) = self.interrupted.get() {
+            return HookAction::Raise(interrupt);
         }
         let interrupt = if self.cancel.as_ref().is_some_and(|c| c.is_cancelled()) {
             Interrupt::Cancelled
@@ -92,7 +91,6 @@ pub fn current() -> Option<Rc<TaskContext>> {
 pub enum HookAction {
     Continue,
     Raise(Interrupt),
-    Yield,
 }
 
 /// Checks the running code's deadline and cancellation; the VM's instruction hook.

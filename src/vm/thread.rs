@@ -226,14 +226,13 @@ impl Vm {
         let setup_lua = || -> mlua::Result<(EventTables, Function)> {
             lua_api::install(&lua)?;
             let runner: Function = lua
-                .load("local pcall = pcall; return function(handler, ev) return pcall(handler, ev) end")
+                .load("local pcall = ...; return function(handler, ev) return pcall(handler, ev) end")
                 .set_name("=handler")
-                .eval()?;
+                .call(lua_api::interrupt::raw_pcall(&lua)?)?;
             lua.set_global_hook(HookTriggers::new().every_nth_instruction(HOOK_INTERVAL), |_, _| {
                 match context::check_current() {
                     HookAction::Continue => Ok(HookState::Continue),
                     HookAction::Raise(interrupt) => Err(mlua::Error::external(interrupt)),
-                    HookAction::Yield => Ok(HookState::Yield),
                 }
             })?;
             Ok((EventTables::new(&lua)?, runner))
