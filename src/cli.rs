@@ -29,24 +29,28 @@ pub enum LogFormat {
 pub enum Command {
     /// Serve SCRIPT until SIGTERM/SIGINT.
     Run {
+        /// Lua script, loaded in every VM
         script: PathBuf,
         #[command(flatten)]
         worker: WorkerArgs,
     },
     /// Load SCRIPT and print its subscriptions and handler kinds; exit 2 on any error.
     Check {
+        /// Lua script to load
         script: PathBuf,
         #[command(flatten)]
         lua: LuaArgs,
     },
     /// `run` against a private nats-server (JetStream on, temporary store, free port).
     Dev {
+        /// Lua script, loaded in every VM
         script: PathBuf,
         #[command(flatten)]
         worker: WorkerArgs,
     },
     /// Send one request and print the reply: a tiny client for trying a worker.
     Request {
+        /// Subject to send the request to
         subject: String,
         /// Request body; `-` reads it from standard input.
         data: Option<String>,
@@ -61,6 +65,7 @@ pub enum Command {
     },
     /// Run SCRIPT over events from a file (one JSON object per line) without NATS.
     Replay {
+        /// Lua script to load
         script: PathBuf,
         /// File of JSON lines `{subject, data|payload, headers}`; `-` reads standard input.
         #[arg(long)]
