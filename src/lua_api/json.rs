@@ -65,7 +65,7 @@ pub fn encode(lua: &Lua, value: &Value) -> Result<Vec<u8>, String> {
     // The walk only reads (lua_next, lua_tolstring on strings, lua_getmetatable):
     // nothing in it allocates in Lua or raises.
     let walked = raw::read_value(lua, &[value, &array_metatable], |state, base| unsafe {
-        write_value(state, base + 1, base + 2, 0, &mut out)
+        Encoder { state, array_metatable: base + 2, out: &mut out }.value(base + 1, 0)
     });
     match walked {
         Ok(Ok(())) => Ok(out),
@@ -246,116 +246,123 @@ unsafe fn push_str(state: *mut ffi::lua_State, s: &str) {
     unsafe { ffi::lua_pushlstring(state, s.as_ptr() as *const c_char, s.len()) };
 }
 
-/// Writes the value at stack `index` (absolute); the array metatable is at index
-/// `array_metatable`.
-unsafe fn write_value(
+/// Writes Lua values from the stack as JSON.
+struct Encoder<'a> {
     state: *mut ffi::lua_State,
-    index: c_int,
+    /// Stack index of mlua's array metatable.
     array_metatable: c_int,
-    depth: usize,
-    out: &mut Vec<u8>,
-) -> Result<(), String> {
-    unsafe {
-        match ffi::lua_type(state, index) {
-            ffi::LUA_TNIL => out.extend_from_slice(b"null"),
-            ffi::LUA_TBOOLEAN => {
-                out.extend_from_slice(if ffi::lua_toboolean(state, index) != 0 { b"true" } else { b"false" })
-            }
-            ffi::LUA_TNUMBER => {
-                if ffi::lua_isinteger(state, index) != 0 {
-                    write_integer(out, ffi::lua_tointeger(state, index));
-                } else {
-                    let number = ffi::lua_tonumber(state, index);
-                    if !number.is_finite() {
-                        return Err(format!("cannot encode {number} as JSON"));
-                    }
-                    serde_json::to_writer(&mut *out, &number).map_err(|err| err.to_string())?;
-                }
-            }
-            ffi::LUA_TSTRING => write_string(out, lua_bytes(state, index))?,
-            ffi::LUA_TLIGHTUSERDATA if ffi::lua_touserdata(state, index).is_null() => out.extend_from_slice(b"null"),
-            ffi::LUA_TTABLE => write_table(state, index, array_metatable, depth, out)?,
-            other => {
-                let name = std::ffi::CStr::from_ptr(ffi::lua_typename(state, other)).to_string_lossy();
-                return Err(format!("cannot encode a {name} as JSON"));
-            }
-        }
-    }
-    Ok(())
+    out: &'a mut Vec<u8>,
 }
 
-unsafe fn write_table(
-    state: *mut ffi::lua_State,
-    index: c_int,
-    array_metatable: c_int,
-    depth: usize,
-    out: &mut Vec<u8>,
-) -> Result<(), String> {
-    if depth >= MAX_DEPTH {
-        return Err(format!("tables nest deeper than {MAX_DEPTH} (is one inside itself?)"));
-    }
-    unsafe {
-        if ffi::lua_checkstack(state, 4) == 0 {
-            return Err("Lua stack exhausted".to_string());
-        }
-        let length = ffi::lua_rawlen(state, index);
-        let is_array = length > 0 || {
-            let has_metatable = ffi::lua_getmetatable(state, index) != 0;
-            let array = has_metatable && ffi::lua_rawequal(state, -1, array_metatable) != 0;
-            if has_metatable {
-                ffi::lua_pop(state, 1);
-            }
-            array
-        };
-        if is_array {
-            out.push(b'[');
-            for item in 1..=length {
-                if item > 1 {
-                    out.push(b',');
+impl Encoder<'_> {
+    /// Writes the value at stack `index` (absolute).
+    unsafe fn value(&mut self, index: c_int, depth: usize) -> Result<(), String> {
+        let state = self.state;
+        unsafe {
+            match ffi::lua_type(state, index) {
+                ffi::LUA_TNIL => self.out.extend_from_slice(b"null"),
+                ffi::LUA_TBOOLEAN => {
+                    let text: &[u8] = if ffi::lua_toboolean(state, index) != 0 { b"true" } else { b"false" };
+                    self.out.extend_from_slice(text)
                 }
-                ffi::lua_rawgeti(state, index, item as ffi::lua_Integer);
-                let result = write_value(state, ffi::lua_gettop(state), array_metatable, depth + 1, out);
-                ffi::lua_pop(state, 1);
-                result?;
+                ffi::LUA_TNUMBER => {
+                    if ffi::lua_isinteger(state, index) != 0 {
+                        write_integer(self.out, ffi::lua_tointeger(state, index));
+                    } else {
+                        let number = ffi::lua_tonumber(state, index);
+                        if !number.is_finite() {
+                            return Err(format!("cannot encode {number} as JSON"));
+                        }
+                        serde_json::to_writer(&mut *self.out, &number).map_err(|err| err.to_string())?;
+                    }
+                }
+                ffi::LUA_TSTRING => write_string(self.out, lua_bytes(state, index))?,
+                ffi::LUA_TLIGHTUSERDATA if ffi::lua_touserdata(state, index).is_null() => {
+                    self.out.extend_from_slice(b"null")
+                }
+                ffi::LUA_TTABLE => self.table(index, depth)?,
+                other => return Err(format!("cannot encode a {} as JSON", type_name(state, other))),
             }
-            out.push(b']');
-            return Ok(());
         }
-        out.push(b'{');
-        let mut first = true;
-        ffi::lua_pushnil(state);
-        while ffi::lua_next(state, index) != 0 {
-            let top = ffi::lua_gettop(state);
-            if !first {
-                out.push(b',');
+        Ok(())
+    }
+
+    unsafe fn table(&mut self, index: c_int, depth: usize) -> Result<(), String> {
+        if depth >= MAX_DEPTH {
+            return Err(format!("tables nest deeper than {MAX_DEPTH} (is one inside itself?)"));
+        }
+        let state = self.state;
+        unsafe {
+            if ffi::lua_checkstack(state, 4) == 0 {
+                return Err("Lua stack exhausted".to_string());
             }
-            first = false;
-            let key = match ffi::lua_type(state, top - 1) {
-                ffi::LUA_TSTRING => write_string(out, lua_bytes(state, top - 1)),
-                ffi::LUA_TNUMBER if ffi::lua_isinteger(state, top - 1) != 0 => {
-                    out.push(b'"');
-                    write_integer(out, ffi::lua_tointeger(state, top - 1));
-                    out.push(b'"');
+            let length = ffi::lua_rawlen(state, index);
+            let is_array = length > 0 || {
+                let has_metatable = ffi::lua_getmetatable(state, index) != 0;
+                let array = has_metatable && ffi::lua_rawequal(state, -1, self.array_metatable) != 0;
+                if has_metatable {
+                    ffi::lua_pop(state, 1);
+                }
+                array
+            };
+            if is_array {
+                self.out.push(b'[');
+                for item in 1..=length {
+                    if item > 1 {
+                        self.out.push(b',');
+                    }
+                    ffi::lua_rawgeti(state, index, item as ffi::lua_Integer);
+                    let result = self.value(ffi::lua_gettop(state), depth + 1);
+                    ffi::lua_pop(state, 1);
+                    result?;
+                }
+                self.out.push(b']');
+                return Ok(());
+            }
+            self.out.push(b'{');
+            let mut first = true;
+            ffi::lua_pushnil(state);
+            while ffi::lua_next(state, index) != 0 {
+                let top = ffi::lua_gettop(state);
+                if !first {
+                    self.out.push(b',');
+                }
+                first = false;
+                let result = self.key(top - 1).and_then(|()| {
+                    self.out.push(b':');
+                    self.value(top, depth + 1)
+                });
+                if let Err(err) = result {
+                    ffi::lua_pop(state, 2);
+                    return Err(err);
+                }
+                ffi::lua_pop(state, 1);
+            }
+            self.out.push(b'}');
+        }
+        Ok(())
+    }
+
+    /// Writes an object key: strings as they are, integers as strings.
+    unsafe fn key(&mut self, index: c_int) -> Result<(), String> {
+        let state = self.state;
+        unsafe {
+            match ffi::lua_type(state, index) {
+                ffi::LUA_TSTRING => write_string(self.out, lua_bytes(state, index)),
+                ffi::LUA_TNUMBER if ffi::lua_isinteger(state, index) != 0 => {
+                    self.out.push(b'"');
+                    write_integer(self.out, ffi::lua_tointeger(state, index));
+                    self.out.push(b'"');
                     Ok(())
                 }
-                other => {
-                    let name = std::ffi::CStr::from_ptr(ffi::lua_typename(state, other)).to_string_lossy();
-                    Err(format!("cannot encode a table key of type {name} as JSON"))
-                }
-            };
-            let result = key.and_then(|()| {
-                out.push(b':');
-                write_value(state, top, array_metatable, depth + 1, out)
-            });
-            if let Err(err) = result {
-                ffi::lua_pop(state, 2);
-                return Err(err);
+                other => Err(format!("cannot encode a table key of type {} as JSON", type_name(state, other))),
             }
-            ffi::lua_pop(state, 1);
         }
-        out.push(b'}');
     }
-    Ok(())
+}
+
+unsafe fn type_name(state: *mut ffi::lua_State, type_code: c_int) -> String {
+    unsafe { std::ffi::CStr::from_ptr(ffi::lua_typename(state, type_code)).to_string_lossy().into_owned() }
 }
 
 unsafe fn lua_bytes<'a>(state: *mut ffi::lua_State, index: c_int) -> &'a [u8] {
