@@ -116,3 +116,14 @@ fn log_event(event: Event, was_down: &AtomicBool) {
         other => tracing::debug!(event = %other, "NATS event"),
     }
 }
+
+/// Time allowed for the last replies to leave at shutdown.
+pub const FLUSH_LIMIT: Duration = Duration::from_millis(200);
+
+/// Flushes what the client still buffers, giving up after [`FLUSH_LIMIT`] (a dead
+/// server must not hold up shutdown).
+pub async fn flush_briefly(client: &async_nats::Client) {
+    if tokio::time::timeout(FLUSH_LIMIT, client.flush()).await.is_err() {
+        tracing::warn!("could not flush the last replies to NATS");
+    }
+}

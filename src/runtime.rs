@@ -3,7 +3,6 @@
 //! finish within grace, cancel the rest, flush).
 
 use std::future::Future;
-use std::time::Duration;
 
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -51,9 +50,6 @@ impl RunError {
     }
 }
 
-/// Time allowed for the last replies to leave after the VMs stopped.
-const FLUSH_LIMIT: Duration = Duration::from_millis(200);
-
 /// Serves `config.script` until `shutdown` resolves.
 pub async fn run_worker(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
     let started = Instant::now();
@@ -98,17 +94,10 @@ pub async fn run_worker(config: WorkerConfig, shutdown: impl Future<Output = ()>
     for spec in &per_vm {
         tracing::info!(source = %spec.describe(&config.name), vms = config.workers, "subscribed on every VM");
     }
-    let mut sources: Vec<Box<dyn Source>> = Vec::new();
-    for spec in &shared {
-        let source = CoreSource::subscribe(&client, spec.clone(), &config.name)
-            .await
-            .map_err(|err| RunError::Runtime(format!("cannot subscribe to {:?}: {err}", spec.subject)))?;
-        sources.push(Box::new(source));
-    }
-    client.flush().await.map_err(|err| RunError::Runtime(format!("cannot confirm subscriptions with NATS: {err}")))?;
+    let sources = CoreSource::subscribe_all(&client, &shared, &config.name).await.map_err(RunError::Runtime)?;
 
     let mut running = JoinSet::new();
-    for source in sources {
+    for source in sources.into_iter().map(|s| Box::new(s) as Box<dyn Source>) {
         tracing::info!(source = %source.describe(), "subscribed");
         running.spawn(source.run(bus.clone(), stop.clone()));
     }
@@ -133,9 +122,7 @@ pub async fn run_worker(config: WorkerConfig, shutdown: impl Future<Output = ()>
         while running.join_next().await.is_some() {}
     }
     pool.shutdown(grace_deadline).await;
-    if tokio::time::timeout(FLUSH_LIMIT, client.flush()).await.is_err() {
-        tracing::warn!("could not flush the last replies to NATS");
-    }
+    connect::flush_briefly(&client).await;
     tracing::info!("stopped");
     Ok(())
 }

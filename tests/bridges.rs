@@ -2,7 +2,6 @@
 
 mod common;
 
-use async_nats::HeaderMap;
 use common::*;
 
 const APP: &str = r#"
@@ -68,8 +67,7 @@ async fn publish_sends_tables_as_json_and_strings_as_bytes_with_the_trace() {
     let mut text = client.subscribe("out.text").await.unwrap();
     client.flush().await.unwrap();
     let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-    let mut headers = HeaderMap::new();
-    headers.insert("traceparent", traceparent);
+    let headers = headers(&[("traceparent", traceparent)]);
     assert_eq!(body(&request_with(&client, "pub", Some(headers), "").await), "published");
 
     let message = next(&mut table).await;
@@ -94,15 +92,15 @@ async fn request_yields_and_returns_data_payload_and_headers() {
             let message = next(&mut backend).await;
             assert_eq!(message.headers.as_ref().unwrap().get("X-Ask").unwrap().as_str(), "1");
             let question: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
-            let mut headers = HeaderMap::new();
-            headers.insert("X-Backend", "yes");
+            let reply_headers = headers(&[("X-Backend", "yes")]);
             let answer = serde_json::json!({"a": format!("re: {}", question["q"].as_str().unwrap())});
-            client.publish_with_headers(message.reply.unwrap(), headers, answer.to_string().into()).await.unwrap();
+            client
+                .publish_with_headers(message.reply.unwrap(), reply_headers, answer.to_string().into())
+                .await
+                .unwrap();
             let message = next(&mut failing).await;
-            let mut headers = HeaderMap::new();
-            headers.insert("Nats-Service-Error", "backend down");
-            headers.insert("Nats-Service-Error-Code", "502");
-            client.publish_with_headers(message.reply.unwrap(), headers, "".into()).await.unwrap();
+            let error = headers(&[("Nats-Service-Error", "backend down"), ("Nats-Service-Error-Code", "502")]);
+            client.publish_with_headers(message.reply.unwrap(), error, "".into()).await.unwrap();
         }
     });
 
@@ -140,9 +138,10 @@ async fn json_time_and_env_helpers_work() {
 async fn logs_carry_the_event_and_fields() {
     let (server, _scripts, worker) = start();
     let client = client(&server).await;
-    let mut headers = HeaderMap::new();
-    headers.insert("Nats-Msg-Id", "log-1");
-    headers.insert("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+    let headers = headers(&[
+        ("Nats-Msg-Id", "log-1"),
+        ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+    ]);
     assert_eq!(body(&request_with(&client, "logs", Some(headers), "").await), "logged");
     assert!(worker.stderr.wait_for("charged card", PATIENCE));
     let line = worker.stderr.text().lines().find(|l| l.contains("charged card")).unwrap().to_string();

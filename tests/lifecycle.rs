@@ -41,6 +41,21 @@ bus.serve()
 log.info("cleanup ran")
 "#;
 
+/// Sends a request in the background; returns once its handler published `started`.
+async fn request_in_flight(
+    client: &async_nats::Client,
+    subject: &'static str,
+) -> tokio::task::JoinHandle<async_nats::Message> {
+    let mut started = client.subscribe("started").await.unwrap();
+    client.flush().await.unwrap();
+    let pending = tokio::spawn({
+        let client = client.clone();
+        async move { request(&client, subject, "").await }
+    });
+    next(&mut started).await;
+    pending
+}
+
 fn app() -> (Scripts, std::path::PathBuf) {
     let scripts = Scripts::new();
     let script = scripts.write("app.lua", APP);
@@ -53,14 +68,7 @@ async fn sigterm_lets_the_handler_in_flight_finish() {
     let (_scripts, script) = app();
     let mut worker = Worker::run(&server, &script, &["--grace", "20s"]);
     let client = client(&server).await;
-    let mut started = client.subscribe("started").await.unwrap();
-    client.flush().await.unwrap();
-
-    let pending = tokio::spawn({
-        let client = client.clone();
-        async move { request(&client, "slow", "").await }
-    });
-    next(&mut started).await;
+    let pending = request_in_flight(&client, "slow").await;
     worker.terminate();
     let reply = pending.await.unwrap();
     assert_eq!(body(&reply), "finished");
@@ -75,14 +83,7 @@ async fn a_stuck_handler_is_cancelled_when_grace_runs_out() {
     let (_scripts, script) = app();
     let mut worker = Worker::run(&server, &script, &["--grace", "1s", "--handler-timeout", "10m"]);
     let client = client(&server).await;
-    let mut started = client.subscribe("started").await.unwrap();
-    client.flush().await.unwrap();
-
-    let pending = tokio::spawn({
-        let client = client.clone();
-        async move { request(&client, "stuck", "").await }
-    });
-    next(&mut started).await;
+    let pending = request_in_flight(&client, "stuck").await;
     let signalled = Instant::now();
     worker.terminate();
     let reply = pending.await.unwrap();
@@ -211,16 +212,10 @@ async fn readiness_fails_while_draining() {
     let addr = format!("127.0.0.1:{}", free_port());
     let mut worker = Worker::run(&server, &script, &["--metrics-addr", &addr, "--grace", "30s"]);
     let client = client(&server).await;
-    let mut started = client.subscribe("started").await.unwrap();
     let mut gate = client.subscribe("gate").await.unwrap();
-    client.flush().await.unwrap();
     assert_eq!(http_get(&addr, "/readyz").unwrap().0, 200);
 
-    let pending = tokio::spawn({
-        let client = client.clone();
-        async move { request(&client, "gated", "").await }
-    });
-    next(&mut started).await;
+    let pending = request_in_flight(&client, "gated").await;
     let held = next(&mut gate).await;
     worker.terminate();
     // The handler is held at the gate, so the worker is draining until we let go.

@@ -2,7 +2,6 @@
 
 mod common;
 
-use async_nats::HeaderMap;
 use common::*;
 
 const APP: &str = r#"
@@ -151,11 +150,12 @@ async fn payloads_that_are_not_json_fail_only_where_read() {
 async fn the_event_table_describes_the_message() {
     let (server, _scripts, _worker) = start();
     let client = client(&server).await;
-    let mut headers = HeaderMap::new();
-    headers.insert("Nats-Msg-Id", "msg-42");
-    headers.append("X-Tag", "one");
-    headers.append("X-Tag", "two");
-    headers.insert("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+    let headers = headers(&[
+        ("Nats-Msg-Id", "msg-42"),
+        ("X-Tag", "one"),
+        ("X-Tag", "two"),
+        ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+    ]);
     let reply = json(&request_with(&client, "shape.ev", Some(headers), "").await);
     assert_eq!(reply["kind"], "shape.ev");
     assert_eq!(reply["id"], "msg-42");

@@ -58,6 +58,23 @@ pub struct CoreSource {
 }
 
 impl CoreSource {
+    /// Subscribes to every spec and waits until the server has confirmed them.
+    pub async fn subscribe_all(
+        client: &async_nats::Client,
+        specs: &[SubscriptionSpec],
+        worker_name: &str,
+    ) -> Result<Vec<CoreSource>, String> {
+        let mut sources = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let source = CoreSource::subscribe(client, spec.clone(), worker_name)
+                .await
+                .map_err(|err| format!("cannot subscribe to {:?}: {err}", spec.subject))?;
+            sources.push(source);
+        }
+        client.flush().await.map_err(|err| format!("cannot confirm subscriptions with NATS: {err}"))?;
+        Ok(sources)
+    }
+
     pub async fn subscribe(
         client: &async_nats::Client,
         spec: SubscriptionSpec,

@@ -31,8 +31,6 @@ const HOOK_INTERVAL: u32 = 4096;
 const CLEANUP_LIMIT: Duration = Duration::from_millis(500);
 /// How long past its deadline a stuck top level may take to be noticed.
 const INIT_SLACK: Duration = Duration::from_millis(100);
-/// Time allowed for the last replies to leave after the VM stopped.
-const FLUSH_LIMIT: Duration = Duration::from_millis(200);
 /// Events taken from the lane per wakeup.
 const BATCH: usize = 64;
 
@@ -76,15 +74,12 @@ pub(super) fn run(
     let _ = done.send(());
 }
 
-async fn lifecycle(
-    mut setup: Setup,
-    events: mpsc::Receiver<Event>,
-    init: oneshot::Sender<Result<InitReport, StartError>>,
-) {
-    let client = match &setup.spec.connection {
+async fn lifecycle(setup: Setup, events: mpsc::Receiver<Event>, init: oneshot::Sender<Result<InitReport, StartError>>) {
+    let Setup { worker_id, mut spec, cancel, lane, plan } = setup;
+    let client = match &spec.connection {
         Some(connection) => match connect::connect(connection).await {
             Ok(client) => {
-                setup.spec.transport = Transport::Nats(client.clone());
+                spec.transport = Transport::Nats(client.clone());
                 Some(client)
             }
             Err(err) => {
@@ -94,9 +89,7 @@ async fn lifecycle(
         },
         None => None,
     };
-    let lane = setup.lane.clone();
-    let plan = std::mem::replace(&mut setup.plan, oneshot::channel().1);
-    let (vm, main_chunk) = match Vm::load(setup) {
+    let (vm, main_chunk) = match Vm::load(worker_id, &spec, cancel) {
         Ok(loaded) => loaded,
         Err(err) => {
             let _ = init.send(Err(err.into()));
@@ -139,10 +132,8 @@ async fn lifecycle(
     tokio::task::spawn_local(run_local_sources(plan, lane, client.clone(), vm.clone()));
 
     vm.serve_events(events).await;
-    if let Some(client) = &client
-        && tokio::time::timeout(FLUSH_LIMIT, client.flush()).await.is_err()
-    {
-        tracing::warn!("could not flush the last replies to NATS");
+    if let Some(client) = &client {
+        connect::flush_briefly(client).await;
     }
 
     main_context.set_deadline(Some(Instant::now() + CLEANUP_LIMIT));
@@ -172,20 +163,13 @@ async fn run_local_sources(
         let _ = plan.subscribed.send(Ok(()));
         return;
     };
-    let mut sources = Vec::with_capacity(plan.subscriptions.len());
-    for spec in plan.subscriptions {
-        match CoreSource::subscribe(&client, spec.clone(), &plan.worker_name).await {
-            Ok(source) => sources.push(source),
-            Err(err) => {
-                let _ = plan.subscribed.send(Err(format!("cannot subscribe to {:?}: {err}", spec.subject)));
-                return;
-            }
+    let sources = match CoreSource::subscribe_all(&client, &plan.subscriptions, &plan.worker_name).await {
+        Ok(sources) => sources,
+        Err(message) => {
+            let _ = plan.subscribed.send(Err(message));
+            return;
         }
-    }
-    if let Err(err) = client.flush().await {
-        let _ = plan.subscribed.send(Err(format!("cannot confirm subscriptions with NATS: {err}")));
-        return;
-    }
+    };
     let _ = plan.subscribed.send(Ok(()));
     for source in sources {
         let (vm, keep_lane_open, stop) = (vm.clone(), lane.clone(), plan.stop.clone());
@@ -197,18 +181,17 @@ async fn run_local_sources(
 }
 
 impl Vm {
-    fn load(setup: Setup) -> Result<(Vm, Function), ScriptError> {
-        let spec = &setup.spec;
+    fn load(worker_id: usize, spec: &PoolSpec, cancel: CancellationToken) -> Result<(Vm, Function), ScriptError> {
         let script_dir = spec
             .script
             .parent()
-            .map(|p| if p.as_os_str().is_empty() { std::path::Path::new(".") } else { p })
+            .filter(|dir| !dir.as_os_str().is_empty())
             .unwrap_or(std::path::Path::new("."))
             .to_path_buf();
         let lua =
             sandbox::new_lua(&spec.lua, &script_dir, spec.concurrency).map_err(|err| ScriptError(err.to_string()))?;
         let state = Rc::new(VmState {
-            worker_id: setup.worker_id,
+            worker_id,
             workers: spec.workers,
             script: spec.script.clone(),
             script_dir: script_dir.clone(),
@@ -246,7 +229,7 @@ impl Vm {
             events,
             runner,
             handler_timeout: spec.handler_timeout,
-            cancel: setup.cancel,
+            cancel,
             permits: Permits::new(spec.concurrency),
             concurrency: spec.concurrency,
         };

@@ -255,3 +255,12 @@ pub async fn next(sub: &mut async_nats::Subscriber) -> Message {
     use futures::StreamExt;
     tokio::time::timeout(PATIENCE, sub.next()).await.expect("message in time").expect("subscription open")
 }
+
+/// Headers from name/value pairs; a repeated name adds a value.
+pub fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for (name, value) in pairs {
+        headers.append(*name, *value);
+    }
+    headers
+}
