@@ -4,7 +4,9 @@ use std::time::{Duration, SystemTime};
 
 use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
-use tokio::sync::oneshot;
+use futures::future::LocalBoxFuture;
+
+use crate::outcome::Outcome;
 
 /// One message on its way to a handler.
 #[derive(Debug)]
@@ -19,7 +21,42 @@ pub struct Event {
     pub received: SystemTime,
     /// Per-subscription handler deadline overriding `--handler-timeout`.
     pub timeout: Option<Duration>,
-    pub delivery: Delivery,
+    /// Set for JetStream messages.
+    pub stream: Option<Box<StreamMeta>>,
+    /// How the outcome is settled; `None` when nobody waits for it (a core message
+    /// without a reply subject).
+    pub delivery: Option<Box<dyn Settle>>,
+}
+
+/// Where a JetStream message sits in its stream, for `ev.meta` and `ev.id`.
+#[derive(Debug, Clone)]
+pub struct StreamMeta {
+    pub stream: String,
+    pub consumer: String,
+    pub delivered: u64,
+    pub stream_sequence: u64,
+    pub pending: u64,
+    pub published: SystemTime,
+}
+
+/// How a source finishes an event: a core reply, a JetStream ack, a replay line.
+/// Each source implements it for its own deliveries, so settling never asks where
+/// an event came from.
+pub trait Settle: Send {
+    /// Reports `outcome` for `event` (whose `delivery` has been taken out).
+    fn settle<'a>(self: Box<Self>, event: &'a Event, outcome: Outcome) -> LocalBoxFuture<'a, ()>;
+
+    /// Work to run while the handler runs, such as JetStream in-progress acks;
+    /// dropped when the handler ends.
+    fn while_running(&self) -> Option<LocalBoxFuture<'_, ()>> {
+        None
+    }
+}
+
+impl std::fmt::Debug for dyn Settle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Settle")
+    }
 }
 
 /// `Nats-Msg-Id` header, else a unique generated id (kept inline: no allocation).
@@ -52,15 +89,6 @@ impl std::fmt::Display for EventId {
     }
 }
 
-/// Where an event came from, which decides how its outcome is settled.
-#[derive(Debug)]
-pub enum Delivery {
-    /// Core NATS: the outcome goes to `reply`, if any.
-    Core,
-    /// A line of a replay file: the outcome is printed; `done` paces the replay.
-    Replay { line: usize, done: Option<oneshot::Sender<()>> },
-}
-
 impl Event {
     /// Builds an event, taking its id from `Nats-Msg-Id` when present.
     pub fn new(
@@ -69,19 +97,49 @@ impl Event {
         reply: Option<Subject>,
         headers: Option<HeaderMap>,
         data: Bytes,
-        delivery: Delivery,
     ) -> Self {
         let id = match headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")) {
             Some(value) => EventId::Given(value.as_str().into()),
             None => generated_id(),
         };
-        Event { kind, id, subject, reply, headers, data, received: SystemTime::now(), timeout: None, delivery }
+        Event {
+            kind,
+            id,
+            subject,
+            reply,
+            headers,
+            data,
+            received: SystemTime::now(),
+            timeout: None,
+            stream: None,
+            delivery: None,
+        }
+    }
+
+    /// Settles the event through the source it came from.
+    pub async fn settle(mut self, outcome: Outcome) {
+        if let Some(delivery) = self.delivery.take() {
+            delivery.settle(&self, outcome).await;
+        }
+    }
+
+    /// The `traceparent` header, looked up case-insensitively (Go clients send
+    /// `Traceparent`).
+    pub fn traceparent(&self) -> Option<&str> {
+        let headers = self.headers.as_ref()?;
+        if let Some(value) = headers.get("traceparent") {
+            return Some(value.as_str());
+        }
+        headers
+            .iter()
+            .find(|(name, _)| name.to_string().eq_ignore_ascii_case("traceparent"))
+            .and_then(|(_, values)| values.first())
+            .map(|value| value.as_str())
     }
 
     /// The W3C trace id carried by the `traceparent` header, if any.
     pub fn trace_id(&self) -> Option<&str> {
-        let header = self.headers.as_ref()?.get("traceparent")?.as_str();
-        trace_id_of(header)
+        trace_id_of(self.traceparent()?)
     }
 }
 
@@ -111,10 +169,10 @@ mod tests {
     fn id_prefers_the_nats_msg_id_header() {
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", "order-7");
-        let event = Event::new("k".into(), "s".into(), None, Some(headers), Bytes::new(), Delivery::Core);
+        let event = Event::new("k".into(), "s".into(), None, Some(headers), Bytes::new());
         assert_eq!(event.id.as_str(), "order-7");
-        let generated = Event::new("k".into(), "s".into(), None, None, Bytes::new(), Delivery::Core);
-        let other = Event::new("k".into(), "s".into(), None, None, Bytes::new(), Delivery::Core);
+        let generated = Event::new("k".into(), "s".into(), None, None, Bytes::new());
+        let other = Event::new("k".into(), "s".into(), None, None, Bytes::new());
         assert_ne!(generated.id.as_str(), other.id.as_str());
     }
 }

@@ -1,29 +1,29 @@
 //! agent-block: a Lua-first worker runtime for NATS.
 //!
-//! Messages flow `source -> bus -> dispatch (on a Lua VM thread) -> ack`:
-//! a [`source`] turns NATS messages (or replay lines) into [`event::Event`]s, the
-//! [`bus`] queues them for one of the [`vm`] threads, [`dispatch`] runs the Lua handler
-//! for the event's kind under a deadline and turns what it did into an
-//! [`outcome::Outcome`], and [`ack`] settles that outcome (reply, error reply,
-//! replay output).
+//! Messages flow `source -> intake -> VM (dispatch) -> settle`: a [`source`]
+//! turns NATS messages (or replay lines) into [`event::Event`]s, mostly on the
+//! Lua VM thread that will handle them; the [`intake`] admits them as handler
+//! slots allow; the [`vm`] runs the Lua handler for the event's kind under a
+//! deadline and turns what it did into an [`outcome::Outcome`]; [`settle`] hands
+//! that outcome back to the event's own delivery (reply, JetStream ack, replay
+//! output).
 
-pub mod ack;
-pub mod bus;
 pub mod cli;
 pub mod command;
 pub mod config;
 pub mod connect;
-pub mod dispatch;
 pub mod duration;
 pub mod event;
 pub mod health;
-pub mod http;
+pub mod intake;
 pub mod kind;
 pub mod logging;
 pub mod lua_api;
 pub mod nats_server;
 pub mod outcome;
+pub mod probes;
 pub mod runtime;
+pub mod settle;
 pub mod source;
 pub mod transport;
 pub mod vm;

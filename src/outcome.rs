@@ -38,6 +38,8 @@ pub enum FailureCause {
     Timeout,
     /// Shutdown cancelled the event before it finished.
     Cancelled,
+    /// The worker's intake was full.
+    Overloaded,
     /// The runtime could not run the handler or encode its result.
     Internal,
 }
@@ -61,6 +63,10 @@ impl Failure {
 
     pub fn cancelled() -> Self {
         Failure::new(FailureCause::Cancelled, 503, "worker shutting down; try again")
+    }
+
+    pub fn overloaded() -> Self {
+        Failure::new(FailureCause::Overloaded, 503, "worker overloaded; try again")
     }
 
     /// Whether redelivering the event could succeed (JetStream naks these; the

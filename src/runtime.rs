@@ -1,21 +1,19 @@
 //! A serving worker from start to clean exit: probes, NATS connection, the VM pool,
-//! sources, and the shutdown sequence (stop taking messages, let in-flight handlers
+//! sources placed on the VMs, and the shutdown sequence (stop taking messages, let in-flight handlers
 //! finish within grace, cancel the rest, flush).
 
 use std::future::Future;
+use std::sync::Arc;
 
-use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::WorkerConfig;
 use crate::connect::{self, ConnectError};
 use crate::health::Health;
-use crate::http;
-use crate::source::Source;
-use crate::source::core::CoreSource;
-use crate::source::core::Queue;
-use crate::transport::Transport;
+use crate::probes;
+use crate::source::{self, jetstream::SetupError};
+use crate::transport::Offline;
 use crate::vm::{PoolSpec, ScriptError, StartError, VmPool};
 
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +26,15 @@ pub enum RunError {
     Connect(#[from] ConnectError),
     #[error("{0}")]
     Runtime(String),
+}
+
+impl From<SetupError> for RunError {
+    fn from(err: SetupError) -> Self {
+        match err {
+            SetupError::Config(message) => RunError::Settings(message),
+            SetupError::Nats(message) => RunError::Runtime(message),
+        }
+    }
 }
 
 impl From<StartError> for RunError {
@@ -55,7 +62,7 @@ pub async fn run_worker(config: WorkerConfig, shutdown: impl Future<Output = ()>
     let started = Instant::now();
     let health = Health::default();
     if let Some(addr) = config.metrics_addr {
-        let bound = http::serve(addr, health.clone())
+        let bound = probes::serve(addr, health.clone())
             .await
             .map_err(|err| RunError::Runtime(format!("cannot listen on {addr} (--metrics-addr): {err}")))?;
         tracing::info!(addr = %bound, "probes at /healthz and /readyz");
@@ -67,41 +74,31 @@ pub async fn run_worker(config: WorkerConfig, shutdown: impl Future<Output = ()>
     };
     health.add_client(client.clone());
 
-    let (mut pool, bus, report) = VmPool::start(PoolSpec {
+    let (mut pool, report) = VmPool::start(PoolSpec {
         script: config.script.clone(),
         workers: config.workers,
         concurrency: config.concurrency,
         bus_capacity: config.bus_capacity,
         handler_timeout: config.handler_timeout,
         lua: config.lua.clone(),
-        transport: Transport::Nats(client.clone()),
+        transport: Arc::new(Offline),
         connection: Some(config.connection.clone()),
     })
     .await?;
     for vm_client in pool.clients() {
         health.add_client(vm_client.clone());
     }
-    if report.subscriptions.is_empty() {
-        tracing::warn!("the script subscribes to nothing; call bus.subscribe(subject) at its top level");
+    if report.sources.is_empty() {
+        tracing::warn!(
+            "the script declares no sources; call bus.subscribe(subject) or bus.consume{{...}} at its top level"
+        );
     }
-    // Queue-group subscriptions are made by every VM on its own connection: NATS
-    // spreads their messages over all VMs and each is handled where it arrives.
-    // The others must reach the process once, so they feed the shared bus.
-    let (per_vm, shared): (Vec<_>, Vec<_>) =
-        report.subscriptions.iter().cloned().partition(|spec| spec.queue != Queue::None);
+    let sources = source::build(&report.sources, &client, &config.name).await?;
     let stop = CancellationToken::new();
-    pool.start_local_sources(&per_vm, &config.name, &stop).await.map_err(RunError::Runtime)?;
-    for spec in &per_vm {
-        tracing::info!(source = %spec.describe(&config.name), vms = config.workers, "subscribed on every VM");
+    pool.open_sources(&sources, &stop).await.map_err(RunError::Runtime)?;
+    for source in &sources {
+        tracing::info!(source = %source.describe(), placement = ?source.placement(), "source running");
     }
-    let sources = CoreSource::subscribe_all(&client, &shared, &config.name).await.map_err(RunError::Runtime)?;
-
-    let mut running = JoinSet::new();
-    for source in sources.into_iter().map(|s| Box::new(s) as Box<dyn Source>) {
-        tracing::info!(source = %source.describe(), "subscribed");
-        running.spawn(source.run(bus.clone(), stop.clone()));
-    }
-    drop(bus);
     health.set_sources_running(true);
     tracing::info!(
         name = %config.name,
@@ -114,13 +111,8 @@ pub async fn run_worker(config: WorkerConfig, shutdown: impl Future<Output = ()>
     shutdown.await;
     let grace_deadline = Instant::now() + config.grace;
     health.set_shutting_down();
-    tracing::info!(grace = %humantime::format_duration(config.grace), "shutting down: draining subscriptions");
+    tracing::info!(grace = %humantime::format_duration(config.grace), "shutting down: draining sources");
     stop.cancel();
-    let drained = async { while running.join_next().await.is_some() {} };
-    if tokio::time::timeout_at(grace_deadline, drained).await.is_err() {
-        running.abort_all();
-        while running.join_next().await.is_some() {}
-    }
     pool.shutdown(grace_deadline).await;
     connect::flush_briefly(&client).await;
     tracing::info!("stopped");

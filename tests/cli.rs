@@ -93,7 +93,8 @@ fn replay_prints_outcomes_and_publishes_in_order() {
     ]
     .join("\n");
     let (code, stdout, stderr) = run_command(&["replay", script.to_str().unwrap(), "--events", "-"], Some(&events));
-    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(code, 1, "a line that is not an event fails the replay, after the others ran: {stderr}");
+    assert!(stderr.contains("not events"), "{stderr}");
     let lines: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let summary: Vec<String> = lines
         .iter()

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use crate::cli::LuaArgs;
 use crate::config::{DEFAULT_BUS_CAPACITY, DEFAULT_HANDLER_TIMEOUT, DEFAULT_NAME, LuaConfig};
-use crate::transport::Transport;
+use std::sync::Arc;
+
+use crate::transport::Offline;
 use crate::vm::{PoolSpec, VmPool};
 
 pub async fn execute(script: PathBuf, lua: &LuaArgs) -> ExitCode {
@@ -18,10 +20,10 @@ pub async fn execute(script: PathBuf, lua: &LuaArgs) -> ExitCode {
         bus_capacity: DEFAULT_BUS_CAPACITY,
         handler_timeout: DEFAULT_HANDLER_TIMEOUT,
         lua: LuaConfig::from(lua),
-        transport: Transport::Offline,
+        transport: Arc::new(Offline),
         connection: None,
     };
-    let (pool, bus, report) = match VmPool::start(spec).await {
+    let (pool, report) = match VmPool::start(spec).await {
         Ok(started) => started,
         Err(err) => {
             eprintln!("error: {err}");
@@ -29,9 +31,9 @@ pub async fn execute(script: PathBuf, lua: &LuaArgs) -> ExitCode {
         }
     };
     println!("script: {}", script.display());
-    println!("subscriptions:");
-    for subscription in &report.subscriptions {
-        println!("  {}", subscription.describe(DEFAULT_NAME));
+    println!("sources:");
+    for source in &report.sources {
+        println!("  {}", source.describe(DEFAULT_NAME));
     }
     println!("handlers:");
     for kind in &report.kinds {
@@ -40,7 +42,6 @@ pub async fn execute(script: PathBuf, lua: &LuaArgs) -> ExitCode {
     if report.has_on_any {
         println!("  (on_any fallback)");
     }
-    drop(bus);
     pool.shutdown(tokio::time::Instant::now() + Duration::from_secs(1)).await;
     ExitCode::SUCCESS
 }

@@ -5,14 +5,16 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
 use tokio::io::{AsyncBufRead, BufReader};
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::LuaArgs;
 use crate::config::{DEFAULT_HANDLER_TIMEOUT, LuaConfig};
 use crate::source::Source;
-use crate::source::replay::ReplaySource;
-use crate::transport::{ReplayOutput, Transport};
+use crate::source::replay::{ReplayOutput, ReplaySource, ReplayTransport};
 use crate::vm::{PoolSpec, VmPool};
 
 pub async fn execute(script: PathBuf, events: PathBuf, handler_timeout: Option<Duration>, lua: &LuaArgs) -> ExitCode {
@@ -35,18 +37,29 @@ pub async fn execute(script: PathBuf, events: PathBuf, handler_timeout: Option<D
         bus_capacity: 1,
         handler_timeout: handler_timeout.unwrap_or(DEFAULT_HANDLER_TIMEOUT),
         lua: LuaConfig::from(lua),
-        transport: Transport::Replay(output.clone()),
+        transport: Arc::new(ReplayTransport(output.clone())),
         connection: None,
     };
-    let (pool, bus, report) = match VmPool::start(spec).await {
+    let (mut pool, report) = match VmPool::start(spec).await {
         Ok(started) => started,
         Err(err) => {
             eprintln!("error: {err}");
             return ExitCode::from(2);
         }
     };
-    let source = Box::new(ReplaySource::new(input, report.subscriptions, output));
-    source.run(bus, CancellationToken::new()).await;
-    pool.shutdown(tokio::time::Instant::now() + Duration::from_secs(1)).await;
+    let replay = Arc::new(ReplaySource::new(input, report.sources, output));
+    let bad_lines = replay.bad_lines();
+    let sources: Vec<Arc<dyn Source>> = vec![replay];
+    if let Err(err) = pool.open_sources(&sources, &CancellationToken::new()).await {
+        eprintln!("error: {err}");
+        return ExitCode::from(1);
+    }
+    drop(sources);
+    // The replay source ends with its input; the pool then finishes every event.
+    pool.shutdown(tokio::time::Instant::now() + Duration::from_secs(3600)).await;
+    if bad_lines.load(Ordering::SeqCst) {
+        eprintln!("error: some input lines are not events (see the \"error\" lines)");
+        return ExitCode::from(1);
+    }
     ExitCode::SUCCESS
 }

@@ -8,11 +8,11 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use bytes::Bytes;
 
-use crate::ack::{SERVICE_ERROR, SERVICE_ERROR_CODE};
 use crate::cli::ConnectionArgs;
 use crate::config::ConnectionConfig;
 use crate::connect;
-use crate::transport::Transport;
+use crate::settle::{SERVICE_ERROR, SERVICE_ERROR_CODE};
+use crate::transport::{NatsTransport, Transport};
 
 /// The client gives up connecting after this long unless --connect-timeout says otherwise.
 const CONNECT_LIMIT: Duration = Duration::from_secs(5);
@@ -48,7 +48,7 @@ pub async fn execute(
             return ExitCode::from(1);
         }
     };
-    match Transport::Nats(client).request(subject, headers, body, timeout).await {
+    match NatsTransport(client).request(subject, headers, body, timeout).await {
         Ok(response) => {
             if let Some(error) = response.headers.as_ref().and_then(|h| h.get(SERVICE_ERROR)) {
                 let code = response.headers.as_ref().and_then(|h| h.get(SERVICE_ERROR_CODE));

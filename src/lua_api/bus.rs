@@ -1,4 +1,4 @@
-//! The `bus` global: handler registration, subscriptions, `serve`, and the explicit
+//! The `bus` global: handler registration, sources (`subscribe`, `consume`), `serve`, and the explicit
 //! outcomes `bus.reply`, `bus.nak`, `bus.term`.
 
 use std::time::Duration;
@@ -9,7 +9,7 @@ use mlua::{Lua, Table, UserData, Value};
 
 use crate::kind::KindTemplate;
 use crate::lua_api::{body_of, duration_of, headers_of};
-use crate::source::core::{Queue, SubscriptionSpec};
+use crate::source::{ConsumerSpec, Queue, SourceSpec, SubscriptionSpec};
 use crate::vm::state::{Phase, VmState};
 
 /// What a handler returned through `bus.reply`, `bus.nak` or `bus.term`.
@@ -26,6 +26,7 @@ pub fn install(lua: &Lua) -> mlua::Result<()> {
     bus.set("on", lua.create_function(on)?)?;
     bus.set("on_any", lua.create_function(on_any)?)?;
     bus.set("subscribe", lua.create_function(subscribe)?)?;
+    bus.set("consume", lua.create_function(consume)?)?;
     bus.set("serve", lua.create_async_function(|lua, ()| serve(lua))?)?;
     bus.set("worker_id", lua.create_function(|lua, ()| Ok(VmState::of(lua).worker_id))?)?;
     bus.set("workers", lua.create_function(|lua, ()| Ok(VmState::of(lua).workers))?)?;
@@ -83,12 +84,139 @@ fn subscribe(lua: &Lua, (subject, opts): (String, Option<Table>)) -> mlua::Resul
             )));
         }
     };
-    let timeout = match opts.get::<Value>("timeout")? {
-        Value::Nil => None,
-        value => Some(duration_of(&value, "bus.subscribe timeout")?),
-    };
-    state.subscriptions.borrow_mut().push(SubscriptionSpec { subject, kind, queue, timeout });
+    let timeout = optional_duration(&opts, "timeout", "bus.subscribe")?;
+    state.sources.borrow_mut().push(SourceSpec::Subscribe(SubscriptionSpec { subject, kind, queue, timeout }));
     Ok(())
+}
+
+/// `bus.consume{ stream, consumer, subject, kind, ack_wait, max_deliver, backoff,
+/// max_ack_pending, dead_letter, timeout, create_stream = { subjects = {...} } }`.
+fn consume(lua: &Lua, opts: Table) -> mlua::Result<()> {
+    let state = VmState::of(lua);
+    if state.phase.get() != Phase::Init {
+        return Err(mlua::Error::runtime("bus.consume must be called at the script's top level, before bus.serve()"));
+    }
+    const KNOWN: &[&str] = &[
+        "stream",
+        "consumer",
+        "subject",
+        "kind",
+        "ack_wait",
+        "max_deliver",
+        "backoff",
+        "max_ack_pending",
+        "dead_letter",
+        "timeout",
+        "create_stream",
+    ];
+    for pair in opts.pairs::<Value, Value>() {
+        let (key, _) = pair?;
+        let name = key.to_string().unwrap_or_default();
+        if !KNOWN.contains(&name.as_str()) {
+            return Err(mlua::Error::runtime(format!(
+                "bus.consume: unknown option {name:?} (known: {})",
+                KNOWN.join(", ")
+            )));
+        }
+    }
+    let name = |key: &str| -> mlua::Result<String> {
+        match opts.get::<Value>(key)? {
+            Value::String(s) if !s.as_bytes().is_empty() => {
+                let text = s.to_str()?.to_string();
+                if text.contains(|c: char| c.is_whitespace() || c == '.' || c == '*' || c == '>') {
+                    return Err(mlua::Error::runtime(format!("bus.consume: invalid {key} {text:?}")));
+                }
+                Ok(text)
+            }
+            _ => Err(mlua::Error::runtime(format!("bus.consume: `{key}` (a name) is required"))),
+        }
+    };
+    let stream = name("stream")?;
+    let consumer = name("consumer")?;
+    let subject = opts.get::<Option<String>>("subject")?;
+    if let Some(subject) = &subject
+        && (subject.is_empty() || subject.contains(char::is_whitespace))
+    {
+        return Err(mlua::Error::runtime(format!("bus.consume: invalid subject {subject:?}")));
+    }
+    let template = opts.get::<Option<String>>("kind")?.unwrap_or_else(|| KindTemplate::DEFAULT.to_string());
+    let kind = KindTemplate::parse(&template, subject.as_deref().unwrap_or(">")).map_err(mlua::Error::runtime)?;
+    let positive = |key: &str| -> mlua::Result<Option<i64>> {
+        match opts.get::<Option<i64>>(key)? {
+            Some(n) if n < 1 => Err(mlua::Error::runtime(format!("bus.consume: {key} must be at least 1"))),
+            other => Ok(other),
+        }
+    };
+    let backoff = match opts.get::<Value>("backoff")? {
+        Value::Nil => Vec::new(),
+        Value::Table(list) => list
+            .sequence_values::<Value>()
+            .map(|value| duration_of(&value?, "bus.consume backoff"))
+            .collect::<mlua::Result<_>>()?,
+        other => {
+            return Err(mlua::Error::runtime(format!(
+                "bus.consume: backoff must be a list of durations, got {}",
+                other.type_name()
+            )));
+        }
+    };
+    let create_stream = match opts.get::<Value>("create_stream")? {
+        Value::Nil | Value::Boolean(false) => None,
+        Value::Table(table) => {
+            let subjects: Vec<String> = match table.get::<Option<Table>>("subjects")? {
+                Some(list) => list.sequence_values::<String>().collect::<mlua::Result<_>>()?,
+                None => subject.clone().into_iter().collect(),
+            };
+            if subjects.is_empty() {
+                return Err(mlua::Error::runtime("bus.consume: create_stream needs `subjects`"));
+            }
+            Some(subjects)
+        }
+        other => {
+            return Err(mlua::Error::runtime(format!(
+                "bus.consume: create_stream must be a table {{ subjects = {{...}} }}, got {}",
+                other.type_name()
+            )));
+        }
+    };
+    let dead_letter = opts.get::<Option<String>>("dead_letter")?;
+    if let Some(subject) = &dead_letter
+        && (subject.is_empty() || subject.contains(|c: char| c.is_whitespace() || c == '*' || c == '>'))
+    {
+        return Err(mlua::Error::runtime(format!("bus.consume: invalid dead_letter subject {subject:?}")));
+    }
+    let spec = ConsumerSpec {
+        stream,
+        consumer,
+        subject,
+        kind,
+        ack_wait: optional_duration(&opts, "ack_wait", "bus.consume")?,
+        max_deliver: positive("max_deliver")?,
+        backoff,
+        max_ack_pending: positive("max_ack_pending")?,
+        dead_letter,
+        timeout: optional_duration(&opts, "timeout", "bus.consume")?,
+        create_stream,
+    };
+    let mut sources = state.sources.borrow_mut();
+    let duplicate = sources.iter().any(
+        |s| matches!(s, SourceSpec::Consume(other) if other.stream == spec.stream && other.consumer == spec.consumer),
+    );
+    if duplicate {
+        return Err(mlua::Error::runtime(format!(
+            "bus.consume: consumer {}/{} is declared twice",
+            spec.stream, spec.consumer
+        )));
+    }
+    sources.push(SourceSpec::Consume(spec));
+    Ok(())
+}
+
+fn optional_duration(opts: &Table, key: &str, what: &str) -> mlua::Result<Option<Duration>> {
+    match opts.get::<Value>(key)? {
+        Value::Nil => Ok(None),
+        value => duration_of(&value, &format!("{what} {key}")).map(Some),
+    }
 }
 
 /// Ends init: marks the VM ready and waits until shutdown releases it.

@@ -6,9 +6,9 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use mlua::{Function, Lua, Table, Value};
 
-use crate::ack::{SERVICE_ERROR, SERVICE_ERROR_CODE};
 use crate::lua_api::event::headers_table;
 use crate::lua_api::{body_of, duration_of, headers_of, json};
+use crate::settle::{SERVICE_ERROR, SERVICE_ERROR_CODE};
 use crate::transport::TransportError;
 use crate::vm::context;
 use crate::vm::state::VmState;
@@ -102,7 +102,7 @@ fn request_error(lua: &Lua, err: &TransportError) -> mlua::Result<Table> {
     let code = match err {
         TransportError::NoResponders(_) => 503,
         TransportError::TimedOut { .. } => 504,
-        TransportError::Failed(_) | TransportError::Unavailable(..) => 500,
+        TransportError::TooLarge { .. } | TransportError::Failed(_) | TransportError::Unavailable(..) => 500,
     };
     let table = lua.create_table()?;
     table.set("code", code)?;

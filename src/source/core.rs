@@ -1,142 +1,135 @@
 //! Core NATS subscriptions (`bus.subscribe`), in a queue group by default so a
-//! pool of workers answers each request once.
+//! pool of workers answers each request once. A request the intake cannot take
+//! is answered 503 at once (the requester can retry elsewhere, as with NATS micro
+//! services); a message without a reply subject is dropped and counted.
 
-use std::future::Future;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
+use async_nats::Subject;
 use futures::StreamExt;
-use futures::future::BoxFuture;
-use tokio_util::sync::CancellationToken;
+use futures::future::LocalBoxFuture;
 
-use crate::ack;
-use crate::bus::Bus;
-use crate::event::{Delivery, Event};
-use crate::kind::KindTemplate;
+use crate::event::{Event, Settle};
+use crate::intake::Sink;
 use crate::outcome::{Failure, Outcome};
-use crate::source::Source;
-use crate::transport::Transport;
-
-/// A subscription declared by `bus.subscribe`.
-#[derive(Debug, Clone)]
-pub struct SubscriptionSpec {
-    pub subject: String,
-    pub kind: KindTemplate,
-    pub queue: Queue,
-    pub timeout: Option<Duration>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Queue {
-    /// The worker's `--name`.
-    Default,
-    Named(String),
-    /// `queue = false`: every worker gets every message.
-    None,
-}
-
-impl SubscriptionSpec {
-    pub fn queue_group(&self, worker_name: &str) -> Option<String> {
-        match &self.queue {
-            Queue::Default => Some(worker_name.to_string()),
-            Queue::Named(name) => Some(name.clone()),
-            Queue::None => None,
-        }
-    }
-
-    pub fn describe(&self, worker_name: &str) -> String {
-        let queue = self.queue_group(worker_name).map(|q| format!(" queue={q}")).unwrap_or_default();
-        let timeout = self.timeout.map(|t| format!(" timeout={}", humantime::format_duration(t))).unwrap_or_default();
-        format!("{} kind={}{queue}{timeout}", self.subject, self.kind)
-    }
-}
+use crate::settle::{error_headers, reply_of};
+use crate::source::spec::SubscriptionSpec;
+use crate::source::{Forwarding, Link, Placement, Source};
 
 pub struct CoreSource {
     spec: SubscriptionSpec,
-    description: String,
-    subscriber: async_nats::Subscriber,
-    transport: Transport,
+    queue_group: Option<String>,
 }
 
 impl CoreSource {
-    /// Subscribes to every spec and waits until the server has confirmed them.
-    pub async fn subscribe_all(
-        client: &async_nats::Client,
-        specs: &[SubscriptionSpec],
-        worker_name: &str,
-    ) -> Result<Vec<CoreSource>, String> {
-        let mut sources = Vec::with_capacity(specs.len());
-        for spec in specs {
-            let source = CoreSource::subscribe(client, spec.clone(), worker_name)
-                .await
-                .map_err(|err| format!("cannot subscribe to {:?}: {err}", spec.subject))?;
-            sources.push(source);
-        }
-        client.flush().await.map_err(|err| format!("cannot confirm subscriptions with NATS: {err}"))?;
-        Ok(sources)
-    }
-
-    pub async fn subscribe(
-        client: &async_nats::Client,
-        spec: SubscriptionSpec,
-        worker_name: &str,
-    ) -> Result<Self, async_nats::SubscribeError> {
-        let subscriber = match spec.queue_group(worker_name) {
-            Some(group) => client.queue_subscribe(spec.subject.clone(), group).await?,
-            None => client.subscribe(spec.subject.clone()).await?,
-        };
-        Ok(CoreSource {
-            description: spec.describe(worker_name),
-            spec,
-            subscriber,
-            transport: Transport::Nats(client.clone()),
-        })
-    }
-}
-
-impl CoreSource {
-    /// Hands every message to `deliver` as an event until `stop` fires and the
-    /// subscription is drained. An event `deliver` gives back (shutdown) is
-    /// answered 503.
-    pub async fn forward<F, Fut>(self, stop: CancellationToken, mut deliver: F)
-    where
-        F: FnMut(Event) -> Fut,
-        Fut: Future<Output = Result<(), Event>>,
-    {
-        let CoreSource { spec, mut subscriber, transport, .. } = self;
-        let mut draining = false;
-        loop {
-            let message = tokio::select! {
-                message = subscriber.next() => message,
-                _ = stop.cancelled(), if !draining => {
-                    draining = true;
-                    if let Err(err) = subscriber.drain().await {
-                        tracing::warn!(subject = %spec.subject, error = %err, "cannot drain subscription");
-                        break;
-                    }
-                    continue;
-                }
-            };
-            let Some(message) = message else { break };
-            let kind = spec.kind.render(&message.subject);
-            let mut event =
-                Event::new(kind, message.subject, message.reply, message.headers, message.payload, Delivery::Core);
-            event.timeout = spec.timeout;
-            if let Err(event) = deliver(event).await {
-                ack::settle(&transport, event, Outcome::Error(Failure::cancelled())).await;
-            }
-        }
+    pub fn new(spec: SubscriptionSpec, worker_name: &str) -> Self {
+        CoreSource { queue_group: spec.queue_group(worker_name), spec }
     }
 }
 
 impl Source for CoreSource {
     fn describe(&self) -> String {
-        self.description.clone()
+        let queue = self.queue_group.as_deref().map(|q| format!(" queue={q}")).unwrap_or_default();
+        format!("subscribe {}{queue}", self.spec.subject)
     }
 
-    fn run(self: Box<Self>, bus: Bus, stop: CancellationToken) -> BoxFuture<'static, ()> {
-        Box::pin(self.forward(stop, move |event| {
-            let bus = bus.clone();
-            async move { bus.send(event).await }
-        }))
+    /// Queue groups run on every VM, so NATS spreads their messages over all VMs
+    /// of all workers; a subscription without a group must reach the process once.
+    fn placement(&self) -> Placement {
+        if self.queue_group.is_some() { Placement::EveryVm } else { Placement::Once }
+    }
+
+    fn open(self: Arc<Self>, link: Link) -> LocalBoxFuture<'static, Result<Forwarding, String>> {
+        Box::pin(async move {
+            let Some(client) = link.client.clone() else {
+                return Err(format!("{}: no NATS connection", self.describe()));
+            };
+            let subject = self.spec.subject.clone();
+            let subscribed = match &self.queue_group {
+                Some(group) => client.queue_subscribe(subject, group.clone()).await,
+                None => client.subscribe(subject).await,
+            };
+            let subscriber = subscribed.map_err(|err| format!("cannot subscribe to {:?}: {err}", self.spec.subject))?;
+            client.flush().await.map_err(|err| format!("cannot confirm subscriptions with NATS: {err}"))?;
+            Ok(Box::pin(forward(self, subscriber, client, link)) as Forwarding)
+        })
+    }
+}
+
+/// Hands every message to the sink until `stop` fires and the subscription is
+/// drained.
+async fn forward(
+    source: Arc<CoreSource>,
+    mut subscriber: async_nats::Subscriber,
+    client: async_nats::Client,
+    link: Link,
+) {
+    let spec = &source.spec;
+    let mut draining = false;
+    loop {
+        let message = tokio::select! {
+            message = subscriber.next() => message,
+            _ = link.stop.cancelled(), if !draining => {
+                draining = true;
+                if let Err(err) = subscriber.drain().await {
+                    tracing::warn!(subject = %spec.subject, error = %err, "cannot drain subscription");
+                    break;
+                }
+                continue;
+            }
+        };
+        let Some(message) = message else { break };
+        let kind = spec.kind.render(&message.subject);
+        let mut event = Event::new(kind, message.subject, message.reply, message.headers, message.payload);
+        event.timeout = spec.timeout;
+        if let Some(reply) = &event.reply {
+            event.delivery = Some(Box::new(CoreReply { reply: reply.clone(), client: client.clone() }));
+        }
+        if let Err(event) = link.sink.offer(event) {
+            refuse(&link.sink, event, draining).await;
+        }
+    }
+}
+
+/// Answers a request the intake cannot take with 503, or counts the dropped message.
+async fn refuse(sink: &Sink, event: Event, draining: bool) {
+    let stats = sink.stats();
+    let had_reply = event.reply.is_some();
+    if stats.refused(had_reply) {
+        tracing::warn!(
+            rejected = stats.rejected.load(Ordering::Relaxed),
+            dropped = stats.dropped.load(Ordering::Relaxed),
+            "intake full: requests answered 503, messages without a reply subject dropped (totals so far)"
+        );
+    }
+    if had_reply {
+        let failure = if draining { Failure::cancelled() } else { Failure::overloaded() };
+        event.settle(Outcome::Error(failure)).await;
+    }
+}
+
+/// Settles a core request by publishing the reply.
+struct CoreReply {
+    reply: Subject,
+    client: async_nats::Client,
+}
+
+impl Settle for CoreReply {
+    fn settle<'a>(self: Box<Self>, event: &'a Event, outcome: Outcome) -> LocalBoxFuture<'a, ()> {
+        Box::pin(async move {
+            let (headers, body) = reply_of(outcome);
+            let sent = match headers {
+                Some(headers) => self.client.publish_with_headers(self.reply.clone(), headers, body).await,
+                None => self.client.publish(self.reply.clone(), body).await,
+            };
+            if let Err(err) = sent {
+                tracing::warn!(kind = %event.kind, id = %event.id, error = %err, "reply not sent");
+                // Most often the body exceeds the server's max payload; an empty
+                // error reply still fits, so the requester is not left waiting.
+                let headers = error_headers(500, &format!("reply not sent: {err}"));
+                let _ = self.client.publish_with_headers(self.reply, headers, Default::default()).await;
+            }
+        })
     }
 }

@@ -1,20 +1,74 @@
-//! Sources turn messages into events on the bus. Each source is one module with
-//! the same shape: it is built (subscribed) before the worker reports ready, then
-//! [`Source::run`] forwards events until `stop` fires, draining what it already
-//! received.
+//! Sources turn messages into events. Each source is one module with the same
+//! shape: a [`Source`] is opened on a VM thread (it subscribes or binds and
+//! returns once the server confirmed), then forwards events into a [`Sink`]
+//! until `stop` fires, draining what it already received. Each event carries its
+//! own way to settle ([`crate::event::Settle`]).
+//!
+//! The pool decides where a source runs from its [`Placement`]: on every VM with
+//! that VM's own connection and intake (the default, so a message is received,
+//! handled and answered on one thread), or once per process feeding the shared
+//! intake.
 
 pub mod core;
+pub mod jetstream;
 pub mod replay;
+pub mod spec;
 
-use futures::future::BoxFuture;
+use std::sync::Arc;
+
+use futures::future::LocalBoxFuture;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::Bus;
+use crate::intake::Sink;
 
-pub trait Source: Send {
-    /// What this source reads, for logs (`subject "orders.*" (queue agent-block)`).
+pub use spec::{ConsumerSpec, Queue, SourceSpec, SubscriptionSpec};
+
+/// Where a source runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// On every VM, with the VM's connection and intake.
+    EveryVm,
+    /// Once per process, feeding the shared intake.
+    Once,
+}
+
+/// What a source gets to run with on a VM thread.
+pub struct Link {
+    /// The VM's NATS connection; `None` without NATS (replay).
+    pub client: Option<async_nats::Client>,
+    pub sink: Sink,
+    pub stop: CancellationToken,
+}
+
+/// A future forwarding a source's events; it ends when the source is drained.
+pub type Forwarding = LocalBoxFuture<'static, ()>;
+
+pub trait Source: Send + Sync {
+    /// What this source reads, for logs.
     fn describe(&self) -> String;
 
-    /// Forwards events until the input ends or `stop` is cancelled and drained.
-    fn run(self: Box<Self>, bus: Bus, stop: CancellationToken) -> BoxFuture<'static, ()>;
+    fn placement(&self) -> Placement;
+
+    /// Subscribes or binds on the VM thread this is called on; resolves once the
+    /// server confirmed, with the future that forwards events until `stop`.
+    fn open(self: Arc<Self>, link: Link) -> LocalBoxFuture<'static, Result<Forwarding, String>>;
+}
+
+/// Builds the sources a script declared: subscriptions as they are, consumers
+/// after making them ready on the server (`client` is the process's connection).
+pub async fn build(
+    specs: &[SourceSpec],
+    client: &async_nats::Client,
+    worker_name: &str,
+) -> Result<Vec<Arc<dyn Source>>, jetstream::SetupError> {
+    let mut sources: Vec<Arc<dyn Source>> = Vec::with_capacity(specs.len());
+    for spec in specs {
+        match spec {
+            SourceSpec::Subscribe(spec) => sources.push(Arc::new(core::CoreSource::new(spec.clone(), worker_name))),
+            SourceSpec::Consume(spec) => {
+                sources.push(Arc::new(jetstream::JetStreamSource::prepare(client, spec.clone()).await?))
+            }
+        }
+    }
+    Ok(sources)
 }

@@ -7,22 +7,23 @@
 //! handlers at most until the grace deadline, then cancels them.
 
 pub mod context;
-mod permits;
+mod dispatch;
 pub mod sandbox;
 pub mod state;
 mod thread;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::Bus;
 use crate::config::{ConnectionConfig, LuaConfig};
 use crate::connect::ConnectError;
-use crate::source::core::SubscriptionSpec;
+use crate::intake::{IntakeStats, SharedIntake};
+use crate::source::{Source, SourceSpec};
 use crate::transport::Transport;
 
 pub use thread::Vm;
@@ -37,7 +38,7 @@ pub struct PoolSpec {
     pub handler_timeout: Duration,
     pub lua: LuaConfig,
     /// Where VMs publish when they have no connection of their own.
-    pub transport: Transport,
+    pub transport: Arc<dyn Transport>,
     /// Set for serving workers: each VM opens its own NATS connection, so its
     /// subscriptions, handlers and replies stay on its thread.
     pub connection: Option<ConnectionConfig>,
@@ -46,7 +47,7 @@ pub struct PoolSpec {
 /// What the script declared, read from the first VM after init.
 #[derive(Debug, Clone, Default)]
 pub struct InitReport {
-    pub subscriptions: Vec<SubscriptionSpec>,
+    pub sources: Vec<SourceSpec>,
     pub kinds: Vec<String>,
     pub has_on_any: bool,
     /// The VM's own NATS connection, if it has one.
@@ -64,13 +65,13 @@ pub enum StartError {
     Runtime(String),
 }
 
-/// The subscriptions a VM makes on its own connection, in the worker's queue
-/// groups: NATS then spreads their messages over every VM of every worker.
+/// The sources a VM opens on its thread: those placed on every VM, and on the
+/// first VM also those that run once per process.
 pub struct SourcePlan {
-    pub subscriptions: Vec<SubscriptionSpec>,
-    pub worker_name: String,
+    pub sources: Vec<Arc<dyn Source>>,
+    pub shared: SharedIntake,
     pub stop: CancellationToken,
-    pub subscribed: oneshot::Sender<Result<(), String>>,
+    pub opened: oneshot::Sender<Result<(), String>>,
 }
 
 /// The script failed to load or its top level raised; the message names file:line.
@@ -83,6 +84,8 @@ pub struct VmPool {
     finished: Vec<oneshot::Receiver<()>>,
     plans: Vec<oneshot::Sender<SourcePlan>>,
     clients: Vec<async_nats::Client>,
+    shared: SharedIntake,
+    stats: Arc<IntakeStats>,
 }
 
 /// Time the pool may take past the grace deadline to answer cancelled events and
@@ -91,8 +94,9 @@ const AFTER_GRACE: Duration = Duration::from_millis(800);
 
 impl VmPool {
     /// Starts the VMs and waits until every one finished init.
-    pub async fn start(spec: PoolSpec) -> Result<(VmPool, Bus, InitReport), StartError> {
+    pub async fn start(spec: PoolSpec) -> Result<(VmPool, InitReport), StartError> {
         let cancel = CancellationToken::new();
+        let stats = Arc::new(IntakeStats::default());
         let mut lanes = Vec::with_capacity(spec.workers);
         let mut inits = Vec::with_capacity(spec.workers);
         let mut finished = Vec::with_capacity(spec.workers);
@@ -107,6 +111,7 @@ impl VmPool {
                 spec: spec.clone(),
                 cancel: cancel.clone(),
                 lane: lane.clone(),
+                stats: stats.clone(),
                 plan: plan_rx,
             };
             std::thread::Builder::new()
@@ -127,7 +132,8 @@ impl VmPool {
             first_report.get_or_insert(report);
         }
         let report = first_report.expect("the pool has at least one VM");
-        Ok((VmPool { cancel, finished, plans, clients }, Bus::new(lanes), report))
+        let shared = SharedIntake::new(lanes, stats.clone());
+        Ok((VmPool { cancel, finished, plans, clients, shared, stats }, report))
     }
 
     /// The VMs' own NATS connections.
@@ -135,38 +141,40 @@ impl VmPool {
         &self.clients
     }
 
-    /// Has every VM subscribe to `subscriptions` on its own connection; returns
-    /// once the server confirmed them all.
-    pub async fn start_local_sources(
-        &mut self,
-        subscriptions: &[SubscriptionSpec],
-        worker_name: &str,
-        stop: &CancellationToken,
-    ) -> Result<(), String> {
+    /// Events the intake refused, over all VMs.
+    pub fn stats(&self) -> &Arc<IntakeStats> {
+        &self.stats
+    }
+
+    /// Opens `sources` where their placement says; returns once every VM has
+    /// opened its share and the server confirmed them.
+    pub async fn open_sources(&mut self, sources: &[Arc<dyn Source>], stop: &CancellationToken) -> Result<(), String> {
         let mut confirmations = Vec::new();
         for plan in self.plans.drain(..) {
-            let (subscribed, confirmed) = oneshot::channel();
+            let (opened, confirmed) = oneshot::channel();
             let plan_sent = plan.send(SourcePlan {
-                subscriptions: subscriptions.to_vec(),
-                worker_name: worker_name.to_string(),
+                sources: sources.to_vec(),
+                shared: self.shared.clone(),
                 stop: stop.clone(),
-                subscribed,
+                opened,
             });
             if plan_sent.is_err() {
-                return Err("a Lua VM stopped before subscribing".to_string());
+                return Err("a Lua VM stopped before opening its sources".to_string());
             }
             confirmations.push(confirmed);
         }
         for confirmed in confirmations {
-            confirmed.await.map_err(|_| "a Lua VM stopped while subscribing".to_string())??;
+            confirmed.await.map_err(|_| "a Lua VM stopped while opening its sources".to_string())??;
         }
         Ok(())
     }
 
-    /// Waits for the VMs to finish their queues once every bus handle is dropped;
-    /// at `grace_deadline` cancels what still runs (requests get 503).
+    /// Waits for the VMs to finish their queues once their sources are drained;
+    /// at `grace_deadline` cancels what still runs (requests get 503, JetStream
+    /// messages are nak'ed).
     pub async fn shutdown(self, grace_deadline: Instant) {
         drop(self.plans);
+        drop(self.shared);
         let all_finished = futures::future::join_all(self.finished);
         tokio::pin!(all_finished);
         tokio::select! {

@@ -1,16 +1,17 @@
 //! Per-VM state the Lua API reads and writes: registered handlers, declared
-//! subscriptions, the script's serve phase, and where messages go.
+//! sources, the script's serve phase, and where messages go.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use mlua::{Function, Lua};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use crate::source::core::SubscriptionSpec;
+use crate::source::SourceSpec;
 use crate::transport::Transport;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,9 +60,10 @@ pub struct VmState {
     pub workers: usize,
     pub script: PathBuf,
     pub script_dir: PathBuf,
-    pub transport: Transport,
+    pub transport: Arc<dyn Transport>,
     pub handlers: RefCell<Handlers>,
-    pub subscriptions: RefCell<Vec<SubscriptionSpec>>,
+    /// Declared by `bus.subscribe` and `bus.consume`.
+    pub sources: RefCell<Vec<SourceSpec>>,
     pub phase: Cell<Phase>,
     /// Fired when init ends at `bus.serve()`.
     pub init_done: RefCell<Option<oneshot::Sender<()>>>,

@@ -1,8 +1,10 @@
-//! One VM thread: loads the script, runs init until `bus.serve()`, then serves
-//! events from its bus lane until the lane closes or shutdown cancels it, then lets
+//! One VM thread: loads the script, runs init until `bus.serve()`, opens the
+//! sources the pool places here, then serves events from its intake until the
+//! sources are drained and the queue closes, or shutdown cancels it; then lets
 //! `bus.serve()` return so the script's cleanup code runs.
 
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mlua::prelude::{LuaGcGenParams as GcGenParams, LuaGcMode as GcMode};
@@ -11,16 +13,16 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::LocalSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::ack;
 use crate::connect;
-use crate::dispatch;
 use crate::event::Event;
+use crate::intake::{Intake, IntakeStats, Sink, Slot, Slots};
 use crate::lua_api::{self, event::EventTables};
 use crate::outcome::{Failure, Outcome};
-use crate::source::core::CoreSource;
-use crate::transport::Transport;
+use crate::settle;
+use crate::source::{Link, Placement};
+use crate::transport::NatsTransport;
 use crate::vm::context::{self, HookAction, Scoped, TaskContext};
-use crate::vm::permits::Permits;
+use crate::vm::dispatch;
 use crate::vm::state::{Handlers, Phase, VmState};
 use crate::vm::{InitReport, PoolSpec, ScriptError, SourcePlan, StartError, sandbox};
 
@@ -31,15 +33,16 @@ const HOOK_INTERVAL: u32 = 4096;
 const CLEANUP_LIMIT: Duration = Duration::from_millis(500);
 /// How long past its deadline a stuck top level may take to be noticed.
 const INIT_SLACK: Duration = Duration::from_millis(100);
-/// Events taken from the lane per wakeup.
+/// Events taken from the queue per wakeup.
 const BATCH: usize = 64;
 
 pub(super) struct Setup {
     pub worker_id: usize,
     pub spec: PoolSpec,
     pub cancel: CancellationToken,
-    /// This VM's own lane, for the sources it runs itself.
+    /// This VM's own queue, for the sources it runs itself.
     pub lane: mpsc::Sender<Event>,
+    pub stats: Arc<IntakeStats>,
     pub plan: oneshot::Receiver<SourcePlan>,
 }
 
@@ -53,7 +56,7 @@ pub struct Vm {
     pub handler_timeout: Duration,
     pub cancel: CancellationToken,
     /// Slots for handlers in flight (`--concurrency`).
-    permits: Rc<Permits>,
+    slots: Rc<Slots>,
     concurrency: usize,
 }
 
@@ -75,11 +78,11 @@ pub(super) fn run(
 }
 
 async fn lifecycle(setup: Setup, events: mpsc::Receiver<Event>, init: oneshot::Sender<Result<InitReport, StartError>>) {
-    let Setup { worker_id, mut spec, cancel, lane, plan } = setup;
+    let Setup { worker_id, mut spec, cancel, lane, stats, plan } = setup;
     let client = match &spec.connection {
         Some(connection) => match connect::connect(connection).await {
             Ok(client) => {
-                spec.transport = Transport::Nats(client.clone());
+                spec.transport = Arc::new(NatsTransport(client.clone()));
                 Some(client)
             }
             Err(err) => {
@@ -129,9 +132,10 @@ async fn lifecycle(setup: Setup, events: mpsc::Receiver<Event>, init: oneshot::S
     if init.send(report.map_err(StartError::from)).is_err() || failed {
         return;
     }
-    tokio::task::spawn_local(run_local_sources(plan, lane, client.clone(), vm.clone()));
+    let intake = Rc::new(Intake::new(lane, vm.slots.clone(), vm.starter(), stats));
+    tokio::task::spawn_local(open_sources(plan, intake, client.clone(), vm.state.worker_id));
 
-    vm.serve_events(events).await;
+    vm.serve_queue(events).await;
     if let Some(client) = &client {
         connect::flush_briefly(client).await;
     }
@@ -148,35 +152,35 @@ async fn lifecycle(setup: Setup, events: mpsc::Receiver<Event>, init: oneshot::S
     }
 }
 
-/// Subscribes as the plan says on this VM's own connection and starts handlers
-/// for their messages right here. Each source holds a handle of the VM's lane, so
-/// the VM keeps serving until its sources are drained. Without a plan (the pool
-/// did not ask) the handle is just dropped.
-async fn run_local_sources(
+/// Opens the sources the plan places on this VM and forwards their events. Each
+/// source holds this VM's intake, so the VM keeps serving until its sources are
+/// drained. Without a plan (the pool did not ask) the intake is just dropped.
+async fn open_sources(
     plan: oneshot::Receiver<SourcePlan>,
-    lane: mpsc::Sender<Event>,
+    intake: Rc<Intake>,
     client: Option<async_nats::Client>,
-    vm: Rc<Vm>,
+    worker_id: usize,
 ) {
     let Ok(plan) = plan.await else { return };
-    let Some(client) = client else {
-        let _ = plan.subscribed.send(Ok(()));
-        return;
-    };
-    let sources = match CoreSource::subscribe_all(&client, &plan.subscriptions, &plan.worker_name).await {
-        Ok(sources) => sources,
-        Err(message) => {
-            let _ = plan.subscribed.send(Err(message));
-            return;
+    let mut forwarding = Vec::new();
+    for source in &plan.sources {
+        let sink = match source.placement() {
+            Placement::EveryVm => Sink::Local(intake.clone()),
+            Placement::Once if worker_id == 0 => Sink::Shared(plan.shared.clone()),
+            Placement::Once => continue,
+        };
+        let link = Link { client: client.clone(), sink, stop: plan.stop.clone() };
+        match source.clone().open(link).await {
+            Ok(forward) => forwarding.push(forward),
+            Err(message) => {
+                let _ = plan.opened.send(Err(message));
+                return;
+            }
         }
-    };
-    let _ = plan.subscribed.send(Ok(()));
-    for source in sources {
-        let (vm, keep_lane_open, stop) = (vm.clone(), lane.clone(), plan.stop.clone());
-        tokio::task::spawn_local(async move {
-            source.forward(stop, |event| vm.start(event)).await;
-            drop(keep_lane_open);
-        });
+    }
+    let _ = plan.opened.send(Ok(()));
+    for forward in forwarding {
+        tokio::task::spawn_local(forward);
     }
 }
 
@@ -197,7 +201,7 @@ impl Vm {
             script_dir: script_dir.clone(),
             transport: spec.transport.clone(),
             handlers: Default::default(),
-            subscriptions: Default::default(),
+            sources: Default::default(),
             phase: std::cell::Cell::new(Phase::Init),
             init_done: Default::default(),
             release: CancellationToken::new(),
@@ -230,7 +234,7 @@ impl Vm {
             runner,
             handler_timeout: spec.handler_timeout,
             cancel,
-            permits: Permits::new(spec.concurrency),
+            slots: Slots::new(spec.concurrency),
             concurrency: spec.concurrency,
         };
         Ok((vm, main_chunk))
@@ -239,16 +243,17 @@ impl Vm {
     fn report(&self) -> InitReport {
         let handlers: std::cell::Ref<'_, Handlers> = self.state.handlers.borrow();
         InitReport {
-            subscriptions: self.state.subscriptions.borrow().clone(),
+            sources: self.state.sources.borrow().clone(),
             kinds: handlers.kinds(),
             has_on_any: handlers.has_any(),
             client: None,
         }
     }
 
-    /// Runs handlers for the lane's events until it closes (then waits for the ones
-    /// in flight) or shutdown cancels (then answers what is left with 503).
-    async fn serve_events(self: &Rc<Self>, mut events: mpsc::Receiver<Event>) {
+    /// Runs handlers for the queued events until the queue closes (then waits
+    /// for the ones in flight) or shutdown cancels (then answers what is left as
+    /// cancelled).
+    async fn serve_queue(self: &Rc<Self>, mut events: mpsc::Receiver<Event>) {
         let mut batch = Vec::with_capacity(BATCH);
         'receive: loop {
             let received = tokio::select! {
@@ -261,11 +266,17 @@ impl Vm {
             }
             let mut pending = batch.drain(..);
             while let Some(event) = pending.next() {
-                if let Err(event) = self.start(event).await {
+                let slot = tokio::select! {
+                    biased;
+                    _ = self.cancel.cancelled() => None,
+                    slot = self.slots.acquire() => Some(slot),
+                };
+                let Some(slot) = slot else {
                     let rest: Vec<Event> = std::iter::once(event).chain(pending).collect();
-                    self.answer_cancelled(rest).await;
+                    answer_cancelled(rest).await;
                     break 'receive;
-                }
+                };
+                self.start(event, slot);
             }
         }
         events.close();
@@ -273,32 +284,30 @@ impl Vm {
         while let Ok(event) = events.try_recv() {
             rest.push(event);
         }
-        self.answer_cancelled(rest).await;
-        self.permits.all_free(self.concurrency).await;
+        answer_cancelled(rest).await;
+        self.slots.all_free(self.concurrency).await;
     }
 
-    /// Starts a handler task for `event` once a slot is free; gives the event back
-    /// when shutdown cancelled the VM.
-    pub async fn start(self: &Rc<Self>, event: Event) -> Result<(), Event> {
-        let permit = tokio::select! {
-            biased;
-            _ = self.cancel.cancelled() => return Err(event),
-            permit = self.permits.acquire() => permit,
-        };
+    /// Runs the handler for `event` in its own task, holding `slot` until it ends.
+    fn start(self: &Rc<Self>, event: Event, slot: Slot) {
         let vm = self.clone();
         // Boxed: tokio copies a task's whole future when its stage changes, and an
         // event's future is a few kilobytes.
         tokio::task::spawn_local(Box::pin(async move {
             dispatch::process(&vm, event).await;
-            drop(permit);
+            drop(slot);
         }));
-        Ok(())
     }
 
-    async fn answer_cancelled(&self, events: Vec<Event>) {
-        for event in events {
-            ack::settle(&self.state.transport, event, Outcome::Error(Failure::cancelled())).await;
-        }
+    fn starter(self: &Rc<Self>) -> crate::intake::Starter {
+        let vm = self.clone();
+        Box::new(move |event, slot| vm.start(event, slot))
+    }
+}
+
+async fn answer_cancelled(events: Vec<Event>) {
+    for event in events {
+        settle::settle(event, Outcome::Error(Failure::cancelled())).await;
     }
 }
 

@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 use mlua::{Table, Value};
 use tracing::Instrument;
 
-use crate::ack;
 use crate::event::Event;
 use crate::lua_api::bus::Directive;
 use crate::lua_api::event::PayloadError;
 use crate::lua_api::json;
 use crate::outcome::{Failure, FailureCause, Outcome};
+use crate::settle;
 use crate::vm::Vm;
 use crate::vm::context::{Interrupt, Scoped, TaskContext};
 
@@ -33,9 +33,20 @@ pub async fn process(vm: &Rc<Vm>, event: Event) {
         agent_block.outcome = tracing::field::Empty,
     );
     let work = async {
-        let outcome = run(vm, &event).await;
+        let outcome = match event.delivery.as_ref().and_then(|d| d.while_running()) {
+            Some(keep_alive) => {
+                let run = run(vm, &event);
+                tokio::pin!(run);
+                tokio::select! {
+                    biased;
+                    outcome = &mut run => outcome,
+                    _ = keep_alive => run.await,
+                }
+            }
+            None => run(vm, &event).await,
+        };
         tracing::Span::current().record("agent_block.outcome", outcome.label());
-        ack::settle(&vm.state.transport, event, outcome).await;
+        settle::settle(event, outcome).await;
     };
     // No subscriber wants the span (no exporter): skip entering it on every poll.
     if span.is_disabled() { work.await } else { work.instrument(span).await }
@@ -55,7 +66,7 @@ pub async fn run(vm: &Vm, event: &Event) -> Outcome {
     let mut context = TaskContext::new(Some(deadline), Some(vm.cancel.clone()));
     context.kind = Some(event.kind.clone());
     context.id = Some(event.id.clone());
-    context.traceparent = event.headers.as_ref().and_then(|h| h.get("traceparent")).map(|v| v.as_str().to_string());
+    context.traceparent = event.traceparent().map(str::to_string);
     let context = Rc::new(context);
     let call = Scoped::new(context.clone(), vm.runner.call_async::<(bool, Value)>((handler, table)));
     let result = tokio::select! {

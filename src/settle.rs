@@ -1,0 +1,47 @@
+//! Settling an outcome: logs what failed, then lets the event's own delivery
+//! report it (core reply, JetStream ack, replay line). Also the NATS micro error
+//! reply format shared by every core reply.
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+
+use crate::event::Event;
+use crate::outcome::Outcome;
+
+pub const SERVICE_ERROR: &str = "Nats-Service-Error";
+pub const SERVICE_ERROR_CODE: &str = "Nats-Service-Error-Code";
+
+pub async fn settle(event: Event, outcome: Outcome) {
+    log_outcome(&event, &outcome);
+    event.settle(outcome).await;
+}
+
+/// The reply message for a core request.
+pub fn reply_of(outcome: Outcome) -> (Option<HeaderMap>, Bytes) {
+    if let Some((code, message)) = outcome.error_reply() {
+        return (Some(error_headers(code, &message)), Bytes::new());
+    }
+    match outcome {
+        Outcome::Ack { body, headers } => (headers, body),
+        _ => unreachable!("error_reply covers every outcome but ack"),
+    }
+}
+
+pub fn error_headers(code: u16, message: &str) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    // Header values cannot hold line breaks; tracebacks keep their first line.
+    let first_line = message.lines().next().unwrap_or("");
+    headers.insert(SERVICE_ERROR, first_line);
+    headers.insert(SERVICE_ERROR_CODE, code.to_string().as_str());
+    headers
+}
+
+fn log_outcome(event: &Event, outcome: &Outcome) {
+    match outcome {
+        Outcome::Ack { .. } => {}
+        Outcome::Error(failure) => tracing::warn!(
+            kind = %event.kind, id = %event.id, code = failure.code, error = %failure.message, "event failed"
+        ),
+        other => tracing::info!(kind = %event.kind, id = %event.id, outcome = other.label(), "event not acked"),
+    }
+}

@@ -1,0 +1,454 @@
+//! JetStream durable pull consumers (`bus.consume`): at-least-once processing.
+//!
+//! Each VM pulls on its own connection only as many messages as it has room for
+//! (free handler slots less what it already asked for), so no message ages
+//! against `ack_wait` in a client buffer, and a pool shares one durable consumer
+//! by capacity: an idle worker takes what a busy one cannot. Pull requests carry
+//! an expiry and an idle heartbeat; a missed heartbeat means the requests were
+//! lost (reconnect, server restart, fail-over), and the VM pulls afresh.
+//!
+//! The consumer's `backoff` is applied by this worker as the delay of each nak
+//! and is not sent to the server: a server-side backoff would replace `ack_wait`
+//! and apply only to ack timeouts (a plain nak is redelivered at once).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream::{self, AckKind, consumer::AckPolicy};
+use async_nats::{HeaderMap, StatusCode, Subject};
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::future::LocalBoxFuture;
+use tokio::time::Instant;
+
+use crate::event::{Event, EventId, Settle, StreamMeta};
+use crate::outcome::{FailureCause, Outcome};
+use crate::source::spec::ConsumerSpec;
+use crate::source::{Forwarding, Link, Placement, Source};
+
+/// How long a pull request waits on the server for messages.
+const PULL_EXPIRES: Duration = Duration::from_secs(10);
+/// The server's sign of life while a pull request waits.
+const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
+/// Silence after which the pull requests are taken as lost.
+const HEARTBEAT_MISSED: Duration = Duration::from_secs(5);
+const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
+
+/// Why a consumer could not be set up; a configuration mistake exits 2.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
+    Nats(String),
+}
+
+/// A consumer made ready on the server.
+pub struct JetStreamSource {
+    spec: Arc<ConsumerSpec>,
+    /// The `ack_wait` the server applies, which times in-progress acks.
+    ack_wait: Duration,
+}
+
+impl JetStreamSource {
+    /// Creates the stream (when asked) and the consumer if missing, updates the
+    /// consumer when its settings changed, and checks that the server kept them.
+    pub async fn prepare(client: &async_nats::Client, spec: ConsumerSpec) -> Result<Self, SetupError> {
+        let js = jetstream::new(client.clone());
+        let stream = match js.get_stream(&spec.stream).await {
+            Ok(stream) => stream,
+            Err(err) if is_stream_not_found(&err) => match &spec.create_stream {
+                Some(subjects) => js
+                    .create_stream(jetstream::stream::Config {
+                        name: spec.stream.clone(),
+                        subjects: subjects.clone(),
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|err| SetupError::Config(format!("cannot create stream {:?}: {err}", spec.stream)))?,
+                None => {
+                    return Err(SetupError::Config(format!(
+                        "stream {:?} does not exist; create it, or let bus.consume create it with \
+                         create_stream = {{ subjects = {{ ... }} }}",
+                        spec.stream
+                    )));
+                }
+            },
+            Err(err) => return Err(SetupError::Nats(format!("cannot look up stream {:?}: {err}", spec.stream))),
+        };
+        let wanted = consumer_config(&spec);
+        let consumer = stream.create_consumer(wanted.clone()).await.map_err(|err| {
+            SetupError::Config(format!("cannot create or update consumer {}/{}: {err}", spec.stream, spec.consumer))
+        })?;
+        let applied = &consumer.cached_info().config;
+        check_applied(&spec, &wanted, applied)?;
+        Ok(JetStreamSource { ack_wait: applied.ack_wait, spec: Arc::new(spec) })
+    }
+}
+
+fn is_stream_not_found(err: &jetstream::context::GetStreamError) -> bool {
+    matches!(err.kind(), jetstream::context::GetStreamErrorKind::JetStream(js)
+        if js.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
+}
+
+fn consumer_config(spec: &ConsumerSpec) -> jetstream::consumer::pull::Config {
+    jetstream::consumer::pull::Config {
+        durable_name: Some(spec.consumer.clone()),
+        filter_subject: spec.subject.clone().unwrap_or_default(),
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: spec.ack_wait.unwrap_or(DEFAULT_ACK_WAIT),
+        max_deliver: spec.max_deliver.unwrap_or(-1),
+        max_ack_pending: spec.max_ack_pending.unwrap_or(0),
+        ..Default::default()
+    }
+}
+
+/// Servers ignore fields they do not know (2.9 drops newer ones), so what was
+/// sent is compared with what the server reports.
+fn check_applied(
+    spec: &ConsumerSpec,
+    wanted: &jetstream::consumer::pull::Config,
+    applied: &jetstream::consumer::Config,
+) -> Result<(), SetupError> {
+    let mut differences = Vec::new();
+    if applied.filter_subject != wanted.filter_subject {
+        differences.push(format!("subject {:?} (server has {:?})", wanted.filter_subject, applied.filter_subject));
+    }
+    if applied.ack_wait != wanted.ack_wait {
+        differences.push(format!("ack_wait {:?} (server has {:?})", wanted.ack_wait, applied.ack_wait));
+    }
+    if spec.max_deliver.is_some() && applied.max_deliver != wanted.max_deliver {
+        differences.push(format!("max_deliver {} (server has {})", wanted.max_deliver, applied.max_deliver));
+    }
+    if spec.max_ack_pending.is_some() && applied.max_ack_pending != wanted.max_ack_pending {
+        differences
+            .push(format!("max_ack_pending {} (server has {})", wanted.max_ack_pending, applied.max_ack_pending));
+    }
+    if differences.is_empty() {
+        return Ok(());
+    }
+    Err(SetupError::Config(format!(
+        "consumer {}/{}: the server did not apply {}; an existing consumer may not allow this change \
+         (delete it with `nats consumer rm {} {}`) or the server is too old for the setting",
+        spec.stream,
+        spec.consumer,
+        differences.join(", "),
+        spec.stream,
+        spec.consumer
+    )))
+}
+
+impl Source for JetStreamSource {
+    fn describe(&self) -> String {
+        format!(
+            "consume {}/{} ack_wait={}",
+            self.spec.stream,
+            self.spec.consumer,
+            humantime::format_duration(self.ack_wait)
+        )
+    }
+
+    fn placement(&self) -> Placement {
+        Placement::EveryVm
+    }
+
+    fn open(self: Arc<Self>, link: Link) -> LocalBoxFuture<'static, Result<Forwarding, String>> {
+        Box::pin(async move {
+            let Some(client) = link.client.clone() else {
+                return Err(format!("{}: no NATS connection", self.describe()));
+            };
+            let inbox = client.new_inbox();
+            let subscriber = client
+                .subscribe(inbox.clone())
+                .await
+                .map_err(|err| format!("cannot subscribe for {}: {err}", self.describe()))?;
+            client.flush().await.map_err(|err| format!("cannot confirm subscriptions with NATS: {err}"))?;
+            let puller = Puller {
+                next_subject: format!("$JS.API.CONSUMER.MSG.NEXT.{}.{}", self.spec.stream, self.spec.consumer).into(),
+                inbox: inbox.into(),
+                client,
+                requests: VecDeque::new(),
+                outstanding: 0,
+            };
+            Ok(Box::pin(puller.run(self, subscriber, link)) as Forwarding)
+        })
+    }
+}
+
+/// The pull requests of one VM and the messages still owed on them.
+struct Puller {
+    next_subject: Subject,
+    inbox: Subject,
+    client: async_nats::Client,
+    /// Messages still owed per pull request, oldest first (the server fills
+    /// requests in order).
+    requests: VecDeque<(usize, Instant)>,
+    outstanding: usize,
+}
+
+impl Puller {
+    async fn run(mut self, source: Arc<JetStreamSource>, mut subscriber: async_nats::Subscriber, link: Link) {
+        let capacity = link.sink.room().max(1);
+        // Ask again once this much room is free, so a busy VM sends fewer, larger
+        // pulls, while an idle one asks as soon as anything frees.
+        let threshold = (capacity / 2).max(1);
+        let js = jetstream::new(self.client.clone());
+        let mut last_heard = Instant::now();
+        loop {
+            self.forget_expired();
+            let want = link.sink.room().saturating_sub(self.outstanding);
+            if want > 0 && (self.outstanding == 0 || want >= threshold) {
+                if self.pull(want).await.is_err() {
+                    // Disconnected: the client reconnects; try again shortly.
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                if self.requests.len() == 1 {
+                    last_heard = Instant::now();
+                }
+            }
+            let silence_limit = last_heard + HEARTBEAT_MISSED;
+            tokio::select! {
+                biased;
+                _ = link.stop.cancelled() => break,
+                message = subscriber.next() => {
+                    let Some(message) = message else { break };
+                    last_heard = Instant::now();
+                    if let Some(event) = self.receive(&source, &js, message)
+                        && let Err(event) = link.sink.deliver(event).await
+                    {
+                        event.settle(Outcome::Error(crate::outcome::Failure::cancelled())).await;
+                    }
+                }
+                _ = link.sink.room_changed(), if want == 0 || self.outstanding > 0 => {}
+                _ = tokio::time::sleep_until(silence_limit), if self.outstanding > 0 => {
+                    tracing::debug!(source = %source.describe(), "pull requests unanswered; pulling afresh");
+                    self.requests.clear();
+                    self.outstanding = 0;
+                    last_heard = Instant::now();
+                }
+            }
+        }
+        // Messages already on their way to a closed inbox are redelivered by the
+        // server after ack_wait; unsubscribing stops new ones at once.
+        let _ = subscriber.unsubscribe().await;
+    }
+
+    async fn pull(&mut self, batch: usize) -> Result<(), async_nats::PublishError> {
+        let request = serde_json::json!({
+            "batch": batch,
+            "expires": PULL_EXPIRES.as_nanos() as u64,
+            "idle_heartbeat": PULL_HEARTBEAT.as_nanos() as u64,
+        });
+        let body = Bytes::from(request.to_string());
+        self.client.publish_with_reply(self.next_subject.clone(), self.inbox.clone(), body).await?;
+        self.requests.push_back((batch, Instant::now() + PULL_EXPIRES));
+        self.outstanding += batch;
+        Ok(())
+    }
+
+    fn forget_expired(&mut self) {
+        let now = Instant::now();
+        while let Some(&(owed, expires)) = self.requests.front() {
+            if expires + PULL_HEARTBEAT > now {
+                break;
+            }
+            self.requests.pop_front();
+            self.outstanding -= owed;
+        }
+    }
+
+    /// A status ends the oldest request; a message pays one owed on it.
+    fn end_oldest_request(&mut self) {
+        if let Some((owed, _)) = self.requests.pop_front() {
+            self.outstanding -= owed;
+        }
+    }
+
+    fn receive(
+        &mut self,
+        source: &Arc<JetStreamSource>,
+        js: &jetstream::Context,
+        message: async_nats::Message,
+    ) -> Option<Event> {
+        if let Some(status) = message.status {
+            if status == StatusCode::IDLE_HEARTBEAT {
+                return None;
+            }
+            if status == StatusCode::REQUEST_TERMINATED {
+                let reason = message.description.as_deref().unwrap_or("");
+                if reason.to_ascii_lowercase().contains("deleted") {
+                    tracing::warn!(source = %source.describe(), reason, "consumer deleted on the server");
+                }
+            }
+            self.end_oldest_request();
+            return None;
+        }
+        if let Some(front) = self.requests.front_mut() {
+            front.0 -= 1;
+            self.outstanding -= 1;
+            if front.0 == 0 {
+                self.requests.pop_front();
+            }
+        }
+        let message = jetstream::Message { message, context: js.clone() };
+        Some(event_of(source, message))
+    }
+}
+
+fn event_of(source: &Arc<JetStreamSource>, message: jetstream::Message) -> Event {
+    let spec = &source.spec;
+    let meta = match message.info() {
+        Ok(info) => StreamMeta {
+            stream: info.stream.to_string(),
+            consumer: info.consumer.to_string(),
+            delivered: u64::try_from(info.delivered).unwrap_or(1),
+            stream_sequence: info.stream_sequence,
+            pending: info.pending,
+            published: system_time(info.published.unix_timestamp_nanos()),
+        },
+        Err(_) => StreamMeta {
+            stream: spec.stream.clone(),
+            consumer: spec.consumer.clone(),
+            delivered: 1,
+            stream_sequence: 0,
+            pending: 0,
+            published: SystemTime::now(),
+        },
+    };
+    let subject = message.message.subject.clone();
+    let kind = spec.kind.render(&subject);
+    let mut event = Event::new(kind, subject, None, message.message.headers.clone(), message.message.payload.clone());
+    if matches!(event.id, EventId::Generated(_)) {
+        event.id = EventId::Given(format!("{}:{}", meta.stream, meta.stream_sequence).into());
+    }
+    event.timeout = spec.timeout;
+    event.delivery = Some(Box::new(JetStreamAck {
+        message,
+        spec: spec.clone(),
+        delivered: meta.delivered,
+        stream_sequence: meta.stream_sequence,
+        ack_wait: source.ack_wait,
+        received: Instant::now(),
+    }));
+    event.stream = Some(Box::new(meta));
+    event
+}
+
+fn system_time(unix_nanos: i128) -> SystemTime {
+    u64::try_from(unix_nanos).map(|n| UNIX_EPOCH + Duration::from_nanos(n)).unwrap_or(UNIX_EPOCH)
+}
+
+/// Settles a JetStream message: ack, nak with backoff, or dead letter and term.
+struct JetStreamAck {
+    message: jetstream::Message,
+    spec: Arc<ConsumerSpec>,
+    delivered: u64,
+    stream_sequence: u64,
+    ack_wait: Duration,
+    received: Instant,
+}
+
+impl Settle for JetStreamAck {
+    fn settle<'a>(self: Box<Self>, event: &'a Event, outcome: Outcome) -> LocalBoxFuture<'a, ()> {
+        Box::pin(async move {
+            let result = match outcome {
+                // Confirmed: success is not reported until the server has the ack.
+                Outcome::Ack { .. } => self.message.double_ack().await,
+                Outcome::Nak { delay } => self.message.ack_with(AckKind::Nak(delay)).await,
+                Outcome::Term { .. } => self.message.ack_with(AckKind::Term).await,
+                Outcome::Error(failure) => {
+                    let redelivery_cannot_help = failure.cause == FailureCause::BadPayload;
+                    let last_delivery = self.spec.max_deliver.is_some_and(|max| self.delivered >= max as u64);
+                    match failure.cause {
+                        FailureCause::Cancelled | FailureCause::Overloaded => {
+                            self.message.ack_with(AckKind::Nak(None)).await
+                        }
+                        _ if redelivery_cannot_help || last_delivery => {
+                            self.dead_letter_and_term(event, &failure.message).await
+                        }
+                        _ => self.message.ack_with(AckKind::Nak(self.spec.backoff_after(self.delivered))).await,
+                    }
+                }
+            };
+            if let Err(err) = result {
+                tracing::warn!(
+                    kind = %event.kind, id = %event.id, error = %err,
+                    "JetStream ack not confirmed; the server will redeliver the message"
+                );
+            }
+        })
+    }
+
+    /// In-progress acks from half of `ack_wait` on, so a long handler's message is
+    /// not redelivered under it.
+    fn while_running(&self) -> Option<LocalBoxFuture<'_, ()>> {
+        let interval = self.ack_wait / 2;
+        if interval.is_zero() {
+            return None;
+        }
+        Some(Box::pin(async move {
+            let mut next = self.received + interval;
+            loop {
+                tokio::time::sleep_until(next).await;
+                if let Err(err) = self.message.ack_with(AckKind::Progress).await {
+                    tracing::debug!(error = %err, "in-progress ack not sent");
+                }
+                next += interval;
+            }
+        }))
+    }
+}
+
+impl JetStreamAck {
+    /// Publishes the message to the dead-letter subject, then terminates it; if
+    /// the publish is not confirmed the message is nak'ed instead, so nothing is
+    /// lost.
+    async fn dead_letter_and_term(&self, event: &Event, error: &str) -> Result<(), async_nats::Error> {
+        if let Some(subject) = &self.spec.dead_letter {
+            if let Err(err) = self.publish_dead_letter(subject, event, error).await {
+                tracing::warn!(
+                    kind = %event.kind, id = %event.id, dead_letter = %subject, error = %err,
+                    "dead letter not published; the message will be redelivered"
+                );
+                return self.message.ack_with(AckKind::Nak(self.spec.backoff_after(self.delivered))).await;
+            }
+            tracing::warn!(kind = %event.kind, id = %event.id, dead_letter = %subject, error, "dead-lettered");
+        } else {
+            tracing::warn!(kind = %event.kind, id = %event.id, error, "terminated (no dead_letter subject)");
+        }
+        self.message.ack_with(AckKind::Term).await
+    }
+
+    async fn publish_dead_letter(&self, subject: &str, event: &Event, error: &str) -> Result<(), async_nats::Error> {
+        let mut headers = event.headers.clone().unwrap_or_default();
+        // Header values cannot hold line breaks; tracebacks keep their first line.
+        headers.insert("Agent-Block-Error", error.lines().next().unwrap_or(""));
+        headers.insert("Agent-Block-Kind", event.kind.as_str());
+        headers.insert("Agent-Block-Delivered", self.delivered.to_string().as_str());
+        headers.insert("Agent-Block-Stream", self.spec.stream.as_str());
+        headers.insert("Agent-Block-Stream-Seq", self.stream_sequence.to_string().as_str());
+        publish_confirmed(&self.message.context, subject, headers, event.data.clone()).await
+    }
+}
+
+/// A JetStream publish acknowledged by the stream that captures `subject`; when
+/// no stream does, a core publish confirmed by a flush.
+async fn publish_confirmed(
+    js: &jetstream::Context,
+    subject: &str,
+    headers: HeaderMap,
+    data: Bytes,
+) -> Result<(), async_nats::Error> {
+    let subject = Subject::from(subject);
+    let ack = js.publish_with_headers(subject.clone(), headers.clone(), data.clone()).await?;
+    match ack.await {
+        Ok(_) => Ok(()),
+        Err(err) if err.kind() == jetstream::context::PublishErrorKind::StreamNotFound => {
+            js.client().publish_with_headers(subject, headers, data).await?;
+            js.client().flush().await?;
+            Ok(())
+        }
+        Err(err) => Err(err.into()),
+    }
+}

@@ -1,0 +1,141 @@
+//! What a script declares at its top level: `bus.subscribe` and `bus.consume`.
+
+use std::time::Duration;
+
+use crate::kind::KindTemplate;
+
+/// One declared source.
+#[derive(Debug, Clone)]
+pub enum SourceSpec {
+    Subscribe(SubscriptionSpec),
+    Consume(ConsumerSpec),
+}
+
+impl SourceSpec {
+    /// One line for `check` and the logs.
+    pub fn describe(&self, worker_name: &str) -> String {
+        match self {
+            SourceSpec::Subscribe(spec) => spec.describe(worker_name),
+            SourceSpec::Consume(spec) => spec.describe(),
+        }
+    }
+
+    /// The subject pattern and kind template, for mapping subjects to kinds.
+    pub fn subject_and_kind(&self) -> (&str, &KindTemplate) {
+        match self {
+            SourceSpec::Subscribe(spec) => (&spec.subject, &spec.kind),
+            SourceSpec::Consume(spec) => (spec.subject.as_deref().unwrap_or(">"), &spec.kind),
+        }
+    }
+
+    pub fn timeout(&self) -> Option<Duration> {
+        match self {
+            SourceSpec::Subscribe(spec) => spec.timeout,
+            SourceSpec::Consume(spec) => spec.timeout,
+        }
+    }
+}
+
+/// A core NATS subscription declared by `bus.subscribe`.
+#[derive(Debug, Clone)]
+pub struct SubscriptionSpec {
+    pub subject: String,
+    pub kind: KindTemplate,
+    pub queue: Queue,
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Queue {
+    /// The worker's `--name`.
+    Default,
+    Named(String),
+    /// `queue = false`: every worker gets every message.
+    None,
+}
+
+impl SubscriptionSpec {
+    pub fn queue_group(&self, worker_name: &str) -> Option<String> {
+        match &self.queue {
+            Queue::Default => Some(worker_name.to_string()),
+            Queue::Named(name) => Some(name.clone()),
+            Queue::None => None,
+        }
+    }
+
+    pub fn describe(&self, worker_name: &str) -> String {
+        let queue = self.queue_group(worker_name).map(|q| format!(" queue={q}")).unwrap_or_default();
+        let timeout = self.timeout.map(|t| format!(" timeout={}", humantime::format_duration(t))).unwrap_or_default();
+        format!("subscribe {} kind={}{queue}{timeout}", self.subject, self.kind)
+    }
+}
+
+/// A JetStream durable pull consumer declared by `bus.consume`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConsumerSpec {
+    pub stream: String,
+    pub consumer: String,
+    /// Filter subject; `None` takes every subject of the stream.
+    pub subject: Option<String>,
+    pub kind: KindTemplate,
+    pub ack_wait: Option<Duration>,
+    /// Deliveries before the message is dead-lettered and terminated.
+    pub max_deliver: Option<i64>,
+    /// Nak delays by delivery: the n-th failed delivery waits `backoff[n-1]`, the
+    /// last value repeating.
+    pub backoff: Vec<Duration>,
+    pub max_ack_pending: Option<i64>,
+    pub dead_letter: Option<String>,
+    pub timeout: Option<Duration>,
+    /// Subjects of the stream to create when it does not exist.
+    pub create_stream: Option<Vec<String>>,
+}
+
+impl ConsumerSpec {
+    pub fn describe(&self) -> String {
+        let mut line = format!("consume {}/{}", self.stream, self.consumer);
+        if let Some(subject) = &self.subject {
+            line.push_str(&format!(" subject={subject}"));
+        }
+        line.push_str(&format!(" kind={}", self.kind));
+        if let Some(max) = self.max_deliver {
+            line.push_str(&format!(" max_deliver={max}"));
+        }
+        if let Some(dead_letter) = &self.dead_letter {
+            line.push_str(&format!(" dead_letter={dead_letter}"));
+        }
+        line
+    }
+
+    /// The nak delay after the `delivered`-th delivery failed.
+    pub fn backoff_after(&self, delivered: u64) -> Option<Duration> {
+        let index = usize::try_from(delivered.saturating_sub(1)).unwrap_or(usize::MAX);
+        self.backoff.get(index).or(self.backoff.last()).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_repeats_its_last_value() {
+        let spec = ConsumerSpec {
+            stream: "S".into(),
+            consumer: "C".into(),
+            subject: None,
+            kind: KindTemplate::parse(KindTemplate::DEFAULT, ">").unwrap(),
+            ack_wait: None,
+            max_deliver: None,
+            backoff: vec![Duration::from_secs(1), Duration::from_secs(5)],
+            max_ack_pending: None,
+            dead_letter: None,
+            timeout: None,
+            create_stream: None,
+        };
+        assert_eq!(spec.backoff_after(1), Some(Duration::from_secs(1)));
+        assert_eq!(spec.backoff_after(2), Some(Duration::from_secs(5)));
+        assert_eq!(spec.backoff_after(9), Some(Duration::from_secs(5)));
+        assert_eq!(ConsumerSpec { backoff: vec![], ..spec }.backoff_after(1), None);
+    }
+}
