@@ -9,7 +9,7 @@ use std::ffi::c_char;
 
 use mlua::{Lua, Table, UserData, Value, ffi};
 
-use crate::event::Event;
+use crate::event::{Event, StreamMeta};
 use crate::lua_api::{json, raw};
 
 /// A body that the handler read as `ev.payload` is not JSON: the event fails with 400.
@@ -24,6 +24,7 @@ struct EventExtra {
     headers: Option<HeaderMap>,
     received: SystemTime,
     trace_id: Option<String>,
+    stream: Option<StreamMeta>,
 }
 
 impl UserData for EventExtra {}
@@ -43,15 +44,17 @@ impl EventTables {
     /// Builds the table in one raw section: this runs for every event, and
     /// per-field mlua calls cost more than the fields themselves.
     pub fn build(&self, lua: &Lua, event: &Event) -> mlua::Result<Table> {
-        // Messages without headers (most) skip the userdata: the receipt time is all
-        // the lazy fields need.
-        let extra = match &event.headers {
-            Some(headers) => Value::UserData(lua.create_userdata(EventExtra {
-                headers: Some(headers.clone()),
+        // Core messages without headers (most) skip the userdata: the receipt time
+        // is all the lazy fields need.
+        let extra = if event.headers.is_some() || event.stream.is_some() {
+            Value::UserData(lua.create_userdata(EventExtra {
+                headers: event.headers.clone(),
                 received: event.received,
                 trace_id: event.trace_id().map(str::to_string),
-            })?),
-            None => Value::Number(seconds_since_epoch(event.received)),
+                stream: event.stream.as_deref().cloned(),
+            })?)
+        } else {
+            Value::Number(seconds_since_epoch(event.received))
         };
         let fields: [(&str, Option<&[u8]>); 5] = [
             ("kind", Some(event.kind.as_bytes())),
@@ -156,13 +159,28 @@ fn meta(lua: &Lua, table: &Table) -> mlua::Result<Table> {
     let meta = lua.create_table()?;
     meta.raw_set("subject", table.raw_get::<Value>("subject")?)?;
     meta.raw_set("reply", table.raw_get::<Value>("reply")?)?;
-    meta.raw_set("delivered", 1)?;
     match extra(table)? {
         Extra::Full(extra) => {
-            meta.raw_set("timestamp", seconds_since_epoch(extra.received))?;
             meta.raw_set("trace_id", extra.trace_id.as_deref())?;
+            match &extra.stream {
+                Some(stream) => {
+                    meta.raw_set("stream", stream.stream.as_str())?;
+                    meta.raw_set("consumer", stream.consumer.as_str())?;
+                    meta.raw_set("delivered", stream.delivered)?;
+                    meta.raw_set("stream_seq", stream.stream_sequence)?;
+                    meta.raw_set("pending", stream.pending)?;
+                    meta.raw_set("timestamp", seconds_since_epoch(stream.published))?;
+                }
+                None => {
+                    meta.raw_set("delivered", 1)?;
+                    meta.raw_set("timestamp", seconds_since_epoch(extra.received))?;
+                }
+            }
         }
-        Extra::ReceivedAt(received) => meta.raw_set("timestamp", received)?,
+        Extra::ReceivedAt(received) => {
+            meta.raw_set("delivered", 1)?;
+            meta.raw_set("timestamp", received)?;
+        }
     }
     Ok(meta)
 }

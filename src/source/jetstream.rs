@@ -49,6 +49,9 @@ pub struct JetStreamSource {
     spec: Arc<ConsumerSpec>,
     /// The `ack_wait` the server applies, which times in-progress acks.
     ack_wait: Duration,
+    /// Whether a stream captures the dead-letter subject, so its publish ack
+    /// confirms a dead letter; otherwise a flush does.
+    dead_letter_stored: bool,
 }
 
 impl JetStreamSource {
@@ -83,7 +86,11 @@ impl JetStreamSource {
         })?;
         let applied = &consumer.cached_info().config;
         check_applied(&spec, &wanted, applied)?;
-        Ok(JetStreamSource { ack_wait: applied.ack_wait, spec: Arc::new(spec) })
+        let dead_letter_stored = match &spec.dead_letter {
+            Some(subject) => js.stream_by_subject(subject.as_str()).await.is_ok(),
+            None => false,
+        };
+        Ok(JetStreamSource { ack_wait: applied.ack_wait, spec: Arc::new(spec), dead_letter_stored })
     }
 }
 
@@ -329,6 +336,7 @@ fn event_of(source: &Arc<JetStreamSource>, message: jetstream::Message) -> Event
         delivered: meta.delivered,
         stream_sequence: meta.stream_sequence,
         ack_wait: source.ack_wait,
+        dead_letter_stored: source.dead_letter_stored,
         received: Instant::now(),
     }));
     event.stream = Some(Box::new(meta));
@@ -346,6 +354,7 @@ struct JetStreamAck {
     delivered: u64,
     stream_sequence: u64,
     ack_wait: Duration,
+    dead_letter_stored: bool,
     received: Instant,
 }
 
@@ -428,27 +437,15 @@ impl JetStreamAck {
         headers.insert("Agent-Block-Delivered", self.delivered.to_string().as_str());
         headers.insert("Agent-Block-Stream", self.spec.stream.as_str());
         headers.insert("Agent-Block-Stream-Seq", self.stream_sequence.to_string().as_str());
-        publish_confirmed(&self.message.context, subject, headers, event.data.clone()).await
-    }
-}
-
-/// A JetStream publish acknowledged by the stream that captures `subject`; when
-/// no stream does, a core publish confirmed by a flush.
-async fn publish_confirmed(
-    js: &jetstream::Context,
-    subject: &str,
-    headers: HeaderMap,
-    data: Bytes,
-) -> Result<(), async_nats::Error> {
-    let subject = Subject::from(subject);
-    let ack = js.publish_with_headers(subject.clone(), headers.clone(), data.clone()).await?;
-    match ack.await {
-        Ok(_) => Ok(()),
-        Err(err) if err.kind() == jetstream::context::PublishErrorKind::StreamNotFound => {
-            js.client().publish_with_headers(subject, headers, data).await?;
-            js.client().flush().await?;
-            Ok(())
+        let subject = Subject::from(subject);
+        let js = &self.message.context;
+        if self.dead_letter_stored {
+            js.publish_with_headers(subject, headers, event.data.clone()).await?.await?;
+        } else {
+            let client = js.client();
+            client.publish_with_headers(subject, headers, event.data.clone()).await?;
+            client.flush().await?;
         }
-        Err(err) => Err(err.into()),
+        Ok(())
     }
 }

@@ -1,0 +1,352 @@
+//! JetStream consumers: at-least-once processing through `bus.consume`, outcomes
+//! (ack, nak with backoff, dead letters), in-progress acks, pulls bounded by free
+//! handler slots, and the faults a pool must survive.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::PullConsumer};
+use common::*;
+
+const APP: &str = r#"
+bus.consume({
+  stream = "ORDERS", consumer = "work", subject = "orders.>",
+  kind = "order.{{wildcard(1)}}",
+  ack_wait = "2s", max_deliver = 3, backoff = { "100ms" },
+  dead_letter = "dead.orders",
+  create_stream = { subjects = { "orders.>" } },
+})
+
+bus.on("order.new", function(ev)
+  nats.publish("seen", ev.id)
+  return true
+end)
+bus.on("order.flaky", function(ev)
+  nats.publish("attempt", tostring(ev.meta.delivered))
+  error({ code = 500, message = "flaky failure" })
+end)
+bus.on("order.json", function(ev)
+  return ev.payload.id
+end)
+bus.on("order.meta", function(ev)
+  local m = ev.meta
+  nats.publish("meta", {
+    id = ev.id, kind = ev.kind, subject = ev.subject, reply = ev.reply,
+    stream = m.stream, consumer = m.consumer, delivered = m.delivered,
+    stream_seq = m.stream_seq, pending = m.pending, timestamp = m.timestamp,
+  })
+  return true
+end)
+bus.on("order.slow", function(ev)
+  time.sleep("5s")
+  nats.publish("seen", ev.id)
+  return true
+end)
+bus.on("order.later", function(ev)
+  if ev.meta.delivered == 1 then return bus.nak({ delay = "300ms" }) end
+  nats.publish("seen", ev.id .. "@" .. ev.meta.delivered)
+  return true
+end)
+bus.on("order.stop", function(ev) return bus.term("not wanted") end)
+"#;
+
+fn app() -> (Scripts, std::path::PathBuf) {
+    let scripts = Scripts::new();
+    let script = scripts.write("app.lua", APP);
+    (scripts, script)
+}
+
+async fn publish(js: &jetstream::Context, subject: &str, body: &str) {
+    js.publish(subject.to_string(), body.to_string().into()).await.expect("publish").await.expect("stored");
+}
+
+async fn consumer(js: &jetstream::Context) -> PullConsumer {
+    js.get_stream("ORDERS").await.expect("stream").get_consumer("work").await.expect("consumer")
+}
+
+/// Collects message bodies of `subject` until `done` says enough.
+async fn collect(sub: &mut async_nats::Subscriber, mut done: impl FnMut(&HashSet<String>) -> bool) -> HashSet<String> {
+    let mut seen = HashSet::new();
+    while !done(&seen) {
+        seen.insert(body(&next(sub).await));
+    }
+    seen
+}
+
+/// Waits until the consumer has nothing pending or unacknowledged.
+async fn drained(js: &jetstream::Context) -> async_nats::jetstream::consumer::Info {
+    let mut consumer = consumer(js).await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let info = consumer.info().await.expect("consumer info").clone();
+        if info.num_pending == 0 && info.num_ack_pending == 0 {
+            return info;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "consumer not drained: {info:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_message_is_processed_and_acked() {
+    let server = server();
+    let (_scripts, script) = app();
+    let _worker = Worker::run(&server, &script, &["--workers", "2", "--concurrency", "8"]);
+    let client = client(&server).await;
+    let js = jetstream::new(client.clone());
+    let mut seen = client.subscribe("seen").await.unwrap();
+    client.flush().await.unwrap();
+    for n in 0..200 {
+        publish(&js, "orders.new", &format!("{{\"n\":{n}}}")).await;
+    }
+    let ids = collect(&mut seen, |s| s.len() == 200).await;
+    assert!(ids.contains("ORDERS:1") && ids.contains("ORDERS:200"), "ids are STREAM:seq");
+    let info = drained(&js).await;
+    assert_eq!(info.num_redelivered, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_describes_the_stream_message() {
+    let server = server();
+    let (_scripts, script) = app();
+    let _worker = Worker::run(&server, &script, &["--workers", "1"]);
+    let client = client(&server).await;
+    let js = jetstream::new(client.clone());
+    let mut meta = client.subscribe("meta").await.unwrap();
+    client.flush().await.unwrap();
+    publish(&js, "orders.new", "{}").await;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", "order-42");
+    js.publish_with_headers("orders.meta", headers, "{}".into()).await.unwrap().await.unwrap();
+    let meta = json(&next(&mut meta).await);
+    assert_eq!(meta["id"], "order-42");
+    assert_eq!(meta["kind"], "order.meta");
+    assert_eq!(meta["subject"], "orders.meta");
+    assert!(meta["reply"].is_null(), "{meta}");
+    assert_eq!(meta["stream"], "ORDERS");
+    assert_eq!(meta["consumer"], "work");
+    assert_eq!(meta["delivered"], 1);
+    assert_eq!(meta["stream_seq"], 2);
+    assert!(meta["pending"].is_u64(), "{meta}");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let timestamp = meta["timestamp"].as_f64().expect("timestamp");
+    assert!((now - timestamp).abs() < 60.0, "timestamp {timestamp} is the publish time, now {now}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_are_retried_with_backoff_then_dead_lettered() {
+    let server = server();
+    let (_scripts, script) = app();
+    let _worker = Worker::run(&server, &script, &["--workers", "1"]);
+    let client = client(&server).await;
+    let js = jetstream::new(client.clone());
+    let mut attempts = client.subscribe("attempt").await.unwrap();
+    let mut dead = client.subscribe("dead.orders").await.unwrap();
+    client.flush().await.unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("X-Order", "7");
+    js.publish_with_headers("orders.flaky", headers, "payload-7".into()).await.unwrap().await.unwrap();
+    for delivered in 1..=3 {
+        assert_eq!(body(&next(&mut attempts).await), delivered.to_string());
+    }
+    let letter = next(&mut dead).await;
+    assert_eq!(body(&letter), "payload-7", "the original payload");
+    let headers = letter.headers.expect("dead letter headers");
+    assert_eq!(headers.get("X-Order").unwrap().as_str(), "7", "the original headers");
+    assert_eq!(headers.get("Agent-Block-Error").unwrap().as_str(), "flaky failure");
+    assert_eq!(headers.get("Agent-Block-Kind").unwrap().as_str(), "order.flaky");
+    assert_eq!(headers.get("Agent-Block-Delivered").unwrap().as_str(), "3");
+    assert_eq!(headers.get("Agent-Block-Stream").unwrap().as_str(), "ORDERS");
+    assert_eq!(headers.get("Agent-Block-Stream-Seq").unwrap().as_str(), "1");
+    let info = drained(&js).await;
+    assert_eq!(info.num_redelivered, 0, "terminated, not left for redelivery");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payload_that_is_not_json_is_dead_lettered_at_once() {
+    let server = server();
+    let (_scripts, script) = app();
+    let worker = Worker::run(&server, &script, &["--workers", "1"]);
+    let client = client(&server).await;
+    let js = jetstream::new(client.clone());
+    let mut dead = client.subscribe("dead.orders").await.unwrap();
+    client.flush().await.unwrap();
+    publish(&js, "orders.json", "{not json").await;
+    let letter = next(&mut dead).await;
+    let headers = letter.headers.expect("dead letter headers");
+    assert_eq!(headers.get("Agent-Block-Delivered").unwrap().as_str(), "1");
+    assert!(headers.get("Agent-Block-Error").unwrap().as_str().contains("not valid JSON"));
+    drained(&js).await;
+    assert!(worker.stderr.text().contains("dead-lettered"), "{}", worker.stderr.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nak_with_delay_redelivers_and_term_gives_up() {
+    let server = server();
+    let (_scripts, script) = app();
+    let _worker = Worker::run(&server, &script, &["--workers", "1"]);
+    let client = client(&server).await;
+    let js = jetstream::new(client.clone());
+    let mut seen = client.subscribe("seen").await.unwrap();
+    client.flush().await.unwrap();
+    publish(&js, "orders.stop", "").await;
+    publish(&js, "orders.later", "").await;
+    assert_eq!(body(&next(&mut seen).await), "ORDERS:2@2");
+    let info = drained(&js).await;
+    assert_eq!(info.ack_floor.stream_sequence, 2, "the terminated message counts as done");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_longer_than_ack_wait_is_not_redelivered() {
+    let server = server();
+    let (_scripts, script) = app();
+    let _worker = Worker::run(&server, &script, &["--workers", "1"]);
+    let client = client(&server).await;
+    let js = jetstream::new(client.clone());
+    let mut seen = client.subscribe("seen").await.unwrap();
+    client.flush().await.unwrap();
+    publish(&js, "orders.slow", "").await;
+    assert_eq!(body(&next(&mut seen).await), "ORDERS:1");
+    let info = drained(&js).await;
+    assert_eq!(info.num_redelivered, 0, "in-progress acks kept the 5 s handler's message (ack_wait 2s)");
+    assert_eq!(info.config.ack_wait, Duration::from_secs(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulls_never_exceed_free_handler_slots() {
+    let server = server();
+    let (_scripts, script) = app();
+    let _worker = Worker::run(&server, &script, &["--workers", "2", "--concurrency", "3"]);
+    let client = client(&server).await;
+    let js = jetstream::new(client.clone());
+    let mut seen = client.subscribe("seen").await.unwrap();
+    client.flush().await.unwrap();
+    for _ in 0..12 {
+        publish(&js, "orders.slow", "").await;
+    }
+    // 2 VMs x 3 slots: the first 6 messages run for 5 s; no more may be held.
+    let mut consumer = consumer(&js).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    let mut most = 0;
+    while tokio::time::Instant::now() < deadline {
+        let info = consumer.info().await.unwrap();
+        most = most.max(info.num_ack_pending);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(most, 6, "messages held by the worker never exceed its 6 slots, and fill them");
+    collect(&mut seen, |s| s.len() == 12).await;
+    let info = drained(&js).await;
+    assert_eq!(info.num_redelivered, 0);
+}
+
+const MISSING_STREAM: &str = r#"
+bus.consume({ stream = "NOPE", consumer = "c" })
+bus.on_any(function(ev) return true end)
+"#;
+
+#[test]
+fn a_missing_stream_is_a_startup_error_that_names_it() {
+    let server = server();
+    let scripts = Scripts::new();
+    let script = scripts.write("app.lua", MISSING_STREAM);
+    let url = server.url();
+    let (code, _, stderr) = run_command(&["run", script.to_str().unwrap(), "--nats-url", &url], None);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("stream \"NOPE\" does not exist") && stderr.contains("create_stream"), "{stderr}");
+}
+
+#[test]
+fn check_lists_consumers_beside_subscriptions() {
+    let scripts = Scripts::new();
+    let script = scripts.write("app.lua", &format!("bus.subscribe(\"ping\")\n{APP}"));
+    let (code, stdout, stderr) = run_command(&["check", script.to_str().unwrap()], None);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("subscribe ping"), "{stdout}");
+    assert!(stdout.contains("consume ORDERS/work subject=orders.> kind=order.{{wildcard(1)}}"), "{stdout}");
+}
+
+#[test]
+fn bad_consume_options_are_script_errors() {
+    let scripts = Scripts::new();
+    for (source, expected) in [
+        ("bus.consume({ consumer = 'c' })", "`stream` (a name) is required"),
+        ("bus.consume({ stream = 'S', consumer = 'c', max_deliver = 0 })", "max_deliver must be at least 1"),
+        ("bus.consume({ stream = 'S', consumer = 'c', backoff = 5 })", "backoff must be a list"),
+        ("bus.consume({ stream = 'S', consumer = 'c', ackwait = '1s' })", "unknown option \"ackwait\""),
+    ] {
+        let script = scripts.write("bad.lua", source);
+        let (code, _, stderr) = run_command(&["check", script.to_str().unwrap()], None);
+        assert_eq!(code, 2, "{source}: {stderr}");
+        assert!(stderr.contains(expected) && stderr.contains("bad.lua:1"), "{source}: {stderr}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_consumer_setting_updates_the_consumer() {
+    let server = server();
+    let (scripts, script) = app();
+    {
+        let _worker = Worker::run(&server, &script, &["--workers", "1"]);
+    }
+    let changed = scripts.write("changed.lua", &APP.replace("ack_wait = \"2s\"", "ack_wait = \"7s\""));
+    let _worker = Worker::run(&server, &changed, &["--workers", "1"]);
+    let js = jetstream::new(client(&server).await);
+    let mut consumer = consumer(&js).await;
+    assert_eq!(consumer.info().await.unwrap().config.ack_wait, Duration::from_secs(7));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumed_messages_survive_a_server_restart() {
+    let mut server = server();
+    let (_scripts, script) = app();
+    let _worker = Worker::run(&server, &script, &["--workers", "2", "--concurrency", "4"]);
+    let client = client(&server).await;
+    let js = jetstream::new(client.clone());
+    for n in 0..100 {
+        publish(&js, "orders.new", &format!("{{\"n\":{n}}}")).await;
+    }
+    drained(&js).await;
+    server.restart().expect("restart nats-server");
+    let client = common::client(&server).await;
+    let js = jetstream::new(client.clone());
+    let mut seen = client.subscribe("seen").await.unwrap();
+    client.flush().await.unwrap();
+    for n in 100..200 {
+        publish(&js, "orders.new", &format!("{{\"n\":{n}}}")).await;
+    }
+    let ids = collect(&mut seen, |s| (101..=200).all(|n| s.contains(&format!("ORDERS:{n}")))).await;
+    assert!(ids.len() >= 100);
+    drained(&js).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_share_one_consumer() {
+    let server = server();
+    let (_scripts, script) = app();
+    let first = Worker::run(&server, &script, &["--workers", "1", "--concurrency", "4"]);
+    let second = Worker::run(&server, &script, &["--workers", "1", "--concurrency", "4"]);
+    let client = client(&server).await;
+    let js = jetstream::new(client.clone());
+    let mut seen = client.subscribe("seen").await.unwrap();
+    client.flush().await.unwrap();
+    for _ in 0..8 {
+        publish(&js, "orders.slow", "").await;
+    }
+    // Each worker holds at most its 4 slots, so 8 messages in flight need both.
+    let mut consumer = consumer(&js).await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let info = consumer.info().await.unwrap();
+        assert!(info.num_ack_pending <= 8);
+        if info.num_ack_pending == 8 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "both workers never pulled: {info:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    collect(&mut seen, |s| s.len() == 8).await;
+    assert_eq!(drained(&js).await.num_redelivered, 0);
+    drop((first, second));
+}
