@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::{self, AckKind, consumer::AckPolicy};
-use async_nats::{HeaderMap, StatusCode, Subject};
+use async_nats::{StatusCode, Subject};
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::future::LocalBoxFuture;
