@@ -1,7 +1,9 @@
 //! Log output: JSON for collectors, pretty for terminals; `RUST_LOG` filters.
 //!
-//! Whatever `RUST_LOG` says, the NATS client's protocol records are never
-//! written: its CONNECT record carries the password, token and JWT in clear.
+//! Whatever `RUST_LOG` says, the NATS client's wire-protocol records are never
+//! written: they echo every operation sent, CONNECT with its credentials
+//! included, and which fields a dependency hides in its `Debug` output is not
+//! something the worker's secrecy should rest on.
 
 use std::io::IsTerminal;
 
@@ -19,8 +21,8 @@ const SERVE_FILTER: &str = "info,async_nats=warn,agent_block::event=off";
 /// for problems.
 const TOOL_FILTER: &str = "warn,agent_block::event=off";
 
-/// The client's wire-protocol module: its debug and trace records print
-/// protocol operations, the CONNECT one with the credentials.
+/// The client's wire-protocol module, whose debug and trace records print
+/// protocol operations.
 const PROTOCOL_TARGET: &str = "async_nats::connection";
 
 pub fn init(format: Option<LogFormat>, serving: bool) {
