@@ -159,11 +159,8 @@ fn jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Val
         "sub": subject,
         "nats": nats,
     });
-    let signed = format!(
-        "{}.{}",
-        URL_SAFE_NO_PAD.encode(header.to_string()),
-        URL_SAFE_NO_PAD.encode(claims.to_string())
-    );
+    let signed =
+        format!("{}.{}", URL_SAFE_NO_PAD.encode(header.to_string()), URL_SAFE_NO_PAD.encode(claims.to_string()));
     let signature = issuer.sign(signed.as_bytes()).unwrap();
     format!("{signed}.{}", URL_SAFE_NO_PAD.encode(signature))
 }
@@ -184,9 +181,8 @@ fn operator_mode(dir: &std::path::Path) -> (NatsServer, PathBuf, String) {
         "test-operator",
         serde_json::json!({ "type": "operator", "version": 2, "system_account": system.public_key() }),
     );
-    let account_claims = |name| {
-        serde_json::json!({ "type": "account", "version": 2, "limits": unlimited, "name": name })
-    };
+    let account_claims =
+        |name| serde_json::json!({ "type": "account", "version": 2, "limits": unlimited, "name": name });
     let system_jwt = jwt(&operator, &system.public_key(), "SYS", account_claims("SYS"));
     let account_jwt = jwt(&operator, &account.public_key(), "APP", account_claims("APP"));
     let user_jwt = jwt(
