@@ -159,3 +159,69 @@ fn dev_killed_with_sigkill_takes_its_server_down_and_its_store_is_cleaned_later(
         .collect();
     assert!(stale.is_empty(), "stale store left: {:?}", stale.iter().map(|e| e.path()).collect::<Vec<_>>());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_comma_separated_cluster_list_reaches_a_live_server() {
+    let server = server();
+    let scripts = Scripts::new();
+    let script = scripts.write("app.lua", APP);
+    let urls = format!("{}, {}", nowhere(), server.url());
+    let _worker = Worker::spawn(&["run", script.to_str().unwrap(), "--nats-url", &urls, "--workers", "1"]);
+    _worker.expect_ready();
+    assert_eq!(body(&request(&client(&server).await, "ping", "").await), "pong");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_block_variables_override_nats_url() {
+    let server = server();
+    let scripts = Scripts::new();
+    let script = scripts.write("app.lua", APP);
+    let url = server.url();
+    let nowhere = nowhere();
+    let worker = Worker::spawn_with_env(
+        &["run", script.to_str().unwrap(), "--workers", "1"],
+        &[("NATS_URL", &nowhere), ("AGENT_BLOCK_NATS_URL", &url)],
+    );
+    worker.expect_ready();
+    assert_eq!(body(&request(&client(&server).await, "ping", "").await), "pong");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_log_filters_the_log() {
+    let server = server();
+    let scripts = Scripts::new();
+    let script = scripts
+        .write("app.lua", "bus.subscribe('ping')\nbus.on('ping', function() log.warn('handled') return 'pong' end)\n");
+    let url = server.url();
+    let worker =
+        Worker::spawn_with_env(&["run", script.to_str().unwrap(), "--nats-url", &url], &[("RUST_LOG", "warn")]);
+    // No "worker ready" at warn level: a reply shows it serves.
+    let client = client(&server).await;
+    let deadline = Instant::now() + PATIENCE;
+    let reply = loop {
+        let request = async_nats::Request::new().timeout(Some(Duration::from_secs(1)));
+        match client.send_request("ping", request).await {
+            Ok(reply) => break reply,
+            // "no responders" until the worker subscribes: poll, gently.
+            Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(err) => panic!("the worker never answered: {err}\n{}", worker.stderr.text()),
+        }
+    };
+    assert_eq!(body(&reply), "pong");
+    assert!(worker.stderr.wait_for("handled", PATIENCE), "{}", worker.stderr.text());
+    let log = worker.stderr.text();
+    assert!(!log.contains("worker ready") && !log.contains("\"INFO\""), "info records pass RUST_LOG=warn:\n{log}");
+}
+
+#[test]
+fn sigint_shuts_down_like_sigterm() {
+    let server = server();
+    let scripts = Scripts::new();
+    let script = scripts.write("app.lua", &format!("{APP}bus.serve()\nlog.info('cleanup ran')\n"));
+    let mut worker = Worker::run(&server, &script, &["--workers", "1"]);
+    let status = std::process::Command::new("kill").args(["-INT", &worker.pid().to_string()]).status().unwrap();
+    assert!(status.success());
+    assert_eq!(worker.wait_exit(PATIENCE).and_then(|s| s.code()), Some(0), "{}", worker.stderr.text());
+    let log = worker.stderr.text();
+    assert!(log.contains("SIGINT received") && log.contains("cleanup ran"), "{log}");
+}
