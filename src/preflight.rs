@@ -12,10 +12,20 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::config::ConnectionConfig;
 
-/// Checks the script and everything `connection` names.
+/// Checks the NATS URL, the script and everything `connection` names.
 pub fn check_worker(script: &Path, connection: &ConnectionConfig) -> Result<(), String> {
+    check_url(connection)?;
     check_script(script)?;
     check_connection(connection)
+}
+
+/// The URL list parses, and credentials are given in one place only.
+fn check_url(config: &ConnectionConfig) -> Result<(), String> {
+    let urls = crate::nats_url::parse(&config.url)?;
+    if urls.credentials.is_some() && (config.user.is_some() || config.token.is_some()) {
+        return Err("the NATS URL carries credentials and --user/--token are set too; give them in one place".into());
+    }
+    Ok(())
 }
 
 /// The script exists, can be read and compiles (a syntax error is reported with
@@ -31,9 +41,10 @@ pub fn check_script(script: &Path) -> Result<(), String> {
     compiled.map(drop).map_err(|err| format!("script error: {err}"))
 }
 
-/// Credentials, NKey seed and TLS files are present and well formed, and the
-/// credential settings do not contradict each other.
+/// The URL parses; credentials, NKey seed and TLS files are present and well
+/// formed, and the credential settings do not contradict each other.
 pub fn check_connection(config: &ConnectionConfig) -> Result<(), String> {
+    check_url(config)?;
     if let Some(path) = &config.creds {
         let text = String::from_utf8(read(path, "credentials file")?)
             .map_err(|_| format!("credentials file {}: not a text file", path.display()))?;

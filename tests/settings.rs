@@ -225,3 +225,16 @@ fn sigint_shuts_down_like_sigterm() {
     let log = worker.stderr.text();
     assert!(log.contains("SIGINT received") && log.contains("cleanup ran"), "{log}");
 }
+
+#[test]
+fn credentials_in_the_url_and_in_flags_are_refused_without_showing_either() {
+    let scripts = Scripts::new();
+    let script = scripts.write("app.lua", APP);
+    let url = format!("nats://alice:url-pw-81@127.0.0.1:{}", free_port());
+    let mut worker = Worker::spawn(&["run", script.to_str().unwrap(), "--nats-url", &url, "--token", "flag-tok-82"]);
+    let status = worker.wait_exit(PATIENCE).expect("refused at once");
+    assert_eq!(status.code(), Some(2));
+    let log = worker.stderr.text();
+    assert!(log.contains("give them in one place"), "{log}");
+    assert!(!log.contains("url-pw-81") && !log.contains("flag-tok-82"), "{log}");
+}
