@@ -13,8 +13,8 @@ pub const DEFAULT_BUS_CAPACITY: usize = 1024;
 pub const DEFAULT_HANDLER_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 
-/// How to connect to NATS.
-#[derive(Debug, Clone)]
+/// How to connect to NATS. Its `Debug` form hides every secret.
+#[derive(Clone)]
 pub struct ConnectionConfig {
     pub url: String,
     pub creds: Option<PathBuf>,
@@ -29,6 +29,25 @@ pub struct ConnectionConfig {
     pub connect_timeout: Option<Duration>,
     /// Client name announced to the server.
     pub client_name: String,
+}
+
+impl std::fmt::Debug for ConnectionConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hidden = |secret: &Option<String>| secret.as_ref().map(|_| "***");
+        f.debug_struct("ConnectionConfig")
+            .field("url", &crate::nats_url::redact(&self.url))
+            .field("creds", &self.creds)
+            .field("nkey", &hidden(&self.nkey))
+            .field("user", &self.user)
+            .field("password", &hidden(&self.password))
+            .field("token", &hidden(&self.token))
+            .field("tls_ca", &self.tls_ca)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("client_name", &self.client_name)
+            .finish()
+    }
 }
 
 impl ConnectionConfig {

@@ -1,22 +1,41 @@
 //! Connecting to NATS: options from the settings, and at start a retry loop with
 //! backoff that names the URL and the cause each time. After the first connection
 //! the client reconnects by itself and resubscribes.
+//!
+//! URLs appear in logs and errors only through [`nats_url::redact`]; credentials
+//! in a URL are moved into the connect options (see [`crate::nats_url`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use async_nats::{ConnectOptions, Event, ServerAddr};
+use async_nats::{ConnectErrorKind, ConnectOptions, Event};
 use tokio::time::Instant;
 
 use crate::config::ConnectionConfig;
+use crate::nats_url::{self, UrlCredentials};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("cannot reach NATS at {url} within {}: {cause}; is nats-server running? set --nats-url or NATS_URL", humantime::format_duration(*.after))]
-    TimedOut { url: String, after: Duration, cause: String },
+    #[error("cannot reach NATS at {url} within {}: {cause}; {hint}", humantime::format_duration(*.after))]
+    TimedOut { url: String, after: Duration, cause: String, hint: &'static str },
     #[error("{0}")]
     Settings(String),
+}
+
+/// What to do about a failed connection attempt, by its kind.
+fn hint(kind: Option<ConnectErrorKind>) -> &'static str {
+    match kind {
+        Some(ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication) => {
+            "the server refused the credentials: check --user/--password, --token, --nkey, --creds or the user:password@ in the URL"
+        }
+        Some(ConnectErrorKind::Tls) => {
+            "check --tls-ca (the CA that signed the server's certificate) and --tls-cert/--tls-key if the server verifies clients"
+        }
+        _ => {
+            "is nats-server running? start it, point --nats-url (or NATS_URL) at a running server, or try `agent-block dev SCRIPT` for a private one"
+        }
+    }
 }
 
 const FIRST_RETRY: Duration = Duration::from_millis(100);
@@ -24,54 +43,40 @@ const MAX_RETRY: Duration = Duration::from_secs(5);
 
 /// Connects, retrying until `connect_timeout` (forever when unset).
 pub async fn connect(config: &ConnectionConfig) -> Result<async_nats::Client, ConnectError> {
-    let servers = servers(&config.url)?;
+    let urls = nats_url::parse(&config.url).map_err(ConnectError::Settings)?;
+    let shown = nats_url::redact(&config.url);
+    let servers = urls.servers.clone();
     let started = Instant::now();
     let mut delay = FIRST_RETRY;
     loop {
-        let attempt = options(config).await?.connect(servers.clone());
+        let attempt = options(config, urls.credentials.as_ref()).await?.connect(servers.clone());
         let result = match config.connect_timeout {
             Some(limit) => match tokio::time::timeout_at(started + limit, attempt).await {
-                Ok(result) => result.map_err(|err| err.to_string()),
-                Err(_) => Err("connection attempt timed out".to_string()),
+                Ok(result) => result.map_err(|err| (Some(err.kind()), err.to_string())),
+                Err(_) => Err((None, "connection attempt timed out".to_string())),
             },
-            None => attempt.await.map_err(|err| err.to_string()),
+            None => attempt.await.map_err(|err| (Some(err.kind()), err.to_string())),
         };
-        let cause = match result {
+        let (kind, cause) = match result {
             Ok(client) => {
-                tracing::info!(url = %config.url, "connected to NATS");
+                tracing::info!(url = %shown, "connected to NATS");
                 return Ok(client);
             }
-            Err(cause) => cause,
+            Err(failure) => failure,
         };
+        let hint = hint(kind);
         if let Some(limit) = config.connect_timeout
             && started.elapsed() + delay >= limit
         {
-            return Err(ConnectError::TimedOut { url: config.url.clone(), after: limit, cause });
+            return Err(ConnectError::TimedOut { url: shown, after: limit, cause, hint });
         }
-        tracing::warn!(url = %config.url, error = %cause, retry_in = ?delay, "cannot connect to NATS; retrying");
+        tracing::warn!(url = %shown, error = %cause, retry_in = ?delay, hint, "cannot connect to NATS; retrying");
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(MAX_RETRY);
     }
 }
 
-fn servers(url: &str) -> Result<Vec<ServerAddr>, ConnectError> {
-    url.split(',')
-        .map(str::trim)
-        .filter(|u| !u.is_empty())
-        .map(|u| {
-            u.parse::<ServerAddr>().map_err(|err| ConnectError::Settings(format!("invalid NATS URL {u:?}: {err}")))
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .and_then(|servers| {
-            if servers.is_empty() {
-                Err(ConnectError::Settings("no NATS URL given; set --nats-url".to_string()))
-            } else {
-                Ok(servers)
-            }
-        })
-}
-
-async fn options(config: &ConnectionConfig) -> Result<ConnectOptions, ConnectError> {
+async fn options(config: &ConnectionConfig, from_url: Option<&UrlCredentials>) -> Result<ConnectOptions, ConnectError> {
     let mut options = match &config.creds {
         Some(path) => ConnectOptions::with_credentials_file(path)
             .await
@@ -88,6 +93,18 @@ async fn options(config: &ConnectionConfig) -> Result<ConnectOptions, ConnectErr
     }
     if let Some(token) = &config.token {
         options = options.token(token.clone());
+    }
+    match from_url {
+        Some(_) if config.user.is_some() || config.token.is_some() => {
+            return Err(ConnectError::Settings(
+                "the NATS URL carries credentials and --user/--token are set too; give them in one place".to_string(),
+            ));
+        }
+        Some(UrlCredentials::UserPassword { user, password }) => {
+            options = options.user_and_password(user.clone(), password.clone())
+        }
+        Some(UrlCredentials::Token(token)) => options = options.token(token.clone()),
+        None => {}
     }
     if let Some(ca) = &config.tls_ca {
         options = options.add_root_certificates(ca.clone()).require_tls(true);

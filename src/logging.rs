@@ -1,8 +1,17 @@
 //! Log output: JSON for collectors, pretty for terminals; `RUST_LOG` filters.
+//!
+//! Whatever `RUST_LOG` says, the NATS client's wire-protocol records are never
+//! written: they echo every operation sent, CONNECT with its credentials
+//! included, and which fields a dependency hides in its `Debug` output is not
+//! something the worker's secrecy should rest on.
 
 use std::io::IsTerminal;
 
-use tracing_subscriber::EnvFilter;
+use tracing::Level;
+use tracing_subscriber::filter::filter_fn;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::cli::LogFormat;
 
@@ -12,15 +21,26 @@ const SERVE_FILTER: &str = "info,async_nats=warn,agent_block::event=off";
 /// for problems.
 const TOOL_FILTER: &str = "warn,agent_block::event=off";
 
+/// The client's wire-protocol module, whose debug and trace records print
+/// protocol operations.
+const PROTOCOL_TARGET: &str = "async_nats::connection";
+
 pub fn init(format: Option<LogFormat>, serving: bool) {
     let default = if serving { SERVE_FILTER } else { TOOL_FILTER };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let terminal = std::io::stderr().is_terminal();
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let result = match format.unwrap_or(if terminal { LogFormat::Pretty } else { LogFormat::Json }) {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Pretty => builder.with_ansi(terminal).try_init(),
+    let output = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let output = match format.unwrap_or(if terminal { LogFormat::Pretty } else { LogFormat::Json }) {
+        LogFormat::Json => output.json().flatten_event(true).boxed(),
+        LogFormat::Pretty => output.with_ansi(terminal).boxed(),
     };
+    let result = tracing_subscriber::registry().with(filter).with(filter_fn(may_be_logged)).with(output).try_init();
     // A second init (tests calling entry points twice) keeps the first subscriber.
     let _ = result;
+}
+
+/// False for records that may hold secrets, at any `RUST_LOG` level.
+fn may_be_logged(meta: &tracing::Metadata<'_>) -> bool {
+    let protocol = meta.target() == PROTOCOL_TARGET || meta.target().starts_with("async_nats::connection::");
+    !(protocol && *meta.level() >= Level::DEBUG)
 }

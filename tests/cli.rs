@@ -244,3 +244,17 @@ fn run_exits_2_on_a_script_error() {
     assert_eq!(status.code(), Some(2));
     assert!(worker.stderr.wait_for("broken.lua:3:", PATIENCE), "{}", worker.stderr.text());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_command_gives_up_at_its_timeout() {
+    let server = server();
+    let scripts = Scripts::new();
+    let script = scripts.write("app.lua", "bus.subscribe('slow')\nbus.on('slow', function() time.sleep('20s') end)\n");
+    let _worker = Worker::run(&server, &script, &["--workers", "1"]);
+    let started = std::time::Instant::now();
+    let (code, _, stderr) = run_command(&["request", "slow", "--timeout", "300ms", "--nats-url", &server.url()], None);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("timed out after 300ms"), "{stderr}");
+    // The handler sleeps 20 s; ending well before it shows --timeout was used.
+    assert!(started.elapsed() < std::time::Duration::from_secs(10), "took {:?}", started.elapsed());
+}

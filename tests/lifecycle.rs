@@ -149,7 +149,11 @@ async fn a_queue_group_answers_each_request_once() {
     let (_scripts, script) = app();
     let url = server.url();
     let args = |tag: &'static str| {
-        Worker::spawn_with_env(&["run", script.to_str().unwrap(), "--nats-url", &url], &[("WORKER_TAG", tag)])
+        // Two VMs per process: `queue = false` must still reach each process once.
+        Worker::spawn_with_env(
+            &["run", script.to_str().unwrap(), "--nats-url", &url, "--workers", "2"],
+            &[("WORKER_TAG", tag)],
+        )
     };
     let (a, b) = (args("a"), args("b"));
     a.expect_ready();
@@ -178,6 +182,11 @@ async fn a_queue_group_answers_each_request_once() {
     let mut tags = vec![body(&next(&mut fanned).await), body(&next(&mut fanned).await)];
     tags.sort();
     assert_eq!(tags, ["a", "b"], "queue = false delivers to every worker");
+    client.flush().await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), fanned.next()).await.is_err(),
+        "queue = false delivers to each process once, not once per VM"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,17 +4,24 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use crate::cli::WorkerArgs;
-use crate::nats_server::NatsServer;
+use crate::config::WorkerConfig;
+use crate::nats_server::{NatsServer, ServerOptions};
 
 pub async fn execute(script: PathBuf, worker: WorkerArgs) -> ExitCode {
-    let server = match tokio::task::spawn_blocking(NatsServer::start).await {
-        Ok(Ok(server)) => server,
-        Ok(Err(message)) => {
+    // Settings and files first: a typo should not cost a server start.
+    let checked = WorkerConfig::from_args(script.clone(), &worker)
+        .and_then(|config| crate::preflight::check_script(&config.script));
+    if let Err(message) = checked {
+        eprintln!("error: {message}");
+        return ExitCode::from(2);
+    }
+    // Started on this (the main) thread, which lives as long as the process: the
+    // server is tied to it, so even a SIGKILL of `dev` takes the server down.
+    let options = ServerOptions { die_with_parent: true, ..ServerOptions::default() };
+    let server = match NatsServer::start_with(options) {
+        Ok(server) => server,
+        Err(message) => {
             eprintln!("error: {message}");
-            return ExitCode::from(1);
-        }
-        Err(err) => {
-            eprintln!("error: cannot start nats-server: {err}");
             return ExitCode::from(1);
         }
     };

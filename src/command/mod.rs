@@ -45,6 +45,9 @@ async fn run(script: std::path::PathBuf, worker: &crate::cli::WorkerArgs, nats_u
     if let Some(url) = nats_url {
         config.connection.url = url;
     }
+    if let Err(message) = crate::preflight::check_worker(&config.script, &config.connection) {
+        return fail(&RunError::Settings(message));
+    }
     match run_worker(config, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => fail(&err),

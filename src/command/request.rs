@@ -26,6 +26,9 @@ pub async fn execute(
 ) -> ExitCode {
     let mut config = ConnectionConfig::from_args(connection, "agent-block-request");
     config.connect_timeout = Some(config.connect_timeout.unwrap_or(CONNECT_LIMIT));
+    if let Err(message) = crate::preflight::check_connection(&config) {
+        return usage(&message);
+    }
     let headers = match parse_headers(&headers) {
         Ok(headers) => headers,
         Err(message) => return usage(&message),

@@ -1,6 +1,7 @@
 //! The Lua API: `bus`, `nats`, `json`, `log`, `time`, `env`, and the event table.
 
 pub mod bus;
+pub mod env;
 pub mod event;
 pub mod interrupt;
 pub mod json;

@@ -1,5 +1,5 @@
-//! The `time` and `env` globals: `time.now()` (seconds since the epoch),
-//! `time.sleep(duration)` (yields), `env.get(name)`.
+//! The `time` global: `time.now()` (seconds since the epoch),
+//! `time.sleep(duration)` (yields).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -28,9 +28,5 @@ pub fn install(lua: &Lua) -> mlua::Result<()> {
             Ok(())
         })?,
     )?;
-    lua.globals().set("time", time)?;
-
-    let env = lua.create_table()?;
-    env.set("get", lua.create_function(|_, name: String| Ok(std::env::var(name).ok()))?)?;
-    lua.globals().set("env", env)
+    lua.globals().set("time", time)
 }

@@ -47,6 +47,7 @@ pub fn new_lua(config: &LuaConfig, script_dir: &Path, concurrency: usize) -> mlu
         lua.load(SANDBOX).set_name("=sandbox").exec()?;
     }
     install_searcher(&lua, script_dir, !config.unsafe_lua)?;
+    crate::lua_api::env::install(&lua, !config.unsafe_lua)?;
     if let Some(limit) = config.memory_limit {
         lua.set_memory_limit(limit)?;
         lua.set_app_data(MemoryLimited);
@@ -63,19 +64,29 @@ pub fn load_file(lua: &Lua, path: &Path, text_only: bool) -> mlua::Result<Functi
 }
 
 /// `require` looks in the embedded libraries, then next to the script
-/// (`name.lua`, `name/init.lua`, dots as folders).
-fn install_searcher(lua: &Lua, script_dir: &Path, text_only: bool) -> mlua::Result<()> {
+/// (`name.lua`, `name/init.lua`, dots as folders). In the sandbox a name can only
+/// reach files inside the script's folder: absolute paths, `..` and empty parts
+/// (`".etc.x"` would otherwise become `/etc/x`) are refused with an error.
+fn install_searcher(lua: &Lua, script_dir: &Path, sandboxed: bool) -> mlua::Result<()> {
     let dir = script_dir.to_path_buf();
     let searcher = lua.create_function(move |lua, name: String| {
         if let Some((_, source)) = EMBEDDED.iter().find(|(module, _)| *module == name) {
             let loader = lua.load(*source).set_name(format!("=embedded:{name}")).into_function()?;
             return Ok((Value::Function(loader), Value::Nil));
         }
-        let relative = name.replace('.', "/");
+        let relative = match module_path(&name) {
+            Ok(relative) => relative,
+            // Outside the sandbox the standard searchers may still find it.
+            Err(_) if !sandboxed => return Ok((Value::Nil, Value::Nil)),
+            Err(problem) => return Err(refused(&name, &dir, problem)),
+        };
         let candidates = [dir.join(format!("{relative}.lua")), dir.join(&relative).join("init.lua")];
         for path in &candidates {
             if path.is_file() {
-                let loader = load_file(lua, path, text_only)?;
+                if sandboxed && !inside(&dir, path) {
+                    return Err(refused(&name, &dir, "it resolves to a file outside the script's folder"));
+                }
+                let loader = load_file(lua, path, sandboxed)?;
                 let path = lua.create_string(path.display().to_string())?;
                 return Ok((Value::Function(loader), Value::String(path)));
             }
@@ -85,4 +96,35 @@ fn install_searcher(lua: &Lua, script_dir: &Path, text_only: bool) -> mlua::Resu
     })?;
     let searchers: mlua::Table = lua.globals().get::<mlua::Table>("package")?.get("searchers")?;
     searchers.raw_insert(2, searcher)
+}
+
+/// `a.b.c` (or `a/b/c`) as the relative path `a/b/c`; every part must be a plain
+/// file or folder name.
+fn module_path(name: &str) -> Result<String, &'static str> {
+    let parts: Vec<&str> = name.split(['.', '/']).collect();
+    for part in &parts {
+        if part.is_empty() {
+            return Err("absolute paths and empty parts are not module names");
+        }
+        if part.contains(['\\', '\0', ':']) || *part == "~" {
+            return Err("module names are made of plain file and folder names");
+        }
+    }
+    Ok(parts.join("/"))
+}
+
+/// Whether `path` (an existing file) lies inside `dir` once symbolic links are
+/// resolved.
+fn inside(dir: &Path, path: &Path) -> bool {
+    match (dir.canonicalize(), path.canonicalize()) {
+        (Ok(dir), Ok(path)) => path.starts_with(dir),
+        _ => false,
+    }
+}
+
+fn refused(name: &str, dir: &Path, problem: &str) -> mlua::Error {
+    mlua::Error::runtime(format!(
+        "require({name:?}) refused: {problem}; modules are found only inside the script's folder ({}) and the embedded libraries",
+        dir.display()
+    ))
 }

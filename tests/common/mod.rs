@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use async_nats::{HeaderMap, Message};
 use bytes::Bytes;
 
-pub use agent_block::nats_server::NatsServer;
+pub use agent_block::nats_server::{NatsServer, ServerOptions};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_agent-block");
 
@@ -20,8 +20,28 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_agent-block");
 /// processes; the bounds catch hangs, not slowness.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
+/// A private nats-server on a port of this test process's own range (see
+/// [`free_port`]), so a restart gets its port back.
 pub fn server() -> NatsServer {
-    NatsServer::start().expect("start a private nats-server")
+    server_with(ServerOptions::default())
+}
+
+/// A private server that also reads `config` (a nats-server configuration file's
+/// text: authorization, TLS, operator mode).
+pub fn server_with_config(config: &str) -> NatsServer {
+    server_with(ServerOptions { config: Some(config.to_string()), ..ServerOptions::default() })
+}
+
+pub fn server_with(options: ServerOptions) -> NatsServer {
+    let mut last_error = String::new();
+    // A port of our range may still be taken by a program outside the convention.
+    for _ in 0..5 {
+        match NatsServer::start_with(ServerOptions { port: Some(free_port()), ..options.clone() }) {
+            Ok(server) => return server,
+            Err(err) => last_error = err,
+        }
+    }
+    panic!("cannot start a private nats-server: {last_error}")
 }
 
 /// A temporary folder holding test scripts.
@@ -102,11 +122,11 @@ impl Worker {
         command
             .args(args)
             .args(["--log-format", "json"])
-            .env_remove("NATS_URL")
             .env("RUST_LOG", "info,async_nats=warn,agent_block::event=off")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        hermetic(&mut command);
         for (name, value) in env {
             command.env(name, value);
         }
@@ -170,9 +190,16 @@ impl Drop for Worker {
 
 /// Runs `agent-block ARGS` to completion: (exit code, stdout, stderr).
 pub fn run_command(args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
-    let mut child = Command::new(BIN)
+    run_command_with_env(args, &[], stdin)
+}
+
+/// [`run_command`] with extra environment variables.
+pub fn run_command_with_env(args: &[&str], env: &[(&str, &str)], stdin: Option<&str>) -> (i32, String, String) {
+    let mut command = Command::new(BIN);
+    hermetic(&mut command);
+    command.envs(env.iter().copied());
+    let mut child = command
         .args(args)
-        .env_remove("NATS_URL")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -245,9 +272,53 @@ pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
     Ok((status, body))
 }
 
-/// A TCP port that was free a moment ago.
+/// Clears every setting the developer's shell could pass to the worker
+/// (`AGENT_BLOCK_*`, `NATS_*`), keeping `NATS_SERVER_BIN`, which picks the
+/// server binary for `dev`.
+pub fn hermetic(command: &mut Command) {
+    for (name, _) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        if (name.starts_with("AGENT_BLOCK_") || name.starts_with("NATS_")) && name != "NATS_SERVER_BIN" {
+            command.env_remove(name);
+        }
+    }
+}
+
+/// First port of the ranges tests hand out; below Linux's ephemeral range
+/// (32768-60999), so no client socket or `-p -1` server lands in them.
+const PORT_RANGES_START: u16 = 20000;
+const PORT_RANGE_SIZE: u16 = 200;
+const PORT_RANGES: u16 = 60;
+
+/// Ports of this process's ranges. Each range's first port is held open for the
+/// life of the process: that listener claims the range, so another test process
+/// following the same rule (the deployment checks do too) takes another one.
+struct PortRanges {
+    claims: Vec<std::net::TcpListener>,
+    next: u16,
+    end: u16,
+}
+
+static PORTS: Mutex<PortRanges> = Mutex::new(PortRanges { claims: Vec::new(), next: 0, end: 0 });
+
+/// A port no other test will be given: taken from a range this process owns and
+/// never handed out twice, so it is never bound, released and raced for.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    let mut ports = PORTS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if ports.next >= ports.end {
+        let first = std::process::id() as u16 % PORT_RANGES;
+        let claimed = (0..PORT_RANGES).find_map(|i| {
+            let start = PORT_RANGES_START + ((first + i) % PORT_RANGES) * PORT_RANGE_SIZE;
+            std::net::TcpListener::bind(("127.0.0.1", start)).ok().map(|claim| (claim, start))
+        });
+        let (claim, start) = claimed.expect("a free test port range between 20000 and 32000");
+        ports.claims.push(claim);
+        ports.next = start + 1;
+        ports.end = start + PORT_RANGE_SIZE;
+    }
+    let port = ports.next;
+    ports.next += 1;
+    port
 }
 
 /// The next message of a subscription, failing the test if none comes.

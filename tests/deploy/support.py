@@ -100,10 +100,53 @@ def image_entrypoint() -> list[str]:
 
 # --- running the worker ----------------------------------------------------
 
+# Ports handed to workers come from a range this process owns, never from
+# binding port 0 and releasing it (another process could take the number in
+# between). A listener on a range's first port claims the range for the life of
+# the process; the Rust tests follow the same rule (tests/common), so they pick
+# other ranges. The ranges lie below Linux's ephemeral ports (32768-60999).
+_PORT_RANGES_START, _PORT_RANGE_SIZE, _PORT_RANGES = 20000, 200, 60
+_port_claims: list[socket.socket] = []
+_next_port = _port_range_end = 0
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port no other test is given."""
+    global _next_port, _port_range_end
+    if _next_port >= _port_range_end:
+        first = os.getpid() % _PORT_RANGES
+        for i in range(_PORT_RANGES):
+            start = _PORT_RANGES_START + ((first + i) % _PORT_RANGES) * _PORT_RANGE_SIZE
+            claim = socket.socket()
+            try:
+                claim.bind(("127.0.0.1", start))
+                claim.listen(1)
+            except OSError:
+                claim.close()
+                continue
+            _port_claims.append(claim)
+            _next_port, _port_range_end = start + 1, start + _PORT_RANGE_SIZE
+            break
+        else:
+            raise RuntimeError("no free test port range between 20000 and 32000")
+    port = _next_port
+    _next_port += 1
+    return port
+
+
+def need_tool(name: str, install: str) -> str:
+    """The path of a tool a check cannot run without. Missing, the check fails
+    under CI (where tests/run installs every tool, so a skip would hide a broken
+    install) and is skipped with the install hint elsewhere."""
+    import pytest
+
+    path = tool(name)
+    if path:
+        return path
+    message = f"{name} not installed ({install}); tests/run installs it"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 def http_status(port: int, path: str) -> int | None:

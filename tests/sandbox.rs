@@ -1,0 +1,101 @@
+//! What the sandbox keeps from a script: the worker's credential variables, and
+//! Lua files outside the script's folder.
+
+mod common;
+
+use common::*;
+
+/// Runs `probe.lua`'s handler once through `replay` and returns its reply.
+fn replay(scripts: &Scripts, env: &[(&str, &str)], extra: &[&str]) -> serde_json::Value {
+    let script = scripts.path().join("probe.lua");
+    let mut args = vec!["replay", script.to_str().unwrap(), "--events", "-"];
+    args.extend_from_slice(extra);
+    let (code, stdout, stderr) = run_command_with_env(&args, env, Some(r#"{"subject":"probe"}"#));
+    assert_eq!(code, 0, "{stderr}");
+    let line: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    line["payload"].clone()
+}
+
+#[test]
+fn the_workers_credential_variables_are_hidden_from_scripts_unless_unsafe() {
+    let scripts = Scripts::new();
+    scripts.write(
+        "probe.lua",
+        r#"
+        local names = { "AGENT_BLOCK_USER", "AGENT_BLOCK_PASSWORD", "AGENT_BLOCK_TOKEN", "AGENT_BLOCK_NKEY",
+          "NATS_CREDS", "AGENT_BLOCK_CREDS", "AGENT_BLOCK_TLS_KEY", "NATS_URL", "AGENT_BLOCK_NATS_URL",
+          "APP_SETTING" }
+        bus.on("probe", function()
+          local seen = {}
+          for _, name in ipairs(names) do
+            seen[name] = { env = env.get(name) or false, os = os.getenv(name) or false }
+          end
+          return seen
+        end)
+        "#,
+    );
+    let env = [
+        ("AGENT_BLOCK_USER", "alice"),
+        ("AGENT_BLOCK_PASSWORD", "pw-1"),
+        ("AGENT_BLOCK_TOKEN", "tok-2"),
+        ("AGENT_BLOCK_NKEY", "SU-seed-3"),
+        ("NATS_CREDS", "/secrets/a.creds"),
+        ("AGENT_BLOCK_CREDS", "/secrets/b.creds"),
+        ("AGENT_BLOCK_TLS_KEY", "/secrets/key.pem"),
+        ("NATS_URL", "nats://alice:pw-1@nats:4222"),
+        ("AGENT_BLOCK_NATS_URL", "nats://tok-2@nats:4222"),
+        ("APP_SETTING", "visible"),
+    ];
+    let sandboxed = replay(&scripts, &env, &[]);
+    let unsafe_lua = replay(&scripts, &env, &["--unsafe-lua"]);
+    for (name, value) in env {
+        let hidden = name != "APP_SETTING";
+        for via in ["env", "os"] {
+            let expected = if hidden { serde_json::json!(false) } else { serde_json::json!(value) };
+            assert_eq!(sandboxed[name][via], expected, "{via} {name} in the sandbox");
+            assert_eq!(unsafe_lua[name][via], serde_json::json!(value), "{via} {name} with --unsafe-lua");
+        }
+    }
+    // A URL without credentials is configuration a script may read.
+    let plain = replay(&scripts, &[("NATS_URL", "nats://nats:4222")], &[]);
+    assert_eq!(plain["NATS_URL"]["env"], "nats://nats:4222");
+}
+
+#[test]
+fn require_stays_inside_the_scripts_folder() {
+    let outside = tempfile::Builder::new().prefix("outside").tempdir().unwrap();
+    std::fs::write(outside.path().join("evil.lua"), "error('EVIL MODULE LOADED')").unwrap();
+    let evil = outside.path().join("evil");
+    let evil = evil.to_str().unwrap();
+    let scripts = Scripts::new();
+    scripts.write("lib/util.lua", "return { answer = 42 }");
+    let dotted = evil.replace('/', ".");
+    let relative_up = format!("../{}/evil", outside.path().file_name().unwrap().to_str().unwrap());
+    for name in [evil, dotted.as_str(), relative_up.as_str(), "..", "lib..util", "lib/../lib/util"] {
+        let script = scripts.write("app.lua", &format!("local m = require({name:?})\nbus.on('a', function() end)\n"));
+        let (code, _, stderr) = run_command(&["check", script.to_str().unwrap()], None);
+        assert_eq!(code, 2, "require({name:?}) must fail: {stderr}");
+        assert!(stderr.contains("refused") && stderr.contains("script's folder"), "require({name:?}): {stderr}");
+        assert!(!stderr.contains("EVIL MODULE LOADED"), "require({name:?}) ran the module: {stderr}");
+    }
+    let script = scripts.write(
+        "app.lua",
+        "local a = require('lib.util')\nlocal b = require('lib/util')\nassert(a.answer == 42 and b.answer == 42)\n\
+         assert(require('validate'))\nbus.on('a', function() end)\n",
+    );
+    let (code, _, stderr) = run_command(&["check", script.to_str().unwrap()], None);
+    assert_eq!(code, 0, "modules next to the script and embedded ones load: {stderr}");
+}
+
+#[cfg(unix)]
+#[test]
+fn a_symbolic_link_out_of_the_scripts_folder_is_refused() {
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("evil.lua"), "error('EVIL MODULE LOADED')").unwrap();
+    let scripts = Scripts::new();
+    std::os::unix::fs::symlink(outside.path().join("evil.lua"), scripts.path().join("linked.lua")).unwrap();
+    let script = scripts.write("app.lua", "require('linked')\n");
+    let (code, _, stderr) = run_command(&["check", script.to_str().unwrap()], None);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("outside the script's folder") && !stderr.contains("EVIL"), "{stderr}");
+}
