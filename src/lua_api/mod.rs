@@ -1,9 +1,10 @@
-//! The Lua API: `bus`, `nats`, `json`, `log`, `time`, `env`, and the event table.
+//! The Lua API: `bus`, `nats`, `kv`, `json`, `log`, `time`, `env`, and the event table.
 
 pub mod bus;
 pub mod event;
 pub mod interrupt;
 pub mod json;
+pub mod kv;
 pub mod log;
 pub mod nats;
 pub mod raw;
@@ -22,6 +23,7 @@ pub fn install(lua: &Lua) -> mlua::Result<()> {
     interrupt::install(lua)?;
     bus::install(lua)?;
     nats::install(lua)?;
+    kv::install(lua)?;
     json::install(lua)?;
     log::install(lua)?;
     time::install(lua)
