@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -113,7 +114,12 @@ pub async fn run_worker(config: WorkerConfig, shutdown: impl Future<Output = ()>
     health.set_shutting_down();
     tracing::info!(grace = %humantime::format_duration(config.grace), "shutting down: draining sources");
     stop.cancel();
+    let stats = pool.stats().clone();
     pool.shutdown(grace_deadline).await;
+    let (rejected, dropped) = (stats.rejected.load(Ordering::Relaxed), stats.dropped.load(Ordering::Relaxed));
+    if rejected + dropped > 0 {
+        tracing::warn!(rejected, dropped, "intake was full at times: requests answered 503, messages dropped (totals)");
+    }
     connect::flush_briefly(&client).await;
     tracing::info!("stopped");
     Ok(())

@@ -142,3 +142,57 @@ async fn a_timed_out_handler_never_resumes() {
     let first = next(&mut trail).await;
     assert_eq!(first.subject.as_str(), "trail.marker", "{}", body(&first));
 }
+
+const FLOOD: &str = r#"
+bus.subscribe("flood")
+bus.subscribe("flood.events")
+bus.on("flood", function(ev) time.sleep("20ms") return "done" end)
+bus.on("flood.events", function(ev) time.sleep("20ms") end)
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_gets_an_answer_for_every_request_and_a_count_of_drops() {
+    let server = server();
+    let scripts = Scripts::new();
+    let script = scripts.write("flood.lua", FLOOD);
+    let worker =
+        Worker::run(&server, &script, &["--workers", "2", "--concurrency", "10", "--bus-capacity", "50"]);
+    let client = client(&server).await;
+    for _ in 0..2000 {
+        client.publish("flood.events", "".into()).await.unwrap();
+    }
+    let total = 5000;
+    let requests = (0..total).map(|_| {
+        let client = client.clone();
+        async move {
+            let request = async_nats::Request::new().payload("".into()).timeout(Some(PATIENCE));
+            client.send_request("flood", request).await.map(|reply| error_of(&reply).map(|(code, _)| code))
+        }
+    });
+    let answers = futures::future::join_all(requests).await;
+    let done = answers.iter().filter(|a| matches!(a, Ok(None))).count();
+    let overloaded = answers.iter().filter(|a| matches!(a, Ok(Some(503)))).count();
+    let failed: Vec<_> = answers.iter().filter(|a| !matches!(a, Ok(None) | Ok(Some(503)))).collect();
+    assert!(failed.is_empty(), "every request is answered, done or 503: {:?}", &failed[..failed.len().min(5)]);
+    assert_eq!(done + overloaded, total);
+    assert!(overloaded > 0 && done >= 2 * 10, "done {done}, overloaded {overloaded}");
+    assert!(
+        worker.stderr.wait_for("intake full", PATIENCE),
+        "overload is logged with its counts: {}",
+        worker.stderr.text()
+    );
+    let lines = worker.stderr.text().lines().filter(|l| l.contains("intake full")).count();
+    assert!(lines <= 4, "overload is logged at most once per interval, not per message ({lines} lines)");
+    let mut worker = worker;
+    worker.terminate();
+    assert_eq!(worker.wait_exit(PATIENCE).and_then(|s| s.code()), Some(0));
+    let log = worker.stderr.text();
+    let totals: serde_json::Value = log
+        .lines()
+        .filter(|l| l.contains("intake was full at times"))
+        .map(|l| serde_json::from_str(l).expect("a JSON log line"))
+        .next()
+        .unwrap_or_else(|| panic!("totals logged at shutdown: {log}"));
+    assert_eq!(totals["rejected"], overloaded as u64, "every 503 is counted");
+    assert!(totals["dropped"].as_u64().unwrap() > 0, "dropped messages are counted: {totals}");
+}

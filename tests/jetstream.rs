@@ -63,7 +63,11 @@ async fn publish(js: &jetstream::Context, subject: &str, body: &str) {
 }
 
 async fn consumer(js: &jetstream::Context) -> PullConsumer {
-    js.get_stream("ORDERS").await.expect("stream").get_consumer("work").await.expect("consumer")
+    consumer_of(js, "ORDERS").await
+}
+
+async fn consumer_of(js: &jetstream::Context, stream: &str) -> PullConsumer {
+    js.get_stream(stream).await.expect("stream").get_consumer("work").await.expect("consumer")
 }
 
 /// Collects message bodies of `subject` until `done` says enough.
@@ -77,7 +81,11 @@ async fn collect(sub: &mut async_nats::Subscriber, mut done: impl FnMut(&HashSet
 
 /// Waits until the consumer has nothing pending or unacknowledged.
 async fn drained(js: &jetstream::Context) -> async_nats::jetstream::consumer::Info {
-    let mut consumer = consumer(js).await;
+    drained_on(js, "ORDERS").await
+}
+
+async fn drained_on(js: &jetstream::Context, stream: &str) -> async_nats::jetstream::consumer::Info {
+    let mut consumer = consumer_of(js, stream).await;
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
         let info = consumer.info().await.expect("consumer info").clone();
@@ -349,4 +357,80 @@ async fn two_workers_share_one_consumer() {
     collect(&mut seen, |s| s.len() == 8).await;
     assert_eq!(drained(&js).await.num_redelivered, 0);
     drop((first, second));
+}
+
+const STEADY: &str = r#"
+bus.consume({
+  stream = "JOBS", consumer = "work", subject = "jobs.>", ack_wait = "ACK_WAIT",
+  create_stream = { subjects = { "jobs.>" } },
+})
+bus.on("jobs.run", function(ev)
+  time.sleep("SLEEP")
+  nats.publish("done", ev.id)
+  return true
+end)
+"#;
+
+fn steady(scripts: &Scripts, ack_wait: &str, sleep: &str) -> std::path::PathBuf {
+    scripts.write("steady.lua", &STEADY.replace("ACK_WAIT", ack_wait).replace("SLEEP", sleep))
+}
+
+async fn publish_jobs(js: &jetstream::Context, count: usize) {
+    let acks = (0..count).map(|n| {
+        let js = js.clone();
+        async move { js.publish("jobs.run", n.to_string().into()).await.expect("publish").await.expect("stored") }
+    });
+    futures::future::join_all(acks).await;
+}
+
+fn all_jobs(count: usize) -> impl FnMut(&HashSet<String>) -> bool {
+    move |seen| (1..=count).all(|n| seen.contains(&format!("JOBS:{n}")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_loses_no_message() {
+    let server = server();
+    let scripts = Scripts::new();
+    let script = steady(&scripts, "2s", "10ms");
+    let client = client(&server).await;
+    let mut done = client.subscribe("done").await.unwrap();
+    client.flush().await.unwrap();
+    let first = Worker::run(&server, &script, &["--workers", "2", "--concurrency", "8"]);
+    let js = jetstream::new(client.clone());
+    publish_jobs(&js, 2000).await;
+    // Let it get going, then kill -9 it in the middle of the stream.
+    let mut seen = collect(&mut done, |s| s.len() >= 200).await;
+    drop(first);
+    let _second = Worker::run(&server, &script, &["--workers", "2", "--concurrency", "8"]);
+    let mut want = all_jobs(2000);
+    while !want(&seen) {
+        seen.insert(body(&next(&mut done).await));
+    }
+    drained_on(&js, "JOBS").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_and_hands_back_the_rest_at_once() {
+    let server = server();
+    let scripts = Scripts::new();
+    // ack_wait far beyond the test's patience: a message left unacked by the
+    // stopping worker would fail the test instead of coming back late.
+    let script = steady(&scripts, "5m", "200ms");
+    let client = client(&server).await;
+    let mut done = client.subscribe("done").await.unwrap();
+    client.flush().await.unwrap();
+    let mut stopping = Worker::run(&server, &script, &["--workers", "1", "--concurrency", "4", "--grace", "20s"]);
+    let js = jetstream::new(client.clone());
+    publish_jobs(&js, 60).await;
+    let mut seen = collect(&mut done, |s| s.len() >= 8).await;
+    let _other = Worker::run(&server, &script, &["--workers", "1", "--concurrency", "4"]);
+    stopping.terminate();
+    let status = stopping.wait_exit(PATIENCE).expect("the worker exits within its grace");
+    assert_eq!(status.code(), Some(0), "{}", stopping.stderr.text());
+    let mut want = all_jobs(60);
+    while !want(&seen) {
+        seen.insert(body(&next(&mut done).await));
+    }
+    let info = drained_on(&js, "JOBS").await;
+    assert_eq!(info.num_ack_pending, 0);
 }

@@ -1,10 +1,11 @@
-//! The Lua API: `bus`, `nats`, `json`, `log`, `time`, `env`, and the event table.
+//! The Lua API: `bus`, `nats`, `kv`, `json`, `log`, `time`, `env`, and the event table.
 
 pub mod bus;
 pub mod env;
 pub mod event;
 pub mod interrupt;
 pub mod json;
+pub mod kv;
 pub mod log;
 pub mod nats;
 pub mod raw;
@@ -23,6 +24,7 @@ pub fn install(lua: &Lua) -> mlua::Result<()> {
     interrupt::install(lua)?;
     bus::install(lua)?;
     nats::install(lua)?;
+    kv::install(lua)?;
     json::install(lua)?;
     log::install(lua)?;
     time::install(lua)

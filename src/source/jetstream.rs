@@ -34,6 +34,8 @@ const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
 /// Silence after which the pull requests are taken as lost.
 const HEARTBEAT_MISSED: Duration = Duration::from_secs(5);
 const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
+/// How long a stopping source waits for messages already on their way.
+const DRAIN_LIMIT: Duration = Duration::from_secs(1);
 
 /// Why a consumer could not be set up; a configuration mistake exits 2.
 #[derive(Debug, thiserror::Error)]
@@ -236,9 +238,16 @@ impl Puller {
                 }
             }
         }
-        // Messages already on their way to a closed inbox are redelivered by the
-        // server after ack_wait; unsubscribing stops new ones at once.
-        let _ = subscriber.unsubscribe().await;
+        // Stop new deliveries, then hand back what already arrived: nak'ed for
+        // immediate redelivery to another worker.
+        if subscriber.drain().await.is_ok() {
+            while let Ok(Some(message)) = tokio::time::timeout(DRAIN_LIMIT, subscriber.next()).await {
+                if message.status.is_none() {
+                    let message = jetstream::Message { message, context: js.clone() };
+                    let _ = message.ack_with(AckKind::Nak(None)).await;
+                }
+            }
+        }
     }
 
     async fn pull(&mut self, batch: usize) -> Result<(), async_nats::PublishError> {
