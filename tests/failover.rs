@@ -21,11 +21,10 @@ struct Node {
 }
 
 /// Route ports must be known before the nodes start (a JetStream cluster needs
-/// its routes configured). They come from below the kernel's ephemeral range,
-/// where servers asked for any free port never land, offset by this process id.
+/// its routes configured), so they come from the test's own port range.
 fn route_ports() -> [u16; 3] {
-    let base = 20000 + (std::process::id() % 1200) as u16 * 10;
-    [base, base + 1, base + 2]
+    static PORTS: std::sync::OnceLock<[u16; 3]> = std::sync::OnceLock::new();
+    *PORTS.get_or_init(|| [free_port(), free_port(), free_port()])
 }
 
 impl Drop for Node {
