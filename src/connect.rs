@@ -6,7 +6,7 @@
 //! in a URL are moved into the connect options (see [`crate::nats_url`]).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::{ConnectErrorKind, ConnectOptions, Event};
@@ -121,6 +121,23 @@ async fn options(config: &ConnectionConfig, from_url: Option<&UrlCredentials>) -
     }))
 }
 
+/// Messages the client dropped because a subscription's buffer was full (one
+/// slow-consumer event each), over the process's connections.
+pub static SLOW_CONSUMER_DROPS: AtomicU64 = AtomicU64::new(0);
+static SLOW_CONSUMER_LOGGED: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+const SLOW_CONSUMER_LOG_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Counts a dropped message; logs the total at most once per interval, so a
+/// flood does not become a flood of log lines.
+fn slow_consumer(sid: u64) {
+    let total = SLOW_CONSUMER_DROPS.fetch_add(1, Ordering::Relaxed) + 1;
+    let mut logged = SLOW_CONSUMER_LOGGED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if logged.is_none_or(|at| at.elapsed() >= SLOW_CONSUMER_LOG_INTERVAL) {
+        *logged = Some(std::time::Instant::now());
+        tracing::warn!(sid, dropped_total = total, "slow consumer: the NATS client dropped messages for a subscription");
+    }
+}
+
 fn log_event(event: Event, was_down: &AtomicBool) {
     match event {
         Event::Connected if was_down.swap(false, Ordering::SeqCst) => tracing::info!("NATS connection restored"),
@@ -129,7 +146,7 @@ fn log_event(event: Event, was_down: &AtomicBool) {
             tracing::warn!("NATS disconnected; reconnecting")
         }
         Event::ServerError(err) => tracing::warn!(error = %err, "NATS server error"),
-        Event::SlowConsumer(sid) => tracing::warn!(sid, "slow consumer: NATS dropped messages for a subscription"),
+        Event::SlowConsumer(sid) => slow_consumer(sid),
         other => tracing::debug!(event = %other, "NATS event"),
     }
 }
