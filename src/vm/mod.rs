@@ -11,6 +11,7 @@ mod permits;
 pub mod sandbox;
 pub mod state;
 mod thread;
+pub mod watchdog;
 
 use std::path::PathBuf;
 use std::time::Duration;
