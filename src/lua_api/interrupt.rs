@@ -98,9 +98,11 @@ pub fn install(lua: &Lua) -> mlua::Result<()> {
 /// values, so tables keep their fields, and the dispatcher sees interruptions
 /// too), then the finalizers queued meanwhile.
 pub fn runner(lua: &Lua) -> mlua::Result<Function> {
-    lua.load("local pcall, enter, finish = ...; return function(handler, ev) enter() return finish(pcall(handler, ev)) end")
-        .set_name("=handler")
-        .call((raw_pcall(lua)?, enter_function(lua)?, lua.named_registry_value::<Function>(FINISH)?))
+    lua.load(
+        "local pcall, enter, finish = ...; return function(handler, ev) enter() return finish(pcall(handler, ev)) end",
+    )
+    .set_name("=handler")
+    .call((raw_pcall(lua)?, enter_function(lua)?, lua.named_registry_value::<Function>(FINISH)?))
 }
 
 /// `chunk` wrapped so the coroutine that runs it is known to the watchdog.
@@ -139,8 +141,11 @@ unsafe extern "C-unwind" fn run_tracked(state: *mut ffi::lua_State) -> c_int {
     // frame when `lua_error` unwinds it.
     unsafe {
         let nargs = ffi::lua_gettop(state);
-        let coroutine =
-            if ffi::lua_type(state, 1) == ffi::LUA_TTHREAD { ffi::lua_tothread(state, 1) } else { std::ptr::null_mut() };
+        let coroutine = if ffi::lua_type(state, 1) == ffi::LUA_TTHREAD {
+            ffi::lua_tothread(state, 1)
+        } else {
+            std::ptr::null_mut()
+        };
         ffi::lua_pushvalue(state, ffi::lua_upvalueindex(1));
         ffi::lua_insert(state, 1);
         let mark = watchdog::enter(coroutine);
