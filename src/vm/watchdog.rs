@@ -247,6 +247,7 @@ impl Watchdog {
             let now = Instant::now();
             let mut wake = now + IDLE_TICK;
             let mut stuck = 0;
+            let mut newly_stuck = Vec::new();
             let watches: Vec<Arc<Watch>> = {
                 let mut list = self.watches.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
                 list.retain(|w| w.strong_count() > 0);
@@ -282,11 +283,15 @@ impl Watchdog {
                 if still_running && now >= since + STUCK_MARGIN {
                     stuck += 1;
                     if !watch.stuck.swap(true, SeqCst) {
-                        self.report(watch, now - since);
+                        newly_stuck.push((watch, now - since));
                     }
                 }
             }
+            // The probe fails before the log says so: whoever reads the log finds it failing.
             self.stuck.store(stuck, SeqCst);
+            for (watch, overdue) in newly_stuck {
+                self.report(watch, overdue);
+            }
             self.wakes_at.store(nanos(wake), SeqCst);
             std::thread::park_timeout(wake.saturating_duration_since(Instant::now()));
         }
