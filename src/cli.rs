@@ -116,7 +116,7 @@ pub struct LuaArgs {
     /// Lift the sandbox: allow os.execute, io, debug, package.loadlib, binary chunks
     #[arg(long, env = "AGENT_BLOCK_UNSAFE_LUA")]
     pub unsafe_lua: bool,
-    /// Memory cap per Lua VM, e.g. 67108864 or 64MiB; exceeding it fails that handler
+    /// Memory cap per Lua VM, e.g. 67108864 or 64MiB; exceeding it fails that handler; 0 = none [default: 256MiB]
     #[arg(long, env = "AGENT_BLOCK_LUA_MEMORY_LIMIT", value_parser = parse_size)]
     pub lua_memory_limit: Option<usize>,
 }

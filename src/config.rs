@@ -76,9 +76,18 @@ pub struct LuaConfig {
     pub memory_limit: Option<usize>,
 }
 
+/// `--lua-memory-limit` when not given: enough for any handler that processes
+/// messages, small enough that one runaway handler cannot take the machine.
+pub const DEFAULT_LUA_MEMORY_LIMIT: usize = 256 * 1024 * 1024;
+
 impl From<&LuaArgs> for LuaConfig {
     fn from(args: &LuaArgs) -> Self {
-        LuaConfig { unsafe_lua: args.unsafe_lua, memory_limit: args.lua_memory_limit }
+        let memory_limit = match args.lua_memory_limit {
+            None => Some(DEFAULT_LUA_MEMORY_LIMIT),
+            Some(0) => None,
+            Some(limit) => Some(limit),
+        };
+        LuaConfig { unsafe_lua: args.unsafe_lua, memory_limit }
     }
 }
 

@@ -5,6 +5,8 @@ use std::sync::{Arc, Mutex};
 
 use async_nats::connection::State;
 
+use crate::vm::watchdog;
+
 #[derive(Clone, Default)]
 pub struct Health(Arc<Inner>);
 
@@ -27,6 +29,18 @@ impl Health {
 
     pub fn set_shutting_down(&self) {
         self.0.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    /// Live means: no Lua VM is stuck in code past its deadline (see
+    /// [`crate::vm::watchdog`]); a stuck VM never recovers by itself, a restart does.
+    pub fn liveness() -> Result<(), String> {
+        match watchdog::stuck_vms() {
+            0 => Ok(()),
+            stuck => Err(format!(
+                "{stuck} Lua VM(s) stuck past their deadline ({} found stuck since start)",
+                watchdog::stuck_total()
+            )),
+        }
     }
 
     /// Ready means: connected to NATS, every source running, not shutting down.

@@ -1,4 +1,5 @@
-//! The HTTP listener of `--metrics-addr`: `/healthz` (the process lives) and
+//! The HTTP listener of `--metrics-addr`: `/healthz` (the process lives: 503 while
+//! a Lua VM is stuck) and
 //! `/readyz` (200 while connected with every source running, else 503).
 
 use std::net::SocketAddr;
@@ -13,7 +14,13 @@ use crate::health::Health;
 pub async fn serve(addr: SocketAddr, health: Health) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let app = Router::new().route("/healthz", get(|| async { "ok\n" })).route(
+    let liveness = || async {
+        match Health::liveness() {
+            Ok(()) => (StatusCode::OK, "ok\n".to_string()),
+            Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("not live: {reason}\n")),
+        }
+    };
+    let app = Router::new().route("/healthz", get(liveness)).route(
         "/readyz",
         get(move || {
             let health = health.clone();

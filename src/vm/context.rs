@@ -1,12 +1,15 @@
 //! The context of the Lua code running right now on this VM thread: its deadline,
 //! its cancellation, and the event it serves (for logs and trace propagation).
 //!
-//! [`Scoped`] installs a context for the duration of each poll of a Lua call, so the
-//! instruction hook can stop a handler that never yields, and bridges know which
-//! event they act for, although many handler coroutines interleave on one thread.
+//! [`Scoped`] installs a context for the duration of each poll of a Lua call (and
+//! while the call is dropped, which runs its pending `__close` handlers), arms the
+//! [`watchdog`] with its deadline so a handler that never yields is interrupted,
+//! and lets bridges know which event they act for, although many handler
+//! coroutines interleave on one thread.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
+use std::mem::ManuallyDrop;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
@@ -15,6 +18,7 @@ use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::event::EventId;
+use crate::vm::watchdog;
 
 /// Why the instruction hook stopped Lua code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -29,6 +33,8 @@ pub struct TaskContext {
     deadline: Cell<Option<Instant>>,
     cancel: Option<CancellationToken>,
     interrupted: Cell<Option<Interrupt>>,
+    /// The Lua thread (coroutine) running this task's code, once it started.
+    thread: Cell<*mut mlua::ffi::lua_State>,
     pub kind: Option<async_nats::Subject>,
     pub id: Option<EventId>,
     pub traceparent: Option<String>,
@@ -40,6 +46,7 @@ impl TaskContext {
             deadline: Cell::new(deadline),
             cancel,
             interrupted: Cell::new(None),
+            thread: Cell::new(std::ptr::null_mut()),
             kind: None,
             id: None,
             traceparent: None,
@@ -48,6 +55,10 @@ impl TaskContext {
 
     pub fn set_deadline(&self, deadline: Option<Instant>) {
         self.deadline.set(deadline);
+    }
+
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline.get()
     }
 
     /// What stopped this task, if the hook or the caller did.
@@ -86,6 +97,19 @@ pub fn current() -> Option<Rc<TaskContext>> {
     CURRENT.with(|c| c.borrow().clone())
 }
 
+/// Records `state` as the Lua thread of the current task, so the watchdog can
+/// interrupt it while it runs (see [`crate::lua_api::interrupt`]).
+pub fn enter_thread(state: *mut mlua::ffi::lua_State) {
+    CURRENT.with(|c| {
+        if let Some(context) = c.borrow().as_ref()
+            && context.thread.get() != state
+        {
+            context.thread.set(state);
+            watchdog::enter(state);
+        }
+    });
+}
+
 /// What the instruction hook should do with the running Lua code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HookAction {
@@ -101,15 +125,27 @@ pub fn check_current() -> HookAction {
     })
 }
 
-/// A future that runs with `context` as the current context while polled.
+/// A future that runs with `context` as the current context while polled or
+/// dropped, its deadline armed in the watchdog.
 pub struct Scoped<F> {
     context: Rc<TaskContext>,
-    inner: F,
+    inner: ManuallyDrop<F>,
 }
 
 impl<F: Future> Scoped<F> {
     pub fn new(context: Rc<TaskContext>, inner: F) -> Self {
-        Scoped { context, inner }
+        Scoped { context, inner: ManuallyDrop::new(inner) }
+    }
+}
+
+impl<F> Scoped<F> {
+    /// Makes `context` current and arms its deadline until the guard is dropped.
+    fn enter(context: &Rc<TaskContext>) -> Restore {
+        let previous = CURRENT.with(|c| c.replace(Some(context.clone())));
+        let mark = watchdog::enter(context.thread.get());
+        let kind = context.kind.as_ref().map(|k| k.as_str());
+        let armed = watchdog::arm(context.deadline.get(), context.cancel.is_some(), kind);
+        Restore { previous, mark, armed }
     }
 }
 
@@ -117,20 +153,35 @@ impl<F: Future> Future for Scoped<F> {
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        // SAFETY: `inner` is structurally pinned: never moved out of `self`, and
-        // `Scoped` has no Drop impl or Unpin impl that could move it.
+        // SAFETY: `inner` is structurally pinned: never moved out of `self`; it is
+        // dropped in place by `Drop`.
         let this = unsafe { self.get_unchecked_mut() };
-        let previous = CURRENT.with(|c| c.replace(Some(this.context.clone())));
-        let _restore = Restore(previous);
-        unsafe { Pin::new_unchecked(&mut this.inner) }.poll(cx)
+        let _restore = Self::enter(&this.context);
+        unsafe { Pin::new_unchecked(&mut *this.inner) }.poll(cx)
     }
 }
 
-struct Restore(Option<Rc<TaskContext>>);
+impl<F> Drop for Scoped<F> {
+    fn drop(&mut self) {
+        // Dropping a Lua call closes its coroutine, which runs pending `__close`
+        // handlers: they run under the same deadline as the call.
+        let _restore = Self::enter(&self.context);
+        // SAFETY: dropped exactly once, here, in place.
+        unsafe { ManuallyDrop::drop(&mut self.inner) };
+    }
+}
+
+struct Restore {
+    previous: Option<Rc<TaskContext>>,
+    mark: usize,
+    armed: Option<watchdog::Armed>,
+}
 
 impl Drop for Restore {
     fn drop(&mut self) {
-        let previous = self.0.take();
+        watchdog::disarm(self.armed.take());
+        watchdog::leave(self.mark);
+        let previous = self.previous.take();
         CURRENT.with(|c| *c.borrow_mut() = previous);
     }
 }

@@ -11,6 +11,7 @@ mod dispatch;
 pub mod sandbox;
 pub mod state;
 mod thread;
+pub mod watchdog;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -30,6 +30,22 @@ package.loadlib, package.cpath, package.path = nil, "", ""
 for i = #searchers, 2, -1 do searchers[i] = nil end
 "##;
 
+/// `collectgarbage` without what would change the collector for every handler of
+/// the VM (`stop`, `restart`, `incremental`, `generational`, `setpause`,
+/// `setstepmul`): a script may measure and run the collector, not turn it off.
+const COLLECTGARBAGE: &str = r##"
+local raw_collect, tostring, error = collectgarbage, tostring, error
+local allowed = { collect = true, count = true, step = true, isrunning = true }
+collectgarbage = function(option, ...)
+  option = option or "collect"
+  if not allowed[option] then
+    error("collectgarbage(\"" .. tostring(option) .. "\") is not allowed: it would change the collector for "
+      .. "every handler of this VM (allowed: collect, count, step, isrunning)", 2)
+  end
+  return raw_collect(option, ...)
+end
+"##;
+
 /// Finished handler coroutines kept for reuse, at most: creating a coroutine per
 /// event costs more than running a small handler.
 const MAX_SPARE_COROUTINES: usize = 256;
@@ -45,6 +61,7 @@ pub fn new_lua(config: &LuaConfig, script_dir: &Path, concurrency: usize) -> mlu
     };
     if !config.unsafe_lua {
         lua.load(SANDBOX).set_name("=sandbox").exec()?;
+        lua.load(COLLECTGARBAGE).set_name("=collectgarbage").exec()?;
     }
     install_searcher(&lua, script_dir, !config.unsafe_lua)?;
     crate::lua_api::env::install(&lua, !config.unsafe_lua)?;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mlua::prelude::{LuaGcGenParams as GcGenParams, LuaGcMode as GcMode};
-use mlua::{Function, HookTriggers, Lua, VmState as HookState};
+use mlua::{Function, Lua};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::LocalSet;
 use tokio_util::sync::CancellationToken;
@@ -21,14 +21,11 @@ use crate::outcome::{Failure, Outcome};
 use crate::settle;
 use crate::source::{Link, Placement};
 use crate::transport::NatsTransport;
-use crate::vm::context::{self, HookAction, Scoped, TaskContext};
+use crate::vm::context::{Scoped, TaskContext};
 use crate::vm::dispatch;
 use crate::vm::state::{Handlers, Phase, VmState};
-use crate::vm::{InitReport, PoolSpec, ScriptError, SourcePlan, StartError, sandbox};
+use crate::vm::{InitReport, PoolSpec, ScriptError, SourcePlan, StartError, sandbox, watchdog};
 
-/// Instructions between deadline checks: small enough to stop a loop within
-/// microseconds, large enough to cost nothing measurable.
-const HOOK_INTERVAL: u32 = 4096;
 /// Time the script's code after `bus.serve()` gets at shutdown.
 const CLEANUP_LIMIT: Duration = Duration::from_millis(500);
 /// How long past its deadline a stuck top level may take to be noticed.
@@ -212,20 +209,15 @@ impl Vm {
         lua.gc_set_mode(GcMode::Generational(GcGenParams::default()));
         let setup_lua = || -> mlua::Result<(EventTables, Function)> {
             lua_api::install(&lua)?;
-            let runner: Function = lua
-                .load("local pcall = ...; return function(handler, ev) return pcall(handler, ev) end")
-                .set_name("=handler")
-                .call(lua_api::interrupt::raw_pcall(&lua)?)?;
-            lua.set_global_hook(HookTriggers::new().every_nth_instruction(HOOK_INTERVAL), |_, _| {
-                match context::check_current() {
-                    HookAction::Continue => Ok(HookState::Continue),
-                    HookAction::Raise(interrupt) => Err(mlua::Error::external(interrupt)),
-                }
-            })?;
+            let runner = lua_api::interrupt::runner(&lua)?;
             Ok((EventTables::new(&lua)?, runner))
         };
         let (events, runner) = setup_lua().map_err(|err| ScriptError(format!("cannot set up the Lua API: {err}")))?;
+        // Deadlines are enforced by the watchdog, which hooks Lua only once one passed.
+        watchdog::register(&lua, cancel.clone())
+            .map_err(|err| ScriptError(format!("cannot start the Lua watchdog: {err}")))?;
         let main_chunk = sandbox::load_file(&lua, &spec.script, !spec.lua.unsafe_lua)
+            .and_then(|chunk| lua_api::interrupt::entered(&lua, chunk))
             .map_err(|err| ScriptError(script_error_message(&err)))?;
         let vm = Vm {
             lua,
