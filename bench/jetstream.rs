@@ -1,0 +1,159 @@
+//! JetStream consumption benchmark: agent-block against a plain async-nats pull
+//! consumer, draining the same stream in one run.
+//!
+//! `cargo bench --bench jetstream` starts one private nats-server, stores
+//! `BENCH_MESSAGES` (default 100000) 128-byte JSON messages in a stream, then
+//! alternately (plain, agent-block, plain, agent-block) drains the whole stream
+//! through a fresh durable consumer:
+//!
+//! - plain: an async-nats pull consumer (`messages()`, its default prefetch) in
+//!   this process on a 2-thread runtime, parsing each payload as JSON and acking it;
+//! - agent-block: `agent-block run bench/consume.lua --workers 2`, whose handler
+//!   reads `ev.payload` and returns `true` (a confirmed ack), timed from spawn until
+//!   the consumer has nothing pending and nothing unacknowledged.
+//!
+//! It prints messages per second for each and the ratio (target >= 0.9x).
+//! Without `--bench` (e.g. `cargo test --all-targets`) it runs a quick smoke pass.
+
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use agent_block::nats_server::NatsServer;
+use async_nats::jetstream::{self, consumer::pull};
+use futures::StreamExt;
+
+const STREAM: &str = "BENCH";
+const SUBJECT: &str = "bench.js";
+const TARGET_RATIO: f64 = 0.9;
+const DRAIN_LIMIT: Duration = Duration::from_secs(300);
+
+fn main() -> ExitCode {
+    let measuring = std::env::args().any(|arg| arg == "--bench");
+    let messages = std::env::var("BENCH_MESSAGES").ok().and_then(|v| v.parse().ok());
+    let messages = messages.unwrap_or(if measuring { 100_000 } else { 2_000 });
+    let rounds = std::env::var("BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
+    let Ok(runtime) = runtime else {
+        eprintln!("cannot start a runtime");
+        return ExitCode::FAILURE;
+    };
+    match runtime.block_on(run(messages, rounds)) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("benchmark failed: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(messages: usize, rounds: usize) -> Result<f64, String> {
+    let server = NatsServer::start()?;
+    let client = async_nats::connect(server.url()).await.map_err(|e| e.to_string())?;
+    let js = jetstream::new(client.clone());
+    fill(&js, messages).await?;
+    println!("JetStream consumption: {messages} messages of 128-byte JSON, 2 worker threads each");
+    println!("{:<7} {:<18} {:>10} {:>9}", "round", "consumer", "msgs/s", "seconds");
+    let (mut plain_total, mut agent_total) = (Duration::ZERO, Duration::ZERO);
+    for round in 1..=rounds {
+        let plain = drain_plain(&js, &format!("plain{round}"), messages).await?;
+        println!("{round:<7} {:<18} {:>10.0} {:>9.2}", "plain async-nats", rate(messages, plain), plain.as_secs_f64());
+        let agent = drain_agent(&js, &server.url(), &format!("agent{round}")).await?;
+        println!("{round:<7} {:<18} {:>10.0} {:>9.2}", "agent-block", rate(messages, agent), agent.as_secs_f64());
+        plain_total += plain;
+        agent_total += agent;
+    }
+    let ratio = plain_total.as_secs_f64() / agent_total.as_secs_f64();
+    println!(
+        "all     agent-block/plain {ratio:>5.2}x   {} (>= {TARGET_RATIO}x)",
+        if ratio >= TARGET_RATIO { "PASS" } else { "FAIL" }
+    );
+    Ok(ratio)
+}
+
+fn rate(messages: usize, took: Duration) -> f64 {
+    messages as f64 / took.as_secs_f64()
+}
+
+async fn fill(js: &jetstream::Context, messages: usize) -> Result<(), String> {
+    js.create_stream(jetstream::stream::Config {
+        name: STREAM.into(),
+        subjects: vec![SUBJECT.into()],
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| format!("cannot create the stream: {e}"))?;
+    let body = format!("{{\"id\":\"{}\",\"amount\":1234,\"currency\":\"EUR\",\"note\":\"{}\"}}", "x".repeat(32), "y".repeat(50));
+    let mut pending = Vec::with_capacity(1000);
+    for _ in 0..messages {
+        let ack = js.publish(SUBJECT, body.clone().into()).await.map_err(|e| e.to_string())?;
+        pending.push(ack);
+        if pending.len() == 1000 {
+            for ack in pending.drain(..) {
+                ack.await.map_err(|e| e.to_string())?;
+            }
+        }
+    }
+    for ack in pending {
+        ack.await.map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+async fn drain_plain(js: &jetstream::Context, name: &str, messages: usize) -> Result<Duration, String> {
+    let stream = js.get_stream(STREAM).await.map_err(|e| e.to_string())?;
+    let consumer = stream
+        .create_consumer(pull::Config { durable_name: Some(name.into()), ..Default::default() })
+        .await
+        .map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let mut incoming = consumer.messages().await.map_err(|e| e.to_string())?;
+    let mut done = 0;
+    while done < messages {
+        let message = tokio::time::timeout(DRAIN_LIMIT, incoming.next())
+            .await
+            .map_err(|_| "the plain consumer stalled".to_string())?
+            .ok_or("the plain consumer ended")?
+            .map_err(|e| e.to_string())?;
+        let _: serde_json::Value = serde_json::from_slice(&message.payload).map_err(|e| e.to_string())?;
+        message.ack().await.map_err(|e| e.to_string())?;
+        done += 1;
+    }
+    Ok(started.elapsed())
+}
+
+async fn drain_agent(js: &jetstream::Context, url: &str, name: &str) -> Result<Duration, String> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/consume.lua");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_agent-block"));
+    command
+        .args(["run", script, "--nats-url", url, "--workers", "2", "--log-format", "json"])
+        .env("BENCH_CONSUMER", name)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (variable, _) in std::env::vars_os() {
+        let variable = variable.to_string_lossy();
+        if variable.starts_with("AGENT_BLOCK_") || matches!(&*variable, "RUST_LOG" | "NATS_URL") {
+            command.env_remove(&*variable);
+        }
+    }
+    let started = Instant::now();
+    let mut child = command.spawn().map_err(|e| format!("cannot start agent-block: {e}"))?;
+    let result = async {
+        let stream = js.get_stream(STREAM).await.map_err(|e| e.to_string())?;
+        loop {
+            if started.elapsed() > DRAIN_LIMIT {
+                return Err("agent-block did not drain the stream".to_string());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let Ok(mut consumer) = stream.get_consumer::<pull::Config>(name).await else { continue };
+            let info = consumer.info().await.map_err(|e| e.to_string())?;
+            if info.num_pending == 0 && info.num_ack_pending == 0 && info.delivered.stream_sequence > 0 {
+                return Ok(started.elapsed());
+            }
+        }
+    }
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    result
+}
