@@ -1,7 +1,7 @@
 //! Running one event through its Lua handler: the one place where an event's span
 //! starts and ends. Looks up the handler, builds the event table, calls the handler
 //! under its deadline with shutdown cancellation, and turns what happened into an
-//! [`Outcome`] that [`crate::ack`] settles.
+//! [`Outcome`] that [`crate::settle`] settles.
 
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -10,6 +10,7 @@ use mlua::{Table, Value};
 use tracing::Instrument;
 
 use crate::event::Event;
+use crate::intake::Slot;
 use crate::lua_api::bus::Directive;
 use crate::lua_api::event::PayloadError;
 use crate::lua_api::json;
@@ -18,8 +19,11 @@ use crate::settle;
 use crate::vm::Vm;
 use crate::vm::context::{Interrupt, Scoped, TaskContext};
 
-/// Runs `event` on `vm` and settles its outcome, inside the event's span.
-pub async fn process(vm: &Rc<Vm>, event: Event) {
+/// Runs `event` on `vm` in the handler `slot` and settles its outcome, inside
+/// the event's span. The slot is freed once the handler is done, before the
+/// settling (a confirmed JetStream ack takes a round trip), so the VM takes new
+/// work meanwhile; a separate budget bounds the settlements in flight.
+pub async fn process(vm: &Rc<Vm>, event: Event, slot: Slot) {
     let span = tracing::info_span!(
         target: "agent_block::event",
         "process",
@@ -46,7 +50,10 @@ pub async fn process(vm: &Rc<Vm>, event: Event) {
             None => run(vm, &event).await,
         };
         tracing::Span::current().record("agent_block.outcome", outcome.label());
+        let settling = vm.settling.acquire().await;
+        drop(slot);
         settle::settle(event, outcome).await;
+        drop(settling);
     };
     // No subscriber wants the span (no exporter): skip entering it on every poll.
     if span.is_disabled() { work.await } else { work.instrument(span).await }

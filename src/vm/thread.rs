@@ -54,6 +54,8 @@ pub struct Vm {
     pub cancel: CancellationToken,
     /// Slots for handlers in flight (`--concurrency`).
     slots: Rc<Slots>,
+    /// Settlements in flight after their handler ended (at most `--concurrency`).
+    pub settling: Rc<Slots>,
     concurrency: usize,
 }
 
@@ -227,6 +229,7 @@ impl Vm {
             handler_timeout: spec.handler_timeout,
             cancel,
             slots: Slots::new(spec.concurrency),
+            settling: Slots::new(spec.concurrency),
             concurrency: spec.concurrency,
         };
         Ok((vm, main_chunk))
@@ -278,17 +281,16 @@ impl Vm {
         }
         answer_cancelled(rest).await;
         self.slots.all_free(self.concurrency).await;
+        self.settling.all_free(self.concurrency).await;
     }
 
-    /// Runs the handler for `event` in its own task, holding `slot` until it ends.
+    /// Runs the handler for `event` in its own task, holding `slot` until the
+    /// handler ends.
     fn start(self: &Rc<Self>, event: Event, slot: Slot) {
         let vm = self.clone();
         // Boxed: tokio copies a task's whole future when its stage changes, and an
         // event's future is a few kilobytes.
-        tokio::task::spawn_local(Box::pin(async move {
-            dispatch::process(&vm, event).await;
-            drop(slot);
-        }));
+        tokio::task::spawn_local(Box::pin(async move { dispatch::process(&vm, event, slot).await }));
     }
 
     fn starter(self: &Rc<Self>) -> crate::intake::Starter {
