@@ -82,7 +82,11 @@ async fn fill(js: &jetstream::Context, messages: usize) -> Result<(), String> {
     })
     .await
     .map_err(|e| format!("cannot create the stream: {e}"))?;
-    let body = format!("{{\"id\":\"{}\",\"amount\":1234,\"currency\":\"EUR\",\"note\":\"{}\"}}", "x".repeat(32), "y".repeat(50));
+    let body = format!(
+        "{{\"id\":\"{}\",\"amount\":1234,\"currency\":\"EUR\",\"note\":\"{}\"}}",
+        "x".repeat(32),
+        "y".repeat(50)
+    );
     let mut pending = Vec::with_capacity(1000);
     for _ in 0..messages {
         let ack = js.publish(SUBJECT, body.clone().into()).await.map_err(|e| e.to_string())?;

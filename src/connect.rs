@@ -134,7 +134,11 @@ fn slow_consumer(sid: u64) {
     let mut logged = SLOW_CONSUMER_LOGGED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     if logged.is_none_or(|at| at.elapsed() >= SLOW_CONSUMER_LOG_INTERVAL) {
         *logged = Some(std::time::Instant::now());
-        tracing::warn!(sid, dropped_total = total, "slow consumer: the NATS client dropped messages for a subscription");
+        tracing::warn!(
+            sid,
+            dropped_total = total,
+            "slow consumer: the NATS client dropped messages for a subscription"
+        );
     }
 }
 

@@ -17,6 +17,7 @@ pub mod event;
 pub mod health;
 pub mod intake;
 pub mod kind;
+pub mod log_limit;
 pub mod logging;
 pub mod lua_api;
 pub mod nats_server;

@@ -5,7 +5,10 @@
 use async_nats::HeaderMap;
 use bytes::Bytes;
 
+use std::time::Duration;
+
 use crate::event::Event;
+use crate::log_limit::LogLimit;
 use crate::outcome::Outcome;
 
 pub const SERVICE_ERROR: &str = "Nats-Service-Error";
@@ -36,12 +39,20 @@ pub fn error_headers(code: u16, message: &str) -> HeaderMap {
     headers
 }
 
+/// Failures are logged once per kind, code and interval.
+static FAILURES: LogLimit<(String, u16)> = LogLimit::new(Duration::from_secs(5));
+
 fn log_outcome(event: &Event, outcome: &Outcome) {
     match outcome {
         Outcome::Ack { .. } => {}
-        Outcome::Error(failure) => tracing::warn!(
-            kind = %event.kind, id = %event.id, code = failure.code, error = %failure.message, "event failed"
-        ),
+        Outcome::Error(failure) => {
+            if let Some(suppressed) = FAILURES.admit((event.kind.to_string(), failure.code)) {
+                tracing::warn!(
+                    kind = %event.kind, id = %event.id, code = failure.code, error = %failure.message, suppressed,
+                    "event failed"
+                );
+            }
+        }
         other => tracing::info!(kind = %event.kind, id = %event.id, outcome = other.label(), "event not acked"),
     }
 }

@@ -155,8 +155,7 @@ async fn a_flood_gets_an_answer_for_every_request_and_a_count_of_drops() {
     let server = server();
     let scripts = Scripts::new();
     let script = scripts.write("flood.lua", FLOOD);
-    let worker =
-        Worker::run(&server, &script, &["--workers", "2", "--concurrency", "10", "--bus-capacity", "50"]);
+    let worker = Worker::run(&server, &script, &["--workers", "2", "--concurrency", "10", "--bus-capacity", "50"]);
     let client = client(&server).await;
     for _ in 0..2000 {
         client.publish("flood.events", "".into()).await.unwrap();

@@ -1,5 +1,6 @@
 //! The `log` global: structured logs tagged with the current event's kind, id and
-//! trace id. `log.info("charged", { amount = 12 })`.
+//! trace id. `log.info("charged", { amount = 12 })`. `print` writes an info record
+//! the same way, so raw text never breaks a JSON log stream.
 
 use mlua::{Lua, Value};
 
@@ -17,7 +18,13 @@ pub fn install(lua: &Lua) -> mlua::Result<()> {
             })?,
         )?;
     }
-    lua.globals().set("log", log)
+    lua.globals().set("log", log)?;
+    let print = lua.create_function(|_, values: mlua::Variadic<Value>| {
+        let parts: Vec<String> = values.iter().map(|value| value.to_string()).collect::<mlua::Result<_>>()?;
+        emit("info", &parts.join("\t"), None);
+        Ok(())
+    })?;
+    lua.globals().set("print", print)
 }
 
 fn emit(level: &str, message: &str, fields: Option<&Value>) {
