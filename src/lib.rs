@@ -8,6 +8,7 @@
 //! replay output).
 
 pub mod ack;
+pub mod bridge;
 pub mod bus;
 pub mod cli;
 pub mod command;

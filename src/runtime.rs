@@ -35,7 +35,7 @@ impl From<StartError> for RunError {
         match err {
             StartError::Script(err) => RunError::Script(err),
             StartError::Connect(err) => RunError::Connect(err),
-            StartError::Runtime(message) => RunError::Runtime(message),
+            StartError::Runtime(message) | StartError::Bridge(message) => RunError::Runtime(message),
         }
     }
 }
@@ -76,6 +76,7 @@ pub async fn run_worker(config: WorkerConfig, shutdown: impl Future<Output = ()>
         lua: config.lua.clone(),
         transport: Transport::Nats(client.clone()),
         connection: Some(config.connection.clone()),
+        bridges: Some(config.bridges.clone()),
     })
     .await?;
     for vm_client in pool.clients() {

@@ -20,6 +20,7 @@ pub async fn execute(script: PathBuf, lua: &LuaArgs) -> ExitCode {
         lua: LuaConfig::from(lua),
         transport: Transport::Offline,
         connection: None,
+        bridges: None,
     };
     let (pool, bus, report) = match VmPool::start(spec).await {
         Ok(started) => started,

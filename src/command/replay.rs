@@ -37,6 +37,7 @@ pub async fn execute(script: PathBuf, events: PathBuf, handler_timeout: Option<D
         lua: LuaConfig::from(lua),
         transport: Transport::Replay(output.clone()),
         connection: None,
+        bridges: None,
     };
     let (pool, bus, report) = match VmPool::start(spec).await {
         Ok(started) => started,

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::Bus;
-use crate::config::{ConnectionConfig, LuaConfig};
+use crate::config::{BridgeConfig, ConnectionConfig, LuaConfig};
 use crate::connect::ConnectError;
 use crate::source::core::SubscriptionSpec;
 use crate::transport::Transport;
@@ -41,6 +41,8 @@ pub struct PoolSpec {
     /// Set for serving workers: each VM opens its own NATS connection, so its
     /// subscriptions, handlers and replies stay on its thread.
     pub connection: Option<ConnectionConfig>,
+    /// Bridge settings; `None` keeps handlers offline (`check`, `replay`).
+    pub bridges: Option<BridgeConfig>,
 }
 
 /// What the script declared, read from the first VM after init.
@@ -62,6 +64,9 @@ pub enum StartError {
     Connect(#[from] ConnectError),
     #[error("{0}")]
     Runtime(String),
+    /// A database could not be opened.
+    #[error("{0}")]
+    Bridge(String),
 }
 
 /// The subscriptions a VM makes on its own connection, in the worker's queue
