@@ -84,7 +84,7 @@ pub fn from_postgres(row: &PgRow, index: usize) -> Result<SqlValue, String> {
         }
         "BYTEA" => SqlValue::Bytes(decode::<Vec<u8>>(raw)?),
         "JSON" | "JSONB" => SqlValue::Json(decode::<Json<serde_json::Value>>(raw)?.0),
-        "NUMERIC" => SqlValue::Text(decode::<sqlx::types::BigDecimal>(raw)?.to_plain_string()),
+        "NUMERIC" => SqlValue::Text(numeric_text(raw.as_bytes().map_err(|e| e.to_string())?)?),
         "TIMESTAMPTZ" => SqlValue::Text(
             decode::<sqlx::types::chrono::DateTime<sqlx::types::chrono::Utc>>(raw)?
                 .format("%Y-%m-%dT%H:%M:%S%.fZ")
@@ -108,6 +108,53 @@ pub fn from_postgres(row: &PgRow, index: usize) -> Result<SqlValue, String> {
 
 fn decode<'r, T: Decode<'r, Postgres>>(raw: PgValueRef<'r>) -> Result<T, String> {
     T::decode(raw).map_err(|e| e.to_string())
+}
+
+/// PostgreSQL's binary `numeric` written as PostgreSQL writes it in text: all
+/// digits, exactly `dscale` of them after the point.
+fn numeric_text(bytes: &[u8]) -> Result<String, String> {
+    let word = |i: usize| -> Result<i16, String> {
+        bytes
+            .get(i * 2..i * 2 + 2)
+            .map(|b| i16::from_be_bytes([b[0], b[1]]))
+            .ok_or("a truncated numeric value".to_string())
+    };
+    let (count, weight, sign, scale) = (word(0)?, word(1)?, word(2)? as u16, word(3)? as u16);
+    match sign {
+        0xC000 => return Ok("NaN".to_string()),
+        0xD000 => return Ok("Infinity".to_string()),
+        0xF000 => return Ok("-Infinity".to_string()),
+        _ => {}
+    }
+    let digits: Vec<i16> = (0..count.max(0) as usize).map(|i| word(4 + i)).collect::<Result<_, _>>()?;
+    let group = |position: i32| -> i16 {
+        // digit `k` has weight `weight - k`
+        usize::try_from(i32::from(weight) - position).ok().and_then(|k| digits.get(k).copied()).unwrap_or(0)
+    };
+    let mut text = String::new();
+    if sign == 0x4000 {
+        text.push('-');
+    }
+    if weight < 0 {
+        text.push('0');
+    } else {
+        text.push_str(&group(i32::from(weight)).to_string());
+        for position in (0..i32::from(weight)).rev() {
+            text.push_str(&format!("{:04}", group(position)));
+        }
+    }
+    if scale > 0 {
+        let mut fraction = String::new();
+        let mut position = -1;
+        while fraction.len() < usize::from(scale) {
+            fraction.push_str(&format!("{:04}", group(position)));
+            position -= 1;
+        }
+        fraction.truncate(usize::from(scale));
+        text.push('.');
+        text.push_str(&fraction);
+    }
+    Ok(text)
 }
 
 fn uuid_text(bytes: &[u8]) -> Result<String, String> {
@@ -139,4 +186,26 @@ pub fn from_sqlite(row: &SqliteRow, index: usize) -> Result<SqlValue, String> {
 
 fn decode_sqlite<'r, T: Decode<'r, sqlx::Sqlite>>(raw: SqliteValueRef<'r>) -> Result<T, String> {
     T::decode(raw).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::numeric_text;
+
+    fn numeric(count: i16, weight: i16, sign: u16, scale: u16, digits: &[i16]) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        for word in [count, weight, sign as i16, scale as i16].iter().chain(digits) {
+            bytes.extend_from_slice(&word.to_be_bytes());
+        }
+        bytes
+    }
+
+    #[test]
+    fn numeric_text_keeps_the_declared_scale() {
+        assert_eq!(numeric_text(&numeric(3, 1, 0, 5, &[1, 2345, 6789])).unwrap(), "12345.67890");
+        assert_eq!(numeric_text(&numeric(1, -1, 0x4000, 2, &[500])).unwrap(), "-0.05");
+        assert_eq!(numeric_text(&numeric(1, 2, 0, 0, &[7])).unwrap(), "700000000");
+        assert_eq!(numeric_text(&numeric(0, 0, 0, 3, &[])).unwrap(), "0.000");
+        assert_eq!(numeric_text(&numeric(0, 0, 0xC000, 0, &[])).unwrap(), "NaN");
+    }
 }
