@@ -184,3 +184,28 @@ fn check_refuses_http_naming_the_bridge() {
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("http.request is not available"), "{stderr}");
 }
+
+#[tokio::test]
+async fn the_webhook_example_posts_the_event() {
+    let web = HttpServer::start();
+    let server = server();
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/lua/examples/webhook.lua");
+    let url = server.url();
+    let worker = Worker::spawn_with_env(
+        &["run", example, "--nats-url", &url, "--workers", "1"],
+        &[("WEBHOOK_URL", &web.url("/echo"))],
+    );
+    worker.expect_ready();
+    let client = client(&server).await;
+    let reply = request(&client, "orders.created", r#"{"id":42}"#).await;
+    assert_eq!(error_of(&reply), None, "{}", worker.stderr.text());
+    assert_eq!(json(&reply), serde_json::json!({ "delivered": true, "status": 200 }));
+    drop(worker);
+    let failing = Worker::spawn_with_env(
+        &["run", example, "--nats-url", &url, "--workers", "1", "--name", "failing"],
+        &[("WEBHOOK_URL", &web.url("/status/500"))],
+    );
+    failing.expect_ready();
+    let reply = request(&client, "orders.created", r#"{"id":43}"#).await;
+    assert_eq!(error_of(&reply).map(|(code, _)| code), Some(502));
+}

@@ -252,3 +252,22 @@ fn check_refuses_sql_naming_the_bridge() {
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("sql.query is not available"), "{stderr}");
 }
+
+#[tokio::test]
+async fn the_orders_example_stores_an_order_in_one_transaction() {
+    let server = server();
+    let scripts = Scripts::new();
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/lua/examples/orders_sql.lua");
+    let url = format!("sqlite://{}", scripts.path().join("orders.db").display());
+    let worker = Worker::run(&server, std::path::Path::new(example), &["--workers", "1", "--sql-url", &url]);
+    let client = client(&server).await;
+    let order = json!({ "customer": "ada", "lines": [{ "sku": "tea", "qty": 2 }, { "sku": "cup", "qty": 1 }] });
+    let reply = request(&client, "orders.place", &order.to_string()).await;
+    assert_eq!(error_of(&reply), None, "{}", worker.stderr.text());
+    assert_eq!(json(&reply)["id"], 1);
+    let bad = json!({ "customer": "bob", "lines": [{ "sku": "tea", "qty": 2 }, { "sku": "cup", "qty": 0 }] });
+    let reply = request(&client, "orders.place", &bad.to_string()).await;
+    assert_eq!(error_of(&reply).map(|(code, _)| code), Some(400));
+    let next = request(&client, "orders.place", &order.to_string()).await;
+    assert_eq!(json(&next)["id"], 2, "the rolled-back order left no row behind");
+}

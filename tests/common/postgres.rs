@@ -39,10 +39,7 @@ impl Postgres {
         let output = initdb.output().unwrap_or_else(|err| panic!("cannot run initdb from {}: {err}", bin.display()));
         assert!(output.status.success(), "initdb failed: {}", String::from_utf8_lossy(&output.stderr));
 
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
         let mut postgres = Command::new(bin.join("postgres"));
         postgres
             .arg("-D")
