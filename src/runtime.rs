@@ -67,7 +67,8 @@ pub async fn run_worker(config: WorkerConfig, shutdown: impl Future<Output = ()>
     };
     health.add_client(client.clone());
 
-    let (mut pool, bus, report) = VmPool::start(PoolSpec {
+    // Opening databases may wait for an unreachable server: a signal still stops it.
+    let starting = VmPool::start(PoolSpec {
         script: config.script.clone(),
         workers: config.workers,
         concurrency: config.concurrency,
@@ -77,8 +78,11 @@ pub async fn run_worker(config: WorkerConfig, shutdown: impl Future<Output = ()>
         transport: Transport::Nats(client.clone()),
         connection: Some(config.connection.clone()),
         bridges: Some(config.bridges.clone()),
-    })
-    .await?;
+    });
+    let (mut pool, bus, report) = tokio::select! {
+        started = starting => started?,
+        _ = &mut shutdown => return Ok(()),
+    };
     for vm_client in pool.clients() {
         health.add_client(vm_client.clone());
     }

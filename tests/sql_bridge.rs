@@ -271,3 +271,17 @@ async fn the_orders_example_stores_an_order_in_one_transaction() {
     let next = request(&client, "orders.place", &order.to_string()).await;
     assert_eq!(json(&next)["id"], 2, "the rolled-back order left no row behind");
 }
+
+#[test]
+fn an_unreachable_database_is_retried_until_a_signal_stops_the_worker() {
+    let scripts = Scripts::new();
+    let script = scripts.write("app.lua", "bus.subscribe('x')");
+    let server = server();
+    let url = server.url();
+    let unreachable = format!("postgres://postgres@127.0.0.1:{}/db", free_port());
+    let mut worker = Worker::spawn(&["run", script.to_str().unwrap(), "--nats-url", &url, "--sql-url", &unreachable]);
+    assert!(worker.stderr.wait_for("cannot reach the database; retrying", PATIENCE), "{}", worker.stderr.text());
+    worker.terminate();
+    let status = worker.wait_exit(PATIENCE).expect("the worker exits on SIGTERM while waiting for the database");
+    assert_eq!(status.code(), Some(0), "{}", worker.stderr.text());
+}

@@ -134,3 +134,34 @@ pub fn redact_url(url: &str) -> String {
         Err(_) => url.split_once('@').map(|(_, host)| format!("***@{host}")).unwrap_or_else(|| url.to_string()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(sql_url: Option<&str>, sql: &[&str]) -> BridgeArgs {
+        BridgeArgs {
+            sql_url: sql_url.map(str::to_string),
+            sql: sql.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn databases_from_flags() {
+        let config = BridgeConfig::from_args(&args(Some("sqlite://a.db"), &["reports=postgres://u:pw@h/db"])).unwrap();
+        assert_eq!(config.databases.keys().collect::<Vec<_>>(), ["default", "reports"]);
+        assert_eq!(config.databases["reports"].shown(), "postgres://u:***@h/db");
+        assert_eq!(config.http_max_body, DEFAULT_HTTP_MAX_BODY);
+    }
+
+    #[test]
+    fn bad_database_flags_are_refused_without_showing_passwords() {
+        let err = BridgeConfig::from_args(&args(Some("mysql://u:pw@h/db"), &[])).unwrap_err();
+        assert!(err.contains("--sql-url") && !err.contains("pw"), "{err}");
+        let err = BridgeConfig::from_args(&args(None, &["no-equals-sign"])).unwrap_err();
+        assert!(err.contains("NAME=URL"), "{err}");
+        let err = BridgeConfig::from_args(&args(None, &["a=sqlite://x.db", "a=sqlite://y.db"])).unwrap_err();
+        assert!(err.contains("twice"), "{err}");
+    }
+}
