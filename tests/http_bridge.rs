@@ -209,3 +209,14 @@ async fn the_webhook_example_posts_the_event() {
     let reply = request(&client, "orders.created", r#"{"id":43}"#).await;
     assert_eq!(error_of(&reply).map(|(code, _)| code), Some(502));
 }
+
+#[test]
+fn an_unreadable_ca_file_stops_the_worker_at_start() {
+    let scripts = Scripts::new();
+    let script = scripts.write("app.lua", "bus.subscribe('x')");
+    let not_pem = scripts.write("ca.pem", "not a certificate");
+    let args = ["run", script.to_str().unwrap(), "--http-ca", not_pem.to_str().unwrap()];
+    let (code, _, stderr) = run_command(&args, None);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--http-ca"), "{stderr}");
+}

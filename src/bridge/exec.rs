@@ -55,9 +55,12 @@ struct GroupGuard(i32);
 
 impl GroupGuard {
     fn kill(&self) {
-        // SAFETY: kill(2) with a negative pid signals the group; no memory involved.
-        unsafe {
-            libc::kill(-self.0, libc::SIGKILL);
+        // Group 0 would be our own: never signal it.
+        if self.0 > 0 {
+            // SAFETY: kill(2) with a negative pid signals the group; no memory involved.
+            unsafe {
+                libc::kill(-self.0, libc::SIGKILL);
+            }
         }
     }
 }

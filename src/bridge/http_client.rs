@@ -40,13 +40,7 @@ fn tls_config(config: &BridgeConfig) -> Result<rustls::ClientConfig, String> {
     let system = rustls_native_certs::load_native_certs();
     roots.add_parsable_certificates(system.certs);
     if let Some(path) = &config.http_ca {
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-            .and_then(|certs| certs.collect::<Result<_, _>>())
-            .map_err(|err| format!("cannot read --http-ca {}: {err}", path.display()))?;
-        if certs.is_empty() {
-            return Err(format!("--http-ca {} holds no PEM certificate", path.display()));
-        }
-        for cert in certs {
+        for cert in read_ca(path)? {
             roots.add(cert).map_err(|err| format!("--http-ca {}: {err}", path.display()))?;
         }
     }
@@ -58,6 +52,17 @@ fn tls_config(config: &BridgeConfig) -> Result<rustls::ClientConfig, String> {
         .with_no_client_auth();
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(tls)
+}
+
+/// The certificates of `--http-ca`; checked at start so a bad file stops the worker.
+pub fn read_ca(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<_, _>>())
+        .map_err(|err| format!("cannot read --http-ca {}: {err}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("--http-ca {} holds no PEM certificate", path.display()));
+    }
+    Ok(certs)
 }
 
 /// Whether `--http-allow` lets a request reach `url` (an empty list allows all).

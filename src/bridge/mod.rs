@@ -55,6 +55,9 @@ impl BridgeConfig {
             }
             databases.insert(name.to_string(), sql::DatabaseUrl::parse(url, &format!("--sql {name}"))?);
         }
+        if let Some(path) = &args.http_ca {
+            http_client::read_ca(path)?;
+        }
         let http_allow: Vec<String> =
             args.http_allow.iter().map(|h| h.trim().to_ascii_lowercase()).filter(|h| !h.is_empty()).collect();
         Ok(BridgeConfig {
