@@ -142,6 +142,9 @@ pub struct WorkerArgs {
     /// Shutdown grace window for in-flight handlers [default: 10s]
     #[arg(long, env = "AGENT_BLOCK_GRACE", value_parser = parse_duration)]
     pub grace: Option<Duration>,
+    /// `--grace` in milliseconds, as older deployments set it
+    #[arg(long, hide = true, env = "AGENT_BLOCK_TASK_GRACE_MS")]
+    pub task_grace_ms: Option<u64>,
     /// Address of the HTTP listener for /healthz and /readyz, e.g. 0.0.0.0:9090
     #[arg(long, env = "AGENT_BLOCK_METRICS_ADDR")]
     pub metrics_addr: Option<String>,
@@ -149,4 +152,26 @@ pub struct WorkerArgs {
     pub connection: ConnectionArgs,
     #[command(flatten)]
     pub lua: LuaArgs,
+    #[command(flatten)]
+    pub bridges: BridgeArgs,
+}
+
+/// Settings of the HTTP and SQL bridges.
+#[derive(Debug, Clone, Default, Args)]
+pub struct BridgeArgs {
+    /// Hosts `http.request` may reach, `host[:port]` comma-separated [default: any]
+    #[arg(long, env = "AGENT_BLOCK_HTTP_ALLOW", value_delimiter = ',')]
+    pub http_allow: Vec<String>,
+    /// Largest HTTP response body a handler may receive, e.g. 10MiB [default: 10MiB]
+    #[arg(long, env = "AGENT_BLOCK_HTTP_MAX_BODY", value_parser = parse_size)]
+    pub http_max_body: Option<usize>,
+    /// CA certificate(s) (PEM) trusted for HTTPS besides the system's roots
+    #[arg(long, env = "AGENT_BLOCK_HTTP_CA")]
+    pub http_ca: Option<PathBuf>,
+    /// Default database for `sql.*`: postgres://... or sqlite://path
+    #[arg(long, env = "AGENT_BLOCK_SQL_URL")]
+    pub sql_url: Option<String>,
+    /// A named database `NAME=URL` reached as `sql.db(NAME)`; repeat for more
+    #[arg(long = "sql", value_name = "NAME=URL")]
+    pub sql: Vec<String>,
 }

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use crate::bridge::BridgeConfig;
 use crate::cli::{ConnectionArgs, LuaArgs, WorkerArgs};
 
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
@@ -104,6 +105,7 @@ pub struct WorkerConfig {
     pub metrics_addr: Option<SocketAddr>,
     pub connection: ConnectionConfig,
     pub lua: LuaConfig,
+    pub bridges: BridgeConfig,
 }
 
 impl WorkerConfig {
@@ -129,17 +131,21 @@ impl WorkerConfig {
                 format!("invalid --metrics-addr {text:?}: {err} (expected HOST:PORT, e.g. 0.0.0.0:9090)")
             })?),
         };
+        let connection = ConnectionConfig::from_args(&args.connection, &name);
+        let mut bridges = BridgeConfig::from_args(&args.bridges)?;
+        bridges.connect_timeout = connection.connect_timeout;
         Ok(WorkerConfig {
-            connection: ConnectionConfig::from_args(&args.connection, &name),
+            connection,
             script,
             name,
             workers,
             concurrency,
             bus_capacity,
             handler_timeout: args.handler_timeout.unwrap_or(DEFAULT_HANDLER_TIMEOUT),
-            grace: args.grace.unwrap_or(DEFAULT_GRACE),
+            grace: args.grace.or(args.task_grace_ms.map(Duration::from_millis)).unwrap_or(DEFAULT_GRACE),
             metrics_addr,
             lua: LuaConfig::from(&args.lua),
+            bridges,
         })
     }
 }

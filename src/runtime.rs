@@ -43,7 +43,7 @@ impl From<StartError> for RunError {
         match err {
             StartError::Script(err) => RunError::Script(err),
             StartError::Connect(err) => RunError::Connect(err),
-            StartError::Runtime(message) => RunError::Runtime(message),
+            StartError::Runtime(message) | StartError::Bridge(message) => RunError::Runtime(message),
         }
     }
 }
@@ -75,7 +75,8 @@ pub async fn run_worker(config: WorkerConfig, shutdown: impl Future<Output = ()>
     };
     health.add_client(client.clone());
 
-    let (mut pool, report) = VmPool::start(PoolSpec {
+    // Opening databases may wait for an unreachable server: a signal still stops it.
+    let starting = VmPool::start(PoolSpec {
         script: config.script.clone(),
         workers: config.workers,
         concurrency: config.concurrency,
@@ -84,8 +85,12 @@ pub async fn run_worker(config: WorkerConfig, shutdown: impl Future<Output = ()>
         lua: config.lua.clone(),
         transport: Arc::new(Offline),
         connection: Some(config.connection.clone()),
-    })
-    .await?;
+        bridges: Some(config.bridges.clone()),
+    });
+    let (mut pool, report) = tokio::select! {
+        started = starting => started?,
+        _ = &mut shutdown => return Ok(()),
+    };
     for vm_client in pool.clients() {
         health.add_client(vm_client.clone());
     }

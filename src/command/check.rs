@@ -22,6 +22,7 @@ pub async fn execute(script: PathBuf, lua: &LuaArgs) -> ExitCode {
         lua: LuaConfig::from(lua),
         transport: Arc::new(Offline),
         connection: None,
+        bridges: None,
     };
     let (pool, report) = match VmPool::start(spec).await {
         Ok(started) => started,

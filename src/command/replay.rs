@@ -39,6 +39,7 @@ pub async fn execute(script: PathBuf, events: PathBuf, handler_timeout: Option<D
         lua: LuaConfig::from(lua),
         transport: Arc::new(ReplayTransport(output.clone())),
         connection: None,
+        bridges: None,
     };
     let (mut pool, report) = match VmPool::start(spec).await {
         Ok(started) => started,

@@ -1,14 +1,19 @@
-//! The Lua API: `bus`, `nats`, `kv`, `json`, `log`, `time`, `env`, and the event table.
+//! The Lua API: `bus`, `nats`, `kv`, `json`, `log`, `time`, `env`, `http`, `sql`,
+//! `sh`, and the event table.
 
 pub mod bus;
 pub mod env;
 pub mod event;
+pub mod http;
 pub mod interrupt;
 pub mod json;
 pub mod kv;
 pub mod log;
 pub mod nats;
+pub mod raise;
 pub mod raw;
+pub mod sh;
+pub mod sql;
 pub mod time;
 
 use std::time::Duration;
@@ -27,7 +32,10 @@ pub fn install(lua: &Lua) -> mlua::Result<()> {
     kv::install(lua)?;
     json::install(lua)?;
     log::install(lua)?;
-    time::install(lua)
+    time::install(lua)?;
+    http::install(lua)?;
+    sql::install(lua)?;
+    sh::install(lua)
 }
 
 /// A duration given as a humantime string or a number of seconds.

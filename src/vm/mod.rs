@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{ConnectionConfig, LuaConfig};
+use crate::config::{BridgeConfig, ConnectionConfig, LuaConfig};
 use crate::connect::ConnectError;
 use crate::intake::{IntakeStats, SharedIntake};
 use crate::source::{Source, SourceSpec};
@@ -43,6 +43,8 @@ pub struct PoolSpec {
     /// Set for serving workers: each VM opens its own NATS connection, so its
     /// subscriptions, handlers and replies stay on its thread.
     pub connection: Option<ConnectionConfig>,
+    /// Bridge settings; `None` keeps handlers offline (`check`, `replay`).
+    pub bridges: Option<BridgeConfig>,
 }
 
 /// What the script declared, read from the first VM after init.
@@ -64,6 +66,9 @@ pub enum StartError {
     Connect(#[from] ConnectError),
     #[error("{0}")]
     Runtime(String),
+    /// A database could not be opened.
+    #[error("{0}")]
+    Bridge(String),
 }
 
 /// The sources a VM opens on its thread: those placed on every VM, and on the

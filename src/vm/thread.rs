@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::LocalSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::bridge::Bridges;
 use crate::connect;
 use crate::event::Event;
 use crate::intake::{Intake, IntakeStats, Sink, Slot, Slots};
@@ -91,6 +92,16 @@ async fn lifecycle(setup: Setup, events: mpsc::Receiver<Event>, init: oneshot::S
         },
         None => None,
     };
+    let bridges = match spec.bridges.clone() {
+        Some(config) => match Bridges::open(config, spec.lua.unsafe_lua).await {
+            Ok(bridges) => bridges,
+            Err(message) => {
+                let _ = init.send(Err(StartError::Bridge(message)));
+                return;
+            }
+        },
+        None => Bridges::offline(spec.lua.unsafe_lua),
+    };
     let (vm, main_chunk) = match Vm::load(worker_id, &spec, cancel) {
         Ok(loaded) => loaded,
         Err(err) => {
@@ -98,6 +109,7 @@ async fn lifecycle(setup: Setup, events: mpsc::Receiver<Event>, init: oneshot::S
             return;
         }
     };
+    vm.lua.set_app_data(Rc::new(bridges));
     let vm = Rc::new(vm);
     let (serving_tx, serving) = oneshot::channel();
     *vm.state.init_done.borrow_mut() = Some(serving_tx);

@@ -1,0 +1,170 @@
+//! Bridges from handlers to the outside world: HTTP, SQL databases and processes.
+//! [`BridgeConfig`] holds their settings; [`Bridges`] is what one VM owns of them
+//! (its HTTP client, its database pools), kept as Lua app data on the VM's thread
+//! because a connection's I/O runs on the runtime that opened it.
+//!
+//! Cancellation: every bridge call is a future inside the handler's future, which
+//! the dispatcher drops at the deadline or at shutdown. Dropping it closes the HTTP
+//! connection, closes a database connection that was mid-statement or inside a
+//! transaction (the server rolls back), and kills a child's process group.
+
+pub mod exec;
+pub mod http_client;
+pub mod sql;
+
+use std::cell::OnceCell;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::Duration;
+
+use crate::cli::BridgeArgs;
+
+pub const DEFAULT_HTTP_MAX_BODY: usize = 10 << 20;
+/// The name `sql.query` and friends use; `sql.db(name)` reaches the others.
+pub const DEFAULT_DATABASE: &str = "default";
+
+/// Settings of the bridges. `None` in a pool spec means offline (`check`,
+/// `replay`): bridges that need the outside world raise an error naming themselves.
+#[derive(Debug, Clone, Default)]
+pub struct BridgeConfig {
+    /// `host` or `host:port` entries; empty allows any destination.
+    pub http_allow: Vec<String>,
+    pub http_max_body: usize,
+    pub http_ca: Option<PathBuf>,
+    /// Database name -> URL; the `--sql-url` one under [`DEFAULT_DATABASE`].
+    pub databases: BTreeMap<String, sql::DatabaseUrl>,
+    /// How long to keep trying to reach a database at start; `None` keeps trying.
+    pub connect_timeout: Option<Duration>,
+}
+
+impl BridgeConfig {
+    /// Checks the settings; errors are meant for the user.
+    pub fn from_args(args: &BridgeArgs) -> Result<Self, String> {
+        let mut databases = BTreeMap::new();
+        if let Some(url) = args.sql_url.as_deref().filter(|u| !u.is_empty()) {
+            databases.insert(DEFAULT_DATABASE.to_string(), sql::DatabaseUrl::parse(url, "--sql-url")?);
+        }
+        for entry in &args.sql {
+            let Some((name, url)) = entry.split_once('=') else {
+                return Err(format!("invalid --sql {entry:?}: expected NAME=URL, e.g. reports=postgres://host/db"));
+            };
+            let name = name.trim();
+            if name.is_empty() || databases.contains_key(name) {
+                return Err(format!("invalid --sql {entry:?}: the name is empty or given twice"));
+            }
+            databases.insert(name.to_string(), sql::DatabaseUrl::parse(url, &format!("--sql {name}"))?);
+        }
+        if let Some(path) = &args.http_ca {
+            http_client::read_ca(path)?;
+        }
+        let http_allow: Vec<String> =
+            args.http_allow.iter().map(|h| h.trim().to_ascii_lowercase()).filter(|h| !h.is_empty()).collect();
+        Ok(BridgeConfig {
+            http_allow,
+            http_max_body: args.http_max_body.unwrap_or(DEFAULT_HTTP_MAX_BODY),
+            http_ca: args.http_ca.clone(),
+            databases,
+            connect_timeout: None,
+        })
+    }
+}
+
+/// One VM's bridges. Lives in the VM's Lua app data.
+pub struct Bridges {
+    /// `None`: offline, see [`BridgeConfig`].
+    config: Option<Rc<BridgeConfig>>,
+    unsafe_lua: bool,
+    http: OnceCell<Result<reqwest::Client, String>>,
+    pools: sql::Pools,
+}
+
+impl Bridges {
+    /// Bridges that refuse to reach the outside world.
+    pub fn offline(unsafe_lua: bool) -> Self {
+        Bridges { config: None, unsafe_lua, http: OnceCell::new(), pools: sql::Pools::default() }
+    }
+
+    /// Opens this VM's database pools (waiting for unreachable databases as the
+    /// settings say); the HTTP client is made on first use.
+    pub async fn open(config: BridgeConfig, unsafe_lua: bool) -> Result<Self, String> {
+        let pools = sql::Pools::open(&config.databases, config.connect_timeout).await?;
+        Ok(Bridges { config: Some(Rc::new(config)), unsafe_lua, http: OnceCell::new(), pools })
+    }
+
+    /// Whether `--unsafe-lua` lets handlers run commands.
+    pub fn unsafe_lua(&self) -> bool {
+        self.unsafe_lua
+    }
+
+    /// The settings, or an error naming `bridge` when offline.
+    pub fn config(&self, bridge: &str) -> mlua::Result<&BridgeConfig> {
+        self.config.as_deref().ok_or_else(|| {
+            mlua::Error::runtime(format!(
+                "{bridge} is not available here: `check` and `replay` do not reach the outside world"
+            ))
+        })
+    }
+
+    /// This VM's HTTP client, made on first use.
+    pub fn http(&self, bridge: &str) -> mlua::Result<(reqwest::Client, &BridgeConfig)> {
+        let config = self.config(bridge)?;
+        match self.http.get_or_init(|| http_client::build(config)) {
+            Ok(client) => Ok((client.clone(), config)),
+            Err(message) => Err(mlua::Error::runtime(format!("{bridge}: {message}"))),
+        }
+    }
+
+    pub fn pools(&self, bridge: &str) -> mlua::Result<&sql::Pools> {
+        self.config(bridge)?;
+        Ok(&self.pools)
+    }
+}
+
+/// The bridges of the VM `lua` belongs to.
+pub fn of(lua: &mlua::Lua) -> Rc<Bridges> {
+    lua.app_data_ref::<Rc<Bridges>>().map(|b| b.clone()).unwrap_or_else(|| Rc::new(Bridges::offline(false)))
+}
+
+/// `url` with its password replaced, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        Ok(_) => url.to_string(),
+        Err(_) => url.split_once('@').map(|(_, host)| format!("***@{host}")).unwrap_or_else(|| url.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(sql_url: Option<&str>, sql: &[&str]) -> BridgeArgs {
+        BridgeArgs {
+            sql_url: sql_url.map(str::to_string),
+            sql: sql.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn databases_from_flags() {
+        let config = BridgeConfig::from_args(&args(Some("sqlite://a.db"), &["reports=postgres://u:pw@h/db"])).unwrap();
+        assert_eq!(config.databases.keys().collect::<Vec<_>>(), ["default", "reports"]);
+        assert_eq!(config.databases["reports"].shown(), "postgres://u:***@h/db");
+        assert_eq!(config.http_max_body, DEFAULT_HTTP_MAX_BODY);
+    }
+
+    #[test]
+    fn bad_database_flags_are_refused_without_showing_passwords() {
+        let err = BridgeConfig::from_args(&args(Some("mysql://u:pw@h/db"), &[])).unwrap_err();
+        assert!(err.contains("--sql-url") && !err.contains("pw"), "{err}");
+        let err = BridgeConfig::from_args(&args(None, &["no-equals-sign"])).unwrap_err();
+        assert!(err.contains("NAME=URL"), "{err}");
+        let err = BridgeConfig::from_args(&args(None, &["a=sqlite://x.db", "a=sqlite://y.db"])).unwrap_err();
+        assert!(err.contains("twice"), "{err}");
+    }
+}
