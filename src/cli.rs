@@ -75,6 +75,14 @@ pub enum Command {
         #[command(flatten)]
         lua: LuaArgs,
     },
+    /// Run `*_test.lua` files offline against fakes of every bridge; exit 1 on a failure.
+    Test {
+        /// Test files, or folders searched for `*_test.lua` [default: .]
+        paths: Vec<PathBuf>,
+        /// Also write the results as JUnit XML to this file
+        #[arg(long, value_name = "FILE")]
+        junit: Option<PathBuf>,
+    },
 }
 
 /// How to reach NATS.

@@ -13,7 +13,11 @@ const SERVE_FILTER: &str = "info,async_nats=warn,agent_block::event=off";
 const TOOL_FILTER: &str = "warn,agent_block::event=off";
 
 pub fn init(format: Option<LogFormat>, serving: bool) {
-    let default = if serving { SERVE_FILTER } else { TOOL_FILTER };
+    init_with(format, if serving { SERVE_FILTER } else { TOOL_FILTER });
+}
+
+/// Like [`init`], with `default` as the filter when `RUST_LOG` is not set.
+pub fn init_with(format: Option<LogFormat>, default: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let terminal = std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);

@@ -5,6 +5,7 @@ mod check;
 mod dev;
 mod replay;
 mod request;
+mod test;
 
 use std::process::ExitCode;
 
@@ -14,7 +15,12 @@ use crate::runtime::{RunError, run_worker};
 
 pub fn execute(cli: Cli) -> ExitCode {
     let serving = matches!(cli.command, Command::Run { .. } | Command::Dev { .. });
-    crate::logging::init(cli.log_format, serving);
+    if matches!(cli.command, Command::Test { .. }) {
+        // Failing handlers are what tests check; only problems of the runner itself are logged.
+        crate::logging::init_with(cli.log_format, "error,agent_block::event=off");
+    } else {
+        crate::logging::init(cli.log_format, serving);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -33,6 +39,7 @@ pub fn execute(cli: Cli) -> ExitCode {
             Command::Replay { script, events, handler_timeout, lua } => {
                 replay::execute(script, events, handler_timeout, &lua).await
             }
+            Command::Test { paths, junit } => test::execute(paths, junit).await,
         }
     })
 }
