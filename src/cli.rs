@@ -75,6 +75,11 @@ pub enum Command {
         #[command(flatten)]
         lua: LuaArgs,
     },
+    /// Scaffold a worker in DIR: app.lua, app_test.lua, .luarc.json and the Lua API types.
+    Init {
+        /// Folder to create or fill
+        dir: PathBuf,
+    },
     /// Run `*_test.lua` files offline against fakes of every bridge; exit 1 on a failure.
     Test {
         /// Test files, or folders searched for `*_test.lua` [default: .]

@@ -143,3 +143,59 @@ fn a_test_file_whose_script_does_not_load_fails_with_the_scripts_line() {
     assert!(stdout.contains("broken.lua:3:"), "{stdout}");
     assert!(stdout.contains("0 passed, 1 failed"), "{stdout}");
 }
+
+#[test]
+fn check_warns_about_unreachable_kinds_and_fails_on_unknown_functions() {
+    let scripts = Scripts::new();
+    let script = scripts.write(
+        "app.lua",
+        r#"bus.subscribe("a.b")
+bus.subscribe("jobs.*", { kind = "job.{{wildcard(1)}}" })
+bus.on("never", function(ev) end)
+bus.on("job.run", function(ev)
+  -- nats.nothing in a comment is fine, and so is "bus.nothing" in a string
+  nats.publsh("x", {})
+end)
+"#,
+    );
+    let (code, stdout, stderr) = run_command(&["check", script.to_str().unwrap()], None);
+    assert_eq!(code, 2, "{stdout}\n{stderr}");
+    assert!(stderr.contains("warning: handler for kind \"never\": no subscription or consumer produces"), "{stderr}");
+    assert!(stderr.contains("warning: subscribe a.b kind={{subject}}"), "{stderr}");
+    assert!(stderr.contains("its kind \"a.b\" has no handler and there is no bus.on_any"), "{stderr}");
+    assert!(!stderr.contains("jobs.*"), "the jobs.* subscription has a handler: {stderr}");
+    let file = script.display();
+    assert!(
+        stderr.contains(&format!("error: {file}:6: unknown function nats.publsh (nats has: publish, request)")),
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("error:").count(), 1, "{stderr}");
+
+    let clean =
+        scripts.write("clean.lua", "bus.subscribe('a')\nbus.on('a', function(ev) nats.publish('b', ev.data) end)\n");
+    let (code, _, stderr) = run_command(&["check", clean.to_str().unwrap()], None);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+}
+
+#[test]
+fn init_scaffolds_a_worker_whose_tests_pass() {
+    let scripts = Scripts::new();
+    let dir = scripts.path().join("svc");
+    let (code, stdout, stderr) = run_command(&["init", dir.to_str().unwrap()], None);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    for file in ["app.lua", "app_test.lua", ".luarc.json", "types/agent-block.lua", "types/test.lua"] {
+        assert!(dir.join(file).is_file(), "{file} missing: {stdout}");
+    }
+    let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/lua/types/agent-block.lua")).unwrap();
+    assert_eq!(std::fs::read_to_string(dir.join("types/agent-block.lua")).unwrap(), shipped);
+    let (code, stdout, stderr) = run_command(&["test", dir.to_str().unwrap()], None);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(stdout.contains("3 passed, 0 failed"), "{stdout}");
+    // A second init keeps the author's files.
+    std::fs::write(dir.join("app.lua"), "-- mine\n").unwrap();
+    let (code, stdout, _) = run_command(&["init", dir.to_str().unwrap()], None);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("kept"), "{stdout}");
+    assert_eq!(std::fs::read_to_string(dir.join("app.lua")).unwrap(), "-- mine\n");
+}

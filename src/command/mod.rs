@@ -3,6 +3,8 @@
 
 mod check;
 mod dev;
+mod init;
+mod lint;
 mod replay;
 mod request;
 mod test;
@@ -40,6 +42,7 @@ pub fn execute(cli: Cli) -> ExitCode {
                 replay::execute(script, events, handler_timeout, &lua).await
             }
             Command::Test { paths, junit } => test::execute(paths, junit).await,
+            Command::Init { dir } => init::execute(dir),
         }
     })
 }
