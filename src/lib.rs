@@ -22,6 +22,7 @@ pub mod lua_api;
 pub mod nats_server;
 pub mod outcome;
 pub mod probes;
+pub mod reload;
 pub mod runtime;
 pub mod settle;
 pub mod source;

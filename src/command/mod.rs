@@ -5,6 +5,7 @@ mod check;
 mod dev;
 mod init;
 mod lint;
+mod reload;
 mod replay;
 mod request;
 mod test;
@@ -13,7 +14,7 @@ use std::process::ExitCode;
 
 use crate::cli::{Cli, Command};
 use crate::config::WorkerConfig;
-use crate::runtime::{RunError, run_worker};
+use crate::runtime::{RunError, run_worker_with_reloads};
 
 pub fn execute(cli: Cli) -> ExitCode {
     let serving = matches!(cli.command, Command::Run { .. } | Command::Dev { .. });
@@ -32,7 +33,7 @@ pub fn execute(cli: Cli) -> ExitCode {
     };
     runtime.block_on(async move {
         match cli.command {
-            Command::Run { script, worker } => run(script, &worker, None).await,
+            Command::Run { script, worker } => run(script, &worker, None, false).await,
             Command::Dev { script, worker } => dev::execute(script, worker).await,
             Command::Check { script, lua } => check::execute(script, &lua).await,
             Command::Request { subject, data, headers, timeout, connection } => {
@@ -47,7 +48,14 @@ pub fn execute(cli: Cli) -> ExitCode {
     })
 }
 
-async fn run(script: std::path::PathBuf, worker: &crate::cli::WorkerArgs, nats_url: Option<String>) -> ExitCode {
+/// Serves until SIGTERM/SIGINT, reloading on SIGHUP and, with `watch`, when a
+/// Lua file next to the script changes.
+async fn run(
+    script: std::path::PathBuf,
+    worker: &crate::cli::WorkerArgs,
+    nats_url: Option<String>,
+    watch: bool,
+) -> ExitCode {
     let mut config = match WorkerConfig::from_args(script, worker) {
         Ok(config) => config,
         Err(message) => return fail(&RunError::Settings(message)),
@@ -55,7 +63,12 @@ async fn run(script: std::path::PathBuf, worker: &crate::cli::WorkerArgs, nats_u
     if let Some(url) = nats_url {
         config.connection.url = url;
     }
-    match run_worker(config, shutdown_signal()).await {
+    let (reload, reloads) = tokio::sync::mpsc::channel(1);
+    reload::on_sighup(reload.clone());
+    if watch {
+        reload::on_change(&config.script, reload);
+    }
+    match run_worker_with_reloads(config, shutdown_signal(), reloads).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => fail(&err),
     }
