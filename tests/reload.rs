@@ -111,3 +111,23 @@ async fn reloads_answer_every_request_exactly_once_and_switch_behaviour() {
     assert!(last.iter().all(|v| *v == "v4"), "the last answers come from the last good script: {last:?}");
     assert!(sent > 200, "a steady stream ({sent} requests)");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_reloads_when_a_module_changes() {
+    let scripts = Scripts::new();
+    scripts.write("answer.lua", "return 'v1'\n");
+    let script = scripts
+        .write("app.lua", "bus.subscribe('version')\nbus.on('version', function() return require('answer') end)\n");
+    let mut dev = Worker::spawn(&["dev", script.to_str().unwrap(), "--workers", "1"]);
+    assert!(dev.stdout.wait_for("nats-server running at ", PATIENCE), "{}", dev.stderr.text());
+    dev.expect_ready();
+    let url =
+        dev.stdout.text().lines().find_map(|l| l.strip_prefix("nats-server running at ")).unwrap().trim().to_string();
+    let client = async_nats::connect(&url).await.unwrap();
+    assert_eq!(body(&request(&client, "version", "").await), "v1");
+    scripts.write("answer.lua", "return 'v2'\n");
+    assert!(dev.stderr.wait_for("script reloaded", PATIENCE), "{}", dev.stderr.text());
+    assert_eq!(body(&request(&client, "version", "").await), "v2");
+    dev.terminate();
+    assert_eq!(dev.wait_exit(PATIENCE).and_then(|s| s.code()), Some(0));
+}
