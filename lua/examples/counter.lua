@@ -26,7 +26,7 @@ local function increment(page)
 end
 
 bus.on("visit", function(ev)
-  local page = ev.subject:match("^visits%.(.+)$")
+  local page = ev.subject:match("^visits%.(.+)$") or ev.subject
   -- kv.create returns nil when the key exists: this message id was counted.
   if not kv.create("seen", ev.id, "1") then
     return { page = page, count = tonumber((kv.get("counters", page))), duplicate = true }

@@ -19,10 +19,11 @@ bus.on("fulfil", function(ev)
   local order = ev.payload -- not JSON: dead-lettered at once (a retry cannot fix it)
   local ok, err = pcall(nats.request, "warehouse.reserve", { id = order.id, sku = order.sku }, { timeout = "2s" })
   if not ok then
-    if err.code == 409 then
+    local failure = err --[[@as agent_block.Error]] -- pcall hands back what was raised
+    if failure.code == 409 then
       return bus.term("out of stock: " .. order.sku) -- no retry, no dead letter
     end
-    error(err) -- nak with the next backoff; dead letter after max_deliver
+    error(failure) -- nak with the next backoff; dead letter after max_deliver
   end
   nats.publish("orders.fulfilled", { id = order.id, attempt = ev.meta.delivered })
   return true

@@ -10,10 +10,11 @@ bus.on("quote", function(ev)
   -- responder's own error code: let it fail the request, or handle it.
   local ok, price = pcall(nats.request, "pricing.get", { sku = want.sku }, { timeout = "1s" })
   if not ok then
-    if price.code == 404 then
+    local failure = price --[[@as agent_block.Error]] -- pcall hands back what was raised
+    if failure.code == 404 then
       error({ code = 404, message = "unknown sku " .. want.sku })
     end
-    error({ code = 502, message = "pricing unavailable: " .. tostring(price.message) })
+    error({ code = 502, message = "pricing unavailable: " .. tostring(failure.message) })
   end
   return { sku = want.sku, qty = want.qty, total = price.payload.unit * want.qty }
 end)

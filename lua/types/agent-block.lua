@@ -30,6 +30,12 @@
 ---@field payload any the payload decoded as JSON on first access; nil when empty
 ---@field meta agent_block.EventMeta
 
+---What a failed call raises (`nats.request`, `kv.update`, `http.request`) and
+---what a handler may raise: `error({ code = 422, message = "..." })`.
+---@class agent_block.Error
+---@field code integer
+---@field message string
+
 ---What `bus.reply`, `bus.nak` and `bus.term` return; return it from the handler.
 ---@class agent_block.Directive
 

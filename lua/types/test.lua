@@ -17,20 +17,20 @@
 ---@field payload any
 ---@field headers agent_block.Headers
 
----How an event was settled.
+---How an event was settled. Fields that do not apply to the outcome are nil.
 ---@class agent_block.test.Outcome
 ---@field outcome "ack"|"error"|"nak"|"term"
 ---@field kind string
----@field data string? the reply
+---@field data string the reply
 ---@field payload any the reply decoded as JSON
 ---@field headers agent_block.Headers?
----@field code integer? error code
----@field message string? error message
----@field delay number? nak delay in seconds
----@field reason string? term reason
----@field dead_letter agent_block.test.Message? the dead letter published
----@field deliveries integer? deliveries made by `w:consume`
----@field history agent_block.test.Outcome[]? every outcome of `w:consume`
+---@field code integer error code
+---@field message string error message
+---@field delay number nak delay in seconds
+---@field reason string term reason
+---@field dead_letter agent_block.test.Message the dead letter published
+---@field deliveries integer deliveries made by `w:consume`
+---@field history agent_block.test.Outcome[] every outcome of `w:consume`
 
 ---A worker under test.
 ---@class agent_block.test.Worker

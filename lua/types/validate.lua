@@ -1,4 +1,4 @@
----@meta validate
+---@meta
 -- The embedded `validate` library: `local validate = require("validate")`.
 
 ---@class agent_block.validate

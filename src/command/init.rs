@@ -17,6 +17,7 @@ const SCAFFOLD: &[(&str, &str)] = &[
     ("app.lua", include_str!("scaffold/app.lua")),
     ("app_test.lua", include_str!("scaffold/app_test.lua")),
     (".luarc.json", include_str!("scaffold/luarc.json")),
+    (".emmyrc.json", include_str!("scaffold/emmyrc.json")),
 ];
 
 pub fn execute(dir: PathBuf) -> ExitCode {
