@@ -75,6 +75,19 @@ pub enum Command {
         #[command(flatten)]
         lua: LuaArgs,
     },
+    /// Scaffold a worker in DIR: app.lua, app_test.lua, .luarc.json and the Lua API types.
+    Init {
+        /// Folder to create or fill
+        dir: PathBuf,
+    },
+    /// Run `*_test.lua` files offline against fakes of every bridge; exit 1 on a failure.
+    Test {
+        /// Test files, or folders searched for `*_test.lua` [default: .]
+        paths: Vec<PathBuf>,
+        /// Also write the results as JUnit XML to this file
+        #[arg(long, value_name = "FILE")]
+        junit: Option<PathBuf>,
+    },
 }
 
 /// How to reach NATS.

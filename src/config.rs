@@ -75,6 +75,9 @@ impl ConnectionConfig {
 pub struct LuaConfig {
     pub unsafe_lua: bool,
     pub memory_limit: Option<usize>,
+    /// Runs after the Lua API is installed and before the script loads; `test`
+    /// replaces bridges with fakes through it.
+    pub prelude: Option<Prelude>,
 }
 
 /// `--lua-memory-limit` when not given: enough for any handler that processes
@@ -88,7 +91,19 @@ impl From<&LuaArgs> for LuaConfig {
             Some(0) => None,
             Some(limit) => Some(limit),
         };
-        LuaConfig { unsafe_lua: args.unsafe_lua, memory_limit }
+        LuaConfig { unsafe_lua: args.unsafe_lua, memory_limit, prelude: None }
+    }
+}
+
+/// Code run in every VM between the Lua API and the script (see [`LuaConfig::prelude`]).
+#[derive(Clone)]
+pub struct Prelude(pub std::sync::Arc<PreludeFn>);
+
+pub type PreludeFn = dyn Fn(&mlua::Lua) -> mlua::Result<()> + Send + Sync;
+
+impl std::fmt::Debug for Prelude {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Prelude")
     }
 }
 

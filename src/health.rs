@@ -23,6 +23,11 @@ impl Health {
         self.0.clients.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(client);
     }
 
+    /// Replaces the connections that must be up (a reload brings new VMs).
+    pub fn set_clients(&self, clients: Vec<async_nats::Client>) {
+        *self.0.clients.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = clients;
+    }
+
     pub fn set_sources_running(&self, running: bool) {
         self.0.sources_running.store(running, Ordering::SeqCst);
     }

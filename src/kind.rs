@@ -82,6 +82,50 @@ impl KindTemplate {
     }
 }
 
+impl KindTemplate {
+    /// The one kind this template gives for subjects matching `pattern`, if it
+    /// cannot give any other.
+    pub fn fixed_kind(&self, pattern: &str) -> Option<String> {
+        let wildcard_free = !pattern.split('.').any(|t| t == "*" || t == ">");
+        let mut kind = String::new();
+        for part in &self.parts {
+            match part {
+                Part::Literal(text) => kind.push_str(text),
+                Part::Subject if wildcard_free => kind.push_str(pattern),
+                _ => return None,
+            }
+        }
+        Some(kind)
+    }
+
+    /// Whether some subject matching `pattern` renders to `kind`.
+    pub fn can_produce(&self, pattern: &str, kind: &str) -> bool {
+        self.produces(&self.parts, pattern, kind)
+    }
+
+    fn produces(&self, parts: &[Part], pattern: &str, rest: &str) -> bool {
+        let Some((first, others)) = parts.split_first() else { return rest.is_empty() };
+        match first {
+            Part::Literal(text) => rest.strip_prefix(text.as_str()).is_some_and(|r| self.produces(others, pattern, r)),
+            Part::Subject => split_points(rest)
+                .any(|i| subject_matches(pattern, &rest[..i]) && self.produces(others, pattern, &rest[i..])),
+            Part::Wildcard(n) => {
+                let (_, is_tail) = self.wildcards[n - 1];
+                split_points(rest).any(|i| {
+                    let captured = &rest[..i];
+                    let tokens_ok = !captured.is_empty() && captured.split('.').all(|t| !t.is_empty());
+                    let shape_ok = is_tail || !captured.contains('.');
+                    tokens_ok && shape_ok && self.produces(others, pattern, &rest[i..])
+                })
+            }
+        }
+    }
+}
+
+fn split_points(text: &str) -> impl Iterator<Item = usize> + '_ {
+    (0..=text.len()).filter(|&i| text.is_char_boundary(i))
+}
+
 fn parse_placeholder(placeholder: &str, template: &str, wildcard_count: usize) -> Result<Part, String> {
     if placeholder == "subject" {
         return Ok(Part::Subject);
@@ -130,6 +174,20 @@ mod tests {
         assert_eq!(kind("tail:{{wildcard(1)}}", "jobs.>", "jobs.email.send"), "tail:email.send");
         assert_eq!(kind("{{ wildcard(2) }}", "*.>", "x.y.z"), "y.z");
         assert_eq!(kind("fixed", "a.b", "a.b"), "fixed");
+    }
+
+    #[test]
+    fn templates_know_which_kinds_they_can_give() {
+        let t = |template: &str, pattern: &str| KindTemplate::parse(template, pattern).unwrap();
+        assert!(t("{{subject}}", "orders.*").can_produce("orders.*", "orders.new"));
+        assert!(!t("{{subject}}", "orders.*").can_produce("orders.*", "orders.new.eu"));
+        assert!(t("order.{{wildcard(1)}}", "orders.*").can_produce("orders.*", "order.created"));
+        assert!(!t("order.{{wildcard(1)}}", "orders.*").can_produce("orders.*", "orders.created"));
+        assert!(t("{{wildcard(2)}}", "shop.*.>").can_produce("shop.*.>", "cart.add"));
+        assert!(!t("{{wildcard(1)}}", "shop.*.>").can_produce("shop.*.>", "cart.add"));
+        assert_eq!(t("{{subject}}", "a.b").fixed_kind("a.b").as_deref(), Some("a.b"));
+        assert_eq!(t("x", "a.*").fixed_kind("a.*").as_deref(), Some("x"));
+        assert_eq!(t("{{subject}}", "a.*").fixed_kind("a.*"), None);
     }
 
     #[test]

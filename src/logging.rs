@@ -26,7 +26,11 @@ const TOOL_FILTER: &str = "warn,agent_block::event=off";
 const PROTOCOL_TARGET: &str = "async_nats::connection";
 
 pub fn init(format: Option<LogFormat>, serving: bool) {
-    let default = if serving { SERVE_FILTER } else { TOOL_FILTER };
+    init_with(format, if serving { SERVE_FILTER } else { TOOL_FILTER });
+}
+
+/// Like [`init`], with `default` as the filter when `RUST_LOG` is not set.
+pub fn init_with(format: Option<LogFormat>, default: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let terminal = std::io::stderr().is_terminal();
     let output = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);

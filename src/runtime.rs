@@ -6,6 +6,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -13,6 +14,7 @@ use crate::config::WorkerConfig;
 use crate::connect::{self, ConnectError};
 use crate::health::Health;
 use crate::probes;
+use crate::reload::{Generation, Reloader};
 use crate::source::{self, jetstream::SetupError};
 use crate::transport::Offline;
 use crate::vm::{PoolSpec, ScriptError, StartError, VmPool};
@@ -58,8 +60,33 @@ impl RunError {
     }
 }
 
+/// The VM pool a serving worker runs: each VM with its own NATS connection.
+pub fn pool_spec(config: &WorkerConfig) -> PoolSpec {
+    PoolSpec {
+        script: config.script.clone(),
+        workers: config.workers,
+        concurrency: config.concurrency,
+        bus_capacity: config.bus_capacity,
+        handler_timeout: config.handler_timeout,
+        lua: config.lua.clone(),
+        transport: Arc::new(Offline),
+        connection: Some(config.connection.clone()),
+        bridges: Some(config.bridges.clone()),
+    }
+}
+
 /// Serves `config.script` until `shutdown` resolves.
 pub async fn run_worker(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    run_worker_with_reloads(config, shutdown, mpsc::channel(1).1).await
+}
+
+/// Serves `config.script` until `shutdown` resolves, reloading it (see
+/// [`crate::reload`]) each time `reloads` delivers.
+pub async fn run_worker_with_reloads(
+    config: WorkerConfig,
+    shutdown: impl Future<Output = ()>,
+    mut reloads: mpsc::Receiver<()>,
+) -> Result<(), RunError> {
     let started = Instant::now();
     let health = Health::default();
     if let Some(addr) = config.metrics_addr {
@@ -76,19 +103,8 @@ pub async fn run_worker(config: WorkerConfig, shutdown: impl Future<Output = ()>
     health.add_client(client.clone());
 
     // Opening databases may wait for an unreachable server: a signal still stops it.
-    let starting = VmPool::start(PoolSpec {
-        script: config.script.clone(),
-        workers: config.workers,
-        concurrency: config.concurrency,
-        bus_capacity: config.bus_capacity,
-        handler_timeout: config.handler_timeout,
-        lua: config.lua.clone(),
-        transport: Arc::new(Offline),
-        connection: Some(config.connection.clone()),
-        bridges: Some(config.bridges.clone()),
-    });
     let (mut pool, report) = tokio::select! {
-        started = starting => started?,
+        started = VmPool::start(pool_spec(&config)) => started?,
         _ = &mut shutdown => return Ok(()),
     };
     for vm_client in pool.clients() {
@@ -114,13 +130,21 @@ pub async fn run_worker(config: WorkerConfig, shutdown: impl Future<Output = ()>
         "worker ready"
     );
 
-    shutdown.await;
+    let mut serving = Generation { pool, stop };
+    let mut reloader = Reloader::new();
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Some(()) = reloads.recv() => serving = reloader.reload(serving, &config, &client, &health).await,
+        }
+    }
     let grace_deadline = Instant::now() + config.grace;
     health.set_shutting_down();
     tracing::info!(grace = %humantime::format_duration(config.grace), "shutting down: draining sources");
-    stop.cancel();
-    let stats = pool.stats().clone();
-    pool.shutdown(grace_deadline).await;
+    serving.stop.cancel();
+    let stats = serving.pool.stats().clone();
+    serving.pool.shutdown(grace_deadline).await;
+    reloader.finish(grace_deadline).await;
     let (rejected, dropped) = (stats.rejected.load(Ordering::Relaxed), stats.dropped.load(Ordering::Relaxed));
     if rejected + dropped > 0 {
         tracing::warn!(rejected, dropped, "intake was full at times: requests answered 503, messages dropped (totals)");

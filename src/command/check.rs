@@ -1,5 +1,7 @@
 //! `agent-block check SCRIPT`: load the script as a worker would, print what it
-//! declares, exit 2 with `file:line` on any error.
+//! declares, exit 2 with `file:line` on any error (including a call to a function
+//! the Lua API does not have); warn about kinds no source produces and sources
+//! whose kinds have no handler.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -44,5 +46,12 @@ pub async fn execute(script: PathBuf, lua: &LuaArgs) -> ExitCode {
         println!("  (on_any fallback)");
     }
     pool.shutdown(tokio::time::Instant::now() + Duration::from_secs(1)).await;
-    ExitCode::SUCCESS
+    for warning in super::lint::kind_warnings(&report, DEFAULT_NAME) {
+        eprintln!("warning: {warning}");
+    }
+    let errors = super::lint::unknown_calls(&script, &super::lint::api_names());
+    for error in &errors {
+        eprintln!("error: {error}");
+    }
+    if errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(2) }
 }

@@ -1,4 +1,5 @@
-//! `agent-block dev SCRIPT`: `run` against a private nats-server child, stopped on exit.
+//! `agent-block dev SCRIPT`: `run` against a private nats-server child, stopped on
+//! exit, reloading the script when a Lua file in its folder changes.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -27,7 +28,7 @@ pub async fn execute(script: PathBuf, worker: WorkerArgs) -> ExitCode {
     };
     println!("nats-server running at {}", server.url());
     println!("try: agent-block request <subject> '<json>' --nats-url {}", server.url());
-    let code = super::run(script, &worker, Some(server.url())).await;
+    let code = super::run(script, &worker, Some(server.url()), true).await;
     drop(server);
     code
 }

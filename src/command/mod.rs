@@ -3,18 +3,27 @@
 
 mod check;
 mod dev;
+mod init;
+mod lint;
+mod reload;
 mod replay;
 mod request;
+mod test;
 
 use std::process::ExitCode;
 
 use crate::cli::{Cli, Command};
 use crate::config::WorkerConfig;
-use crate::runtime::{RunError, run_worker};
+use crate::runtime::{RunError, run_worker_with_reloads};
 
 pub fn execute(cli: Cli) -> ExitCode {
     let serving = matches!(cli.command, Command::Run { .. } | Command::Dev { .. });
-    crate::logging::init(cli.log_format, serving);
+    if matches!(cli.command, Command::Test { .. }) {
+        // Failing handlers are what tests check; only problems of the runner itself are logged.
+        crate::logging::init_with(cli.log_format, "error,agent_block::event=off");
+    } else {
+        crate::logging::init(cli.log_format, serving);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -24,7 +33,7 @@ pub fn execute(cli: Cli) -> ExitCode {
     };
     runtime.block_on(async move {
         match cli.command {
-            Command::Run { script, worker } => run(script, &worker, None).await,
+            Command::Run { script, worker } => run(script, &worker, None, false).await,
             Command::Dev { script, worker } => dev::execute(script, worker).await,
             Command::Check { script, lua } => check::execute(script, &lua).await,
             Command::Request { subject, data, headers, timeout, connection } => {
@@ -33,11 +42,20 @@ pub fn execute(cli: Cli) -> ExitCode {
             Command::Replay { script, events, handler_timeout, lua } => {
                 replay::execute(script, events, handler_timeout, &lua).await
             }
+            Command::Test { paths, junit } => test::execute(paths, junit).await,
+            Command::Init { dir } => init::execute(dir),
         }
     })
 }
 
-async fn run(script: std::path::PathBuf, worker: &crate::cli::WorkerArgs, nats_url: Option<String>) -> ExitCode {
+/// Serves until SIGTERM/SIGINT, reloading on SIGHUP and, with `watch`, when a
+/// Lua file next to the script changes.
+async fn run(
+    script: std::path::PathBuf,
+    worker: &crate::cli::WorkerArgs,
+    nats_url: Option<String>,
+    watch: bool,
+) -> ExitCode {
     let mut config = match WorkerConfig::from_args(script, worker) {
         Ok(config) => config,
         Err(message) => return fail(&RunError::Settings(message)),
@@ -48,7 +66,12 @@ async fn run(script: std::path::PathBuf, worker: &crate::cli::WorkerArgs, nats_u
     if let Err(message) = crate::preflight::check_worker(&config.script, &config.connection) {
         return fail(&RunError::Settings(message));
     }
-    match run_worker(config, shutdown_signal()).await {
+    let (reload, reloads) = tokio::sync::mpsc::channel(1);
+    reload::on_sighup(reload.clone());
+    if watch {
+        reload::on_change(&config.script, reload);
+    }
+    match run_worker_with_reloads(config, shutdown_signal(), reloads).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => fail(&err),
     }

@@ -27,7 +27,7 @@ use crate::intake::{IntakeStats, SharedIntake};
 use crate::source::{Source, SourceSpec};
 use crate::transport::Transport;
 
-pub use thread::Vm;
+pub use thread::{Vm, script_error_message};
 
 /// How to build the pool.
 #[derive(Clone)]

@@ -223,6 +223,9 @@ impl Vm {
         lua.gc_set_mode(GcMode::Generational(GcGenParams::default()));
         let setup_lua = || -> mlua::Result<(EventTables, Function)> {
             lua_api::install(&lua)?;
+            if let Some(prelude) = &spec.lua.prelude {
+                (prelude.0)(&lua)?;
+            }
             let runner = lua_api::interrupt::runner(&lua)?;
             Ok((EventTables::new(&lua)?, runner))
         };
@@ -326,7 +329,7 @@ pub fn script_error_message(err: &mlua::Error) -> String {
             let location = traceback
                 .lines()
                 .map(str::trim)
-                .find(|line| !line.starts_with('[') && line.contains(": in "))
+                .find(|line| !line.starts_with('[') && !line.starts_with("__mlua") && line.contains(": in "))
                 .and_then(|line| line.split(": in ").next());
             match location {
                 Some(location) if !message.starts_with(location) => format!("{location}: {message}"),

@@ -1,0 +1,20 @@
+local w = test.worker("kinds.lua")
+
+test("the kind drops the region", function()
+  local out = w:send("shop.eu.cart.add", { sku = "a" }, { headers = { User = "ada" } })
+  test.eq(out.kind, "cart.add")
+  test.eq(out.payload, { region = "eu", items = 1 })
+end)
+
+test("state is kept per region", function()
+  w:send("shop.us.cart.add", {}, { headers = { User = "bob" } })
+  local out = w:send("shop.us.cart.add", {}, { headers = { User = "bob" } })
+  test.eq(out.payload.items, 2)
+  test.eq(w:send("shop.eu.cart.add", {}, { headers = { User = "bob" } }).payload.items, 1)
+end)
+
+test("unknown kinds fall back to on_any", function()
+  local out = w:send("shop.eu.wishlist.add", {})
+  test.eq(out.kind, "wishlist.add")
+  test.eq(out.code, 501)
+end)

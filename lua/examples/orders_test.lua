@@ -1,0 +1,25 @@
+local w = test.worker("orders.lua")
+
+test("accepts a valid order", function()
+  local out = w:send("orders.create", { id = "o-1", items = { { sku = "a", qty = 2 }, { sku = "b", qty = 1 } } })
+  test.eq(out.outcome, "ack")
+  test.eq(out.payload, { id = "o-1", status = "accepted", units = 3 })
+end)
+
+test("a missing field is a 400 naming the field", function()
+  local out = w:send("orders.create", { items = {} })
+  test.eq(out.code, 400)
+  test.matches(out.message, "field \"id\"")
+end)
+
+test("an order without items is a 422", function()
+  local out = w:send("orders.create", { id = "o-2", items = {} })
+  test.eq(out.code, 422)
+  test.eq(out.message, "an order needs at least one item")
+end)
+
+test("a bad quantity names the item", function()
+  local out = w:send("orders.create", { id = "o-3", items = { { sku = "a", qty = 0 } } })
+  test.eq(out.code, 422)
+  test.matches(out.message, "^item 1:")
+end)

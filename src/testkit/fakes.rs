@@ -1,0 +1,431 @@
+//! The bridges a worker under test sees: NATS publishes recorded and requests
+//! answered by the test's responders, `kv` in memory, `http` answered by the
+//! test's routes, `time` on a virtual clock and `env` from the test's table.
+//!
+//! The worker runs on its own VM thread, the test file on another; whatever the
+//! test answers with (responders, HTTP routes) is asked for over [`Call`]s, and
+//! whatever the test reads back (publishes, KV entries) sits behind a lock here.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::{HeaderMap, Subject};
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use mlua::{Function, Lua, Table, Value};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::Prelude;
+use crate::lua_api::event::headers_table;
+use crate::lua_api::{body_of, duration_of, headers_of, json};
+use crate::transport::{Response, Transport, TransportError};
+
+/// A message a handler published (or a dead letter the worker published).
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub subject: String,
+    pub headers: Option<HeaderMap>,
+    pub data: Bytes,
+}
+
+/// An outgoing HTTP request made by a handler.
+#[derive(Debug)]
+pub struct HttpRequest {
+    pub method: String,
+    pub url: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// What a `test.http` route answered.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// A question from the worker's thread to the test's thread.
+pub enum Call {
+    Request {
+        subject: String,
+        headers: Option<HeaderMap>,
+        data: Bytes,
+        reply: oneshot::Sender<Result<Response, TransportError>>,
+    },
+    Http {
+        request: HttpRequest,
+        /// An error is `(code, message)`, raised in the handler as `{ code, message }`.
+        reply: oneshot::Sender<Result<HttpResponse, (u16, String)>>,
+    },
+}
+
+/// Time as the worker under test sees it: `time.sleep` moves it forward at once,
+/// so a test of a ten-minute backoff takes no time.
+pub struct Clock {
+    start: f64,
+    elapsed_nanos: AtomicU64,
+}
+
+impl Clock {
+    pub fn new(start: Option<f64>) -> Self {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        Clock { start: start.unwrap_or(now), elapsed_nanos: AtomicU64::new(0) }
+    }
+
+    pub fn now(&self) -> f64 {
+        self.start + self.elapsed_nanos.load(Ordering::SeqCst) as f64 / 1e9
+    }
+
+    pub fn advance(&self, by: Duration) {
+        let nanos = u64::try_from(by.as_nanos()).unwrap_or(u64::MAX);
+        self.elapsed_nanos.fetch_add(nanos, Ordering::SeqCst);
+    }
+}
+
+/// One in-memory KV bucket: revisions count up per bucket, as in JetStream.
+#[derive(Default)]
+pub struct Bucket {
+    last_revision: u64,
+    entries: BTreeMap<String, (Bytes, u64)>,
+}
+
+impl Bucket {
+    fn write(&mut self, key: &str, value: Bytes) -> u64 {
+        self.last_revision += 1;
+        self.entries.insert(key.to_string(), (value, self.last_revision));
+        self.last_revision
+    }
+
+    /// The value and revision stored under `key`.
+    pub fn get(&self, key: &str) -> Option<&(Bytes, u64)> {
+        self.entries.get(key)
+    }
+}
+
+/// Everything the fakes of one worker share with its test.
+pub struct Fakes {
+    published: Mutex<Vec<Published>>,
+    kv: Mutex<HashMap<String, Bucket>>,
+    pub clock: Clock,
+    env: HashMap<String, String>,
+    calls: mpsc::UnboundedSender<Call>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Fakes {
+    pub fn new(env: HashMap<String, String>, clock: Clock, calls: mpsc::UnboundedSender<Call>) -> Self {
+        Fakes { published: Default::default(), kv: Default::default(), clock, env, calls }
+    }
+
+    pub fn record(&self, message: Published) {
+        lock(&self.published).push(message);
+    }
+
+    /// Publishes so far whose subject matches `pattern` (NATS wildcards), or all.
+    pub fn published(&self, pattern: Option<&str>) -> Vec<Published> {
+        let published = lock(&self.published);
+        published
+            .iter()
+            .filter(|m| pattern.is_none_or(|p| crate::kind::subject_matches(p, &m.subject)))
+            .cloned()
+            .collect()
+    }
+
+    pub fn clear_published(&self) {
+        lock(&self.published).clear();
+    }
+
+    /// Creates `bucket` if missing and stores `entries` in it.
+    pub fn seed_kv(&self, bucket: &str, entries: Vec<(String, Bytes)>) {
+        let mut kv = lock(&self.kv);
+        let bucket = kv.entry(bucket.to_string()).or_default();
+        for (key, value) in entries {
+            bucket.write(&key, value);
+        }
+    }
+
+    pub fn kv_entry(&self, bucket: &str, key: &str) -> Result<Option<(Bytes, u64)>, String> {
+        let kv = lock(&self.kv);
+        let bucket = kv.get(bucket).ok_or_else(|| missing_bucket(bucket))?;
+        Ok(bucket.get(key).cloned())
+    }
+
+    /// Installs the fakes in a worker's VMs, over the real bridges.
+    pub fn prelude(self: &Arc<Self>) -> Prelude {
+        let fakes = self.clone();
+        Prelude(Arc::new(move |lua| install(lua, &fakes)))
+    }
+}
+
+fn missing_bucket(bucket: &str) -> String {
+    format!(
+        "kv: no bucket {bucket:?}; create it with kv.bucket({bucket:?}) or seed it with \
+         test.worker(script, {{ kv = {{ {bucket} = {{}} }} }})"
+    )
+}
+
+/// `nats.publish` records, `nats.request` asks the test's responders.
+pub struct FakeTransport(pub Arc<Fakes>);
+
+impl Transport for FakeTransport {
+    fn publish(
+        &self,
+        subject: Subject,
+        headers: Option<HeaderMap>,
+        data: Bytes,
+    ) -> BoxFuture<'_, Result<(), TransportError>> {
+        self.0.record(Published { subject: subject.to_string(), headers, data });
+        Box::pin(async { Ok(()) })
+    }
+
+    fn request(
+        &self,
+        subject: String,
+        headers: Option<HeaderMap>,
+        data: Bytes,
+        _: Duration,
+    ) -> BoxFuture<'_, Result<Response, TransportError>> {
+        Box::pin(async move {
+            let (reply, answer) = oneshot::channel();
+            let call = Call::Request { subject: subject.clone(), headers, data, reply };
+            if self.0.calls.send(call).is_err() {
+                return Err(TransportError::NoResponders(subject));
+            }
+            answer.await.unwrap_or(Err(TransportError::NoResponders(subject)))
+        })
+    }
+}
+
+/// Raises the error table a raw fake returns as its last value, so errors carry a
+/// code as the real bridges' do.
+const RAISING: &str = r#"
+local raw = ...
+local wrapped = {}
+for name, fn in pairs(raw) do
+  wrapped[name] = function(...)
+    local a, b, err = fn(...)
+    if err then error(err, 2) end
+    return a, b
+  end
+end
+return wrapped
+"#;
+
+const HTTP: &str = r#"
+local request, json = ...
+local response = {
+  __index = function(res, key)
+    if key == "json" then
+      local value = json.decode(rawget(res, "body"))
+      rawset(res, "json", value)
+      return value
+    end
+  end,
+}
+local http = {}
+function http.request(url, opts)
+  opts = opts or {}
+  local res, err = request(url, opts.method or "GET", opts.headers, opts.body)
+  if err then error(err, 2) end
+  return setmetatable(res, response)
+end
+local function with(opts, method, body)
+  local copy = {}
+  for k, v in pairs(opts or {}) do copy[k] = v end
+  copy.method, copy.body = method, body
+  return copy
+end
+function http.get(url, opts) return http.request(url, with(opts, "GET", opts and opts.body)) end
+function http.post(url, body, opts) return http.request(url, with(opts, "POST", body)) end
+return http
+"#;
+
+fn install(lua: &Lua, fakes: &Arc<Fakes>) -> mlua::Result<()> {
+    let globals = lua.globals();
+    let time: Table = globals.get("time")?;
+    let clock = fakes.clone();
+    time.set("now", lua.create_function(move |_, ()| Ok(clock.clock.now()))?)?;
+    let clock = fakes.clone();
+    time.set(
+        "sleep",
+        lua.create_async_function(move |_, duration: Value| {
+            let clock = clock.clone();
+            async move {
+                clock.clock.advance(duration_of(&duration, "time.sleep")?);
+                tokio::task::yield_now().await;
+                Ok(())
+            }
+        })?,
+    )?;
+
+    let env = fakes.clone();
+    let getenv = lua.create_function(move |_, name: String| Ok(env.env.get(&name).cloned()))?;
+    globals.get::<Table>("env")?.set("get", getenv.clone())?;
+    if let Ok(os) = globals.get::<Table>("os") {
+        os.set("getenv", getenv)?;
+    }
+
+    let raw = kv_functions(lua, fakes)?;
+    let kv: Table = lua.load(RAISING).set_name("=kv").call(raw)?;
+    globals.set("kv", kv)?;
+
+    let http_request = http_function(lua, fakes)?;
+    let http: Table = lua.load(HTTP).set_name("=http").call((http_request, globals.get::<Value>("json")?))?;
+    globals.set("http", http)
+}
+
+fn error_table(lua: &Lua, code: u16, message: &str) -> mlua::Result<Value> {
+    let table = lua.create_table()?;
+    table.set("code", code)?;
+    table.set("message", message)?;
+    Ok(Value::Table(table))
+}
+
+/// A stored value as the handler reads it back: JSON objects and arrays as
+/// tables, anything else as the bytes it is.
+pub fn stored_value(lua: &Lua, bytes: &[u8]) -> mlua::Result<Value> {
+    if matches!(bytes.first(), Some(b'{' | b'['))
+        && let Ok(value) = json::decode(lua, bytes)
+    {
+        return Ok(value);
+    }
+    Ok(Value::String(lua.create_string(bytes)?))
+}
+
+type KvResult = (Value, Value, Value);
+
+fn kv_functions(lua: &Lua, fakes: &Arc<Fakes>) -> mlua::Result<Table> {
+    let raw = lua.create_table()?;
+    // Every function returns (a, b, error table); the Lua wrapper raises the error.
+    let with_bucket = |fakes: &Arc<Fakes>,
+                       lua: &Lua,
+                       bucket: &str,
+                       op: &dyn Fn(&mut Bucket) -> mlua::Result<KvResult>|
+     -> mlua::Result<KvResult> {
+        let mut kv = lock(&fakes.kv);
+        match kv.get_mut(bucket) {
+            Some(found) => op(found),
+            None => Ok((Value::Nil, Value::Nil, error_table(lua, 404, &missing_bucket(bucket))?)),
+        }
+    };
+    let f = fakes.clone();
+    raw.set(
+        "get",
+        lua.create_function(move |lua, (bucket, key): (String, String)| {
+            with_bucket(&f, lua, &bucket, &|b| match b.get(&key) {
+                Some((value, revision)) => {
+                    Ok((stored_value(lua, value)?, Value::Integer(*revision as i64), Value::Nil))
+                }
+                None => Ok((Value::Nil, Value::Nil, Value::Nil)),
+            })
+        })?,
+    )?;
+    let f = fakes.clone();
+    raw.set(
+        "put",
+        lua.create_function(move |lua, (bucket, key, value): (String, String, Value)| {
+            let bytes = body_of(lua, &value)?;
+            with_bucket(&f, lua, &bucket, &|b| {
+                Ok((Value::Integer(b.write(&key, bytes.clone()) as i64), Value::Nil, Value::Nil))
+            })
+        })?,
+    )?;
+    let f = fakes.clone();
+    raw.set(
+        "create",
+        lua.create_function(move |lua, (bucket, key, value): (String, String, Value)| {
+            let bytes = body_of(lua, &value)?;
+            with_bucket(&f, lua, &bucket, &|b| {
+                if b.get(&key).is_some() {
+                    return Ok((Value::Nil, Value::Nil, Value::Nil));
+                }
+                Ok((Value::Integer(b.write(&key, bytes.clone()) as i64), Value::Nil, Value::Nil))
+            })
+        })?,
+    )?;
+    let f = fakes.clone();
+    raw.set(
+        "update",
+        lua.create_function(move |lua, (bucket, key, value, revision): (String, String, Value, i64)| {
+            let bytes = body_of(lua, &value)?;
+            with_bucket(&f, lua, &bucket, &|b| {
+                let current = b.get(&key).map(|(_, r)| *r as i64);
+                if current != Some(revision) {
+                    let found = current.map(|r| format!("revision {r}")).unwrap_or_else(|| "no entry".to_string());
+                    let message = format!("kv.update {bucket}/{key}: expected revision {revision}, found {found}");
+                    return Ok((Value::Nil, Value::Nil, error_table(lua, 409, &message)?));
+                }
+                Ok((Value::Integer(b.write(&key, bytes.clone()) as i64), Value::Nil, Value::Nil))
+            })
+        })?,
+    )?;
+    let f = fakes.clone();
+    raw.set(
+        "delete",
+        lua.create_function(move |lua, (bucket, key): (String, String)| {
+            with_bucket(&f, lua, &bucket, &|b| {
+                b.entries.remove(&key);
+                b.last_revision += 1;
+                Ok((Value::Nil, Value::Nil, Value::Nil))
+            })
+        })?,
+    )?;
+    let f = fakes.clone();
+    raw.set(
+        "keys",
+        lua.create_function(move |lua, (bucket, prefix): (String, Option<String>)| {
+            with_bucket(&f, lua, &bucket, &|b| {
+                let prefix = prefix.as_deref().unwrap_or("");
+                let keys = lua.create_sequence_from(b.entries.keys().filter(|k| k.starts_with(prefix)).cloned())?;
+                Ok((Value::Table(keys), Value::Nil, Value::Nil))
+            })
+        })?,
+    )?;
+    let f = fakes.clone();
+    raw.set(
+        "bucket",
+        lua.create_function(move |_, (bucket, _opts): (String, Option<Table>)| {
+            lock(&f.kv).entry(bucket).or_default();
+            Ok((Value::Nil, Value::Nil, Value::Nil))
+        })?,
+    )?;
+    Ok(raw)
+}
+
+fn http_function(lua: &Lua, fakes: &Arc<Fakes>) -> mlua::Result<Function> {
+    let fakes = fakes.clone();
+    lua.create_async_function(move |lua, (url, method, headers, body): (String, String, Option<Table>, Value)| {
+        let fakes = fakes.clone();
+        async move {
+            let mut headers = headers.map(|h| headers_of(&h)).transpose()?.unwrap_or_default();
+            if matches!(body, Value::Table(_)) && headers.get("Content-Type").is_none() {
+                headers.insert("Content-Type", "application/json");
+            }
+            let body = body_of(&lua, &body)?;
+            let method = method.to_ascii_uppercase();
+            let (reply, answer) = oneshot::channel();
+            let request = HttpRequest { method, url, headers, body };
+            let label = format!("{} {}", request.method, request.url);
+            let unanswered = (502, format!("http.request {label}: the test ended"));
+            if fakes.calls.send(Call::Http { request, reply }).is_err() {
+                return Ok((Value::Nil, error_table(&lua, unanswered.0, &unanswered.1)?));
+            }
+            match answer.await.unwrap_or(Err(unanswered)) {
+                Ok(response) => {
+                    let table = lua.create_table()?;
+                    table.set("status", response.status)?;
+                    table.set("headers", headers_table(&lua, Some(&response.headers))?)?;
+                    table.set("body", lua.create_string(&response.body)?)?;
+                    Ok((Value::Table(table), Value::Nil))
+                }
+                Err((code, message)) => Ok((Value::Nil, error_table(&lua, code, &message)?)),
+            }
+        }
+    })
+}

@@ -1,0 +1,453 @@
+//! `test.worker(script, opts)`: the script under test loaded into a real VM pool
+//! (one VM) whose bridges are fakes, and events sent to it one at a time. Events
+//! go through the same intake, dispatch and outcome code as in production; only
+//! their settling is recorded instead of sent to NATS.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use async_nats::{HeaderMap, Subject};
+use bytes::Bytes;
+use futures::future::LocalBoxFuture;
+use mlua::{Lua, Table, UserData, UserDataMethods, Value};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{DEFAULT_BUS_CAPACITY, DEFAULT_HANDLER_TIMEOUT, LuaConfig};
+use crate::event::{Event, EventId, Settle, StreamMeta};
+use crate::kind::subject_matches;
+use crate::lua_api::event::headers_table;
+use crate::lua_api::{body_of, duration_of, headers_of, json};
+use crate::outcome::{FailureCause, Outcome};
+use crate::source::{ConsumerSpec, Forwarding, Link, Placement, Source, SourceSpec};
+use crate::testkit::fakes::{Call, Clock, FakeTransport, Fakes, Published, stored_value};
+use crate::vm::{PoolSpec, VmPool};
+
+/// Handlers the worker under test may run at once.
+const CONCURRENCY: usize = 16;
+/// `w:consume` gives up on a message still nak'ed after this many deliveries
+/// when its consumer has no `max_deliver`.
+const UNLIMITED_DELIVERIES: u64 = 100;
+
+/// A running worker under test.
+pub struct TestWorker {
+    script: PathBuf,
+    pool: RefCell<Option<VmPool>>,
+    events: RefCell<Option<mpsc::UnboundedSender<Event>>>,
+    stop: CancellationToken,
+    sources: Vec<SourceSpec>,
+    pub fakes: Arc<Fakes>,
+    next_sequence: Cell<u64>,
+}
+
+/// How a test event was settled, sent back from the worker's thread.
+struct Settled {
+    outcome: Outcome,
+    kind: String,
+    /// Set for JetStream events: what the consumer did with the message.
+    jetstream: Option<JetStreamAction>,
+}
+
+enum JetStreamAction {
+    Ack,
+    Nak(Option<Duration>),
+    Term { reason: String, dead_letter: Option<Published> },
+}
+
+impl TestWorker {
+    /// Loads `script` with fakes; `opts`: `env`, `kv` (bucket -> key -> value),
+    /// `timeout` (handler deadline), `now` (the virtual clock's start, seconds).
+    pub async fn start(
+        lua: &Lua,
+        script: PathBuf,
+        opts: Option<Table>,
+        calls: mpsc::UnboundedSender<Call>,
+    ) -> mlua::Result<TestWorker> {
+        let opts = match opts {
+            Some(opts) => opts,
+            None => lua.create_table()?,
+        };
+        let mut env = HashMap::new();
+        if let Some(table) = opts.get::<Option<Table>>("env")? {
+            for pair in table.pairs::<String, Value>() {
+                let (name, value) = pair?;
+                env.insert(name, value.to_string()?);
+            }
+        }
+        let timeout = match opts.get::<Value>("timeout")? {
+            Value::Nil => DEFAULT_HANDLER_TIMEOUT,
+            value => duration_of(&value, "test.worker timeout")?,
+        };
+        let fakes = Arc::new(Fakes::new(env, Clock::new(opts.get::<Option<f64>>("now")?), calls));
+        if let Some(buckets) = opts.get::<Option<Table>>("kv")? {
+            for pair in buckets.pairs::<String, Table>() {
+                let (bucket, entries) = pair?;
+                let mut seeded = Vec::new();
+                for entry in entries.pairs::<String, Value>() {
+                    let (key, value) = entry?;
+                    seeded.push((key, body_of(lua, &value)?));
+                }
+                fakes.seed_kv(&bucket, seeded);
+            }
+        }
+        let spec = PoolSpec {
+            script: script.clone(),
+            workers: 1,
+            concurrency: CONCURRENCY,
+            bus_capacity: DEFAULT_BUS_CAPACITY,
+            handler_timeout: timeout,
+            lua: LuaConfig { prelude: Some(fakes.prelude()), ..LuaConfig::default() },
+            transport: Arc::new(FakeTransport(fakes.clone())),
+            connection: None,
+            bridges: None,
+        };
+        let (mut pool, report) =
+            VmPool::start(spec).await.map_err(|err| mlua::Error::runtime(format!("test.worker: {err}")))?;
+        let (events, receiver) = mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
+        let source: Arc<dyn Source> = Arc::new(TestSource(Mutex::new(Some(receiver))));
+        pool.open_sources(&[source], &stop).await.map_err(mlua::Error::runtime)?;
+        Ok(TestWorker {
+            script,
+            pool: RefCell::new(Some(pool)),
+            events: RefCell::new(Some(events)),
+            stop,
+            sources: report.sources,
+            fakes,
+            next_sequence: Cell::new(0),
+        })
+    }
+
+    /// Stops the worker, letting handlers in flight finish.
+    pub async fn shutdown(&self) {
+        self.events.borrow_mut().take();
+        self.stop.cancel();
+        let pool = self.pool.borrow_mut().take();
+        if let Some(pool) = pool {
+            pool.shutdown(tokio::time::Instant::now() + Duration::from_secs(5)).await;
+        }
+    }
+
+    fn source_for(&self, subject: &str) -> mlua::Result<&SourceSpec> {
+        self.sources.iter().find(|s| subject_matches(s.subject_and_kind().0, subject)).ok_or_else(|| {
+            let declared: Vec<String> = self.sources.iter().map(|s| s.subject_and_kind().0.to_string()).collect();
+            mlua::Error::runtime(format!(
+                "no bus.subscribe or bus.consume of {} matches subject {subject:?} (declared: {})",
+                self.script.display(),
+                if declared.is_empty() { "none".to_string() } else { declared.join(", ") }
+            ))
+        })
+    }
+
+    /// Sends one event and waits until it is settled.
+    async fn deliver(
+        &self,
+        lua: &Lua,
+        subject: &str,
+        data: &Value,
+        opts: Option<&Table>,
+        delivery: Delivery,
+    ) -> mlua::Result<Settled> {
+        let source = self.source_for(subject)?;
+        let headers = match opts.map(|o| o.get::<Option<Table>>("headers")).transpose()?.flatten() {
+            Some(table) => Some(headers_of(&table)?),
+            None => None,
+        };
+        let subject = Subject::from(subject);
+        let kind = source.subject_and_kind().1.render(&subject);
+        let data = body_of(lua, data)?;
+        let (done, settled) = oneshot::channel();
+        let mut event = match source {
+            SourceSpec::Subscribe(_) => Event::new(kind, subject, Some(Subject::from("_INBOX.test")), headers, data),
+            SourceSpec::Consume(spec) => {
+                let mut event = Event::new(kind, subject, None, headers, data);
+                let meta = StreamMeta {
+                    stream: spec.stream.clone(),
+                    consumer: spec.consumer.clone(),
+                    delivered: delivery.delivered,
+                    stream_sequence: delivery.sequence,
+                    pending: 0,
+                    published: SystemTime::now(),
+                };
+                if matches!(event.id, EventId::Generated(_)) {
+                    event.id = EventId::Given(format!("{}:{}", meta.stream, meta.stream_sequence).into());
+                }
+                event.stream = Some(Box::new(meta));
+                event
+            }
+        };
+        event.timeout = source.timeout();
+        event.delivery = Some(Box::new(Recorder {
+            done,
+            consumer: match source {
+                SourceSpec::Consume(spec) => Some((spec.clone(), self.fakes.clone())),
+                SourceSpec::Subscribe(_) => None,
+            },
+            delivered: delivery.delivered,
+        }));
+        let sender = self.events.borrow().clone();
+        let sent = sender.map(|s| s.send(event).is_ok()).unwrap_or(false);
+        if !sent {
+            return Err(mlua::Error::runtime("the worker under test has stopped"));
+        }
+        settled.await.map_err(|_| mlua::Error::runtime("the worker under test stopped before settling the event"))
+    }
+
+    fn sequence(&self) -> u64 {
+        self.next_sequence.set(self.next_sequence.get() + 1);
+        self.next_sequence.get()
+    }
+
+    fn consumer_of(&self, subject: &str) -> Option<ConsumerSpec> {
+        match self.source_for(subject) {
+            Ok(SourceSpec::Consume(spec)) => Some(spec.clone()),
+            _ => None,
+        }
+    }
+}
+
+struct Delivery {
+    delivered: u64,
+    sequence: u64,
+}
+
+/// The handle test files hold.
+pub struct WorkerHandle(pub std::rc::Rc<TestWorker>);
+
+impl UserData for WorkerHandle {
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        // w:send(subject, data?, { headers, delivered }) -> outcome
+        methods.add_async_method(
+            "send",
+            |lua, this, (subject, data, opts): (String, Value, Option<Table>)| async move {
+                let worker = this.0.clone();
+                let delivered = match &opts {
+                    Some(opts) => opts.get::<Option<u64>>("delivered")?.unwrap_or(1).max(1),
+                    None => 1,
+                };
+                let delivery = Delivery { delivered, sequence: worker.sequence() };
+                let settled = worker.deliver(&lua, &subject, &data, opts.as_ref(), delivery).await?;
+                outcome_table(&lua, settled)
+            },
+        );
+        // w:consume(subject, data?, opts): delivers until the consumer stops
+        // redelivering (ack, term, dead letter, or max_deliver), moving the virtual
+        // clock by each nak delay; the last outcome, with `deliveries` and `history`.
+        methods.add_async_method(
+            "consume",
+            |lua, this, (subject, data, opts): (String, Value, Option<Table>)| async move {
+                let worker = this.0.clone();
+                let Some(spec) = worker.consumer_of(&subject) else {
+                    return Err(mlua::Error::runtime(format!(
+                        "w:consume: subject {subject:?} is not read by a bus.consume of {}",
+                        worker.script.display()
+                    )));
+                };
+                let limit = spec.max_deliver.and_then(|m| u64::try_from(m).ok()).unwrap_or(UNLIMITED_DELIVERIES);
+                let sequence = worker.sequence();
+                let history = lua.create_table()?;
+                for delivered in 1..=limit {
+                    let delivery = Delivery { delivered, sequence };
+                    let settled = worker.deliver(&lua, &subject, &data, opts.as_ref(), delivery).await?;
+                    let delay = match &settled.jetstream {
+                        Some(JetStreamAction::Nak(delay)) => Some(delay.unwrap_or_default()),
+                        _ => None,
+                    };
+                    let table = outcome_table(&lua, settled)?;
+                    history.push(table.clone())?;
+                    match delay {
+                        Some(delay) if delivered < limit => worker.fakes.clock.advance(delay),
+                        Some(_) if spec.max_deliver.is_none() => {
+                            return Err(mlua::Error::runtime(format!(
+                                "w:consume: still nak'ed after {UNLIMITED_DELIVERIES} deliveries"
+                            )));
+                        }
+                        _ => {
+                            table.set("deliveries", delivered)?;
+                            table.set("history", history)?;
+                            return Ok(table);
+                        }
+                    }
+                }
+                unreachable!("the loop returns at its last delivery")
+            },
+        );
+        // w:published(pattern?) -> { {subject, data, payload, headers}, ... }
+        methods.add_method("published", |lua, this, pattern: Option<String>| {
+            let list = lua.create_table()?;
+            for message in this.0.fakes.published(pattern.as_deref()) {
+                list.push(message_table(lua, &message.subject, message.headers.as_ref(), &message.data)?)?;
+            }
+            Ok(list)
+        });
+        // w:kv(bucket, key) -> value, revision
+        methods.add_method("kv", |lua, this, (bucket, key): (String, String)| {
+            match this.0.fakes.kv_entry(&bucket, &key).map_err(mlua::Error::runtime)? {
+                Some((value, revision)) => Ok((stored_value(lua, &value)?, Some(revision))),
+                None => Ok((Value::Nil, None)),
+            }
+        });
+        methods.add_method("now", |_, this, ()| Ok(this.0.fakes.clock.now()));
+        methods.add_method("advance", |_, this, by: Value| {
+            this.0.fakes.clock.advance(duration_of(&by, "w:advance")?);
+            Ok(())
+        });
+    }
+}
+
+/// `{ subject, data, payload (when JSON), headers }`.
+fn message_table(lua: &Lua, subject: &str, headers: Option<&HeaderMap>, data: &Bytes) -> mlua::Result<Table> {
+    let table = lua.create_table()?;
+    table.set("subject", subject)?;
+    body_fields(lua, &table, headers, data)?;
+    Ok(table)
+}
+
+fn body_fields(lua: &Lua, table: &Table, headers: Option<&HeaderMap>, data: &Bytes) -> mlua::Result<()> {
+    table.set("data", lua.create_string(data)?)?;
+    if !data.is_empty()
+        && let Ok(payload) = json::decode(lua, data)
+    {
+        table.set("payload", payload)?;
+    }
+    table.set("headers", headers_table(lua, headers)?)
+}
+
+/// The outcome as a test sees it: `outcome` ("ack", "error", "nak", "term"),
+/// `kind`, the reply (`data`, `payload`, `headers`), `code` and `message` for
+/// errors, `delay` (seconds) for naks, `reason` for terms, `dead_letter` when one
+/// was published.
+fn outcome_table(lua: &Lua, settled: Settled) -> mlua::Result<Table> {
+    let table = lua.create_table()?;
+    table.set("kind", settled.kind)?;
+    if let Some((code, message)) = settled.outcome.error_reply() {
+        table.set("code", code)?;
+        table.set("message", message)?;
+    }
+    match settled.outcome {
+        Outcome::Ack { body, headers } => {
+            table.set("outcome", "ack")?;
+            body_fields(lua, &table, headers.as_ref(), &body)?;
+        }
+        Outcome::Nak { delay } => {
+            table.set("outcome", "nak")?;
+            table.set("delay", delay.map(|d| d.as_secs_f64()))?;
+        }
+        Outcome::Term { reason } => {
+            table.set("outcome", "term")?;
+            table.set("reason", reason)?;
+        }
+        Outcome::Error(_) => table.set("outcome", "error")?,
+    }
+    match settled.jetstream {
+        None | Some(JetStreamAction::Ack) => {}
+        Some(JetStreamAction::Nak(delay)) => {
+            table.set("outcome", "nak")?;
+            table.set("delay", delay.map(|d| d.as_secs_f64()))?;
+        }
+        Some(JetStreamAction::Term { reason, dead_letter }) => {
+            table.set("outcome", "term")?;
+            table.set("reason", reason)?;
+            if let Some(message) = dead_letter {
+                let letter = message_table(lua, &message.subject, message.headers.as_ref(), &message.data)?;
+                table.set("dead_letter", letter)?;
+            }
+        }
+    }
+    Ok(table)
+}
+
+/// Feeds the events a test sends into the worker's intake.
+struct TestSource(Mutex<Option<mpsc::UnboundedReceiver<Event>>>);
+
+impl Source for TestSource {
+    fn describe(&self) -> String {
+        "test events".to_string()
+    }
+
+    fn placement(&self) -> Placement {
+        Placement::Once
+    }
+
+    fn open(self: Arc<Self>, link: Link) -> LocalBoxFuture<'static, Result<Forwarding, String>> {
+        let receiver = self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+        Box::pin(async move {
+            let Some(mut receiver) = receiver else { return Err("the test source opened twice".to_string()) };
+            Ok(Box::pin(async move {
+                loop {
+                    let event = tokio::select! {
+                        _ = link.stop.cancelled() => break,
+                        event = receiver.recv() => event,
+                    };
+                    let Some(event) = event else { break };
+                    if link.sink.deliver(event).await.is_err() {
+                        break;
+                    }
+                }
+            }) as Forwarding)
+        })
+    }
+}
+
+/// Settles a test event by sending its outcome back; for JetStream events it
+/// decides what the consumer would do, as the JetStream source does.
+struct Recorder {
+    done: oneshot::Sender<Settled>,
+    consumer: Option<(ConsumerSpec, Arc<Fakes>)>,
+    delivered: u64,
+}
+
+impl Settle for Recorder {
+    fn settle<'a>(self: Box<Self>, event: &'a Event, outcome: Outcome) -> LocalBoxFuture<'a, ()> {
+        Box::pin(async move {
+            let jetstream = self
+                .consumer
+                .as_ref()
+                .map(|(spec, fakes)| jetstream_action(spec, fakes, self.delivered, event, &outcome));
+            let _ = self.done.send(Settled { outcome, kind: event.kind.to_string(), jetstream });
+        })
+    }
+}
+
+fn jetstream_action(
+    spec: &ConsumerSpec,
+    fakes: &Fakes,
+    delivered: u64,
+    event: &Event,
+    outcome: &Outcome,
+) -> JetStreamAction {
+    match outcome {
+        Outcome::Ack { .. } => JetStreamAction::Ack,
+        Outcome::Nak { delay } => JetStreamAction::Nak(*delay),
+        Outcome::Term { reason } => JetStreamAction::Term { reason: reason.clone(), dead_letter: None },
+        Outcome::Error(failure) => {
+            let last_delivery = spec.max_deliver.is_some_and(|max| delivered >= max as u64);
+            match failure.cause {
+                FailureCause::Cancelled | FailureCause::Overloaded => JetStreamAction::Nak(None),
+                FailureCause::BadPayload => dead_letter(spec, fakes, delivered, event, &failure.message),
+                _ if last_delivery => dead_letter(spec, fakes, delivered, event, &failure.message),
+                _ => JetStreamAction::Nak(spec.backoff_after(delivered)),
+            }
+        }
+    }
+}
+
+/// Publishes the dead letter as the JetStream source does, and terminates.
+fn dead_letter(spec: &ConsumerSpec, fakes: &Fakes, delivered: u64, event: &Event, error: &str) -> JetStreamAction {
+    let dead_letter = spec.dead_letter.as_ref().map(|subject| {
+        let mut headers = event.headers.clone().unwrap_or_default();
+        headers.insert("Agent-Block-Error", error.lines().next().unwrap_or(""));
+        headers.insert("Agent-Block-Kind", event.kind.as_str());
+        headers.insert("Agent-Block-Delivered", delivered.to_string().as_str());
+        headers.insert("Agent-Block-Stream", spec.stream.as_str());
+        let sequence = event.stream.as_ref().map(|s| s.stream_sequence).unwrap_or(0);
+        headers.insert("Agent-Block-Stream-Seq", sequence.to_string().as_str());
+        let message = Published { subject: subject.clone(), headers: Some(headers), data: event.data.clone() };
+        fakes.record(message.clone());
+        message
+    });
+    JetStreamAction::Term { reason: error.to_string(), dead_letter }
+}
