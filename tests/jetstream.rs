@@ -434,3 +434,22 @@ async fn sigterm_finishes_in_flight_and_hands_back_the_rest_at_once() {
     let info = drained_on(&js, "JOBS").await;
     assert_eq!(info.num_ack_pending, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_killed_mid_stream_loses_no_message() {
+    let mut server = server();
+    let scripts = Scripts::new();
+    let script = steady(&scripts, "2s", "20ms");
+    let _worker = Worker::run(&server, &script, &["--workers", "2", "--concurrency", "8"]);
+    let client = client(&server).await;
+    let mut done = client.subscribe("done").await.unwrap();
+    client.flush().await.unwrap();
+    let js = jetstream::new(client.clone());
+    publish_jobs(&js, 1000).await;
+    collect(&mut done, |s| s.len() >= 150).await;
+    // kill -9 and a restart on the same port and store, in the middle of the stream.
+    server.restart().expect("restart nats-server");
+    let js = jetstream::new(common::client(&server).await);
+    let info = drained_on(&js, "JOBS").await;
+    assert_eq!(info.ack_floor.stream_sequence, 1000, "every message was acked after the restart: {info:?}");
+}

@@ -81,7 +81,16 @@ async fn request(lua: Lua, (url, opts): (String, Option<Table>)) -> mlua::Result
     }
     let built = build(&lua, &client, parsed, opts.as_ref())?;
     let label = format!("{} {}", built.method(), without_credentials(built.url()));
-    match send(client, built, max_body).await {
+    // The call ends by itself at the handler's deadline, so its connection is
+    // closed then even if the handler's coroutine is collected only later.
+    let deadline = context::current().and_then(|c| c.deadline());
+    let sent = match deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline.into(), send(client, built, max_body))
+            .await
+            .unwrap_or_else(|_| Err(Failure { code: 504, message: "the handler's deadline passed".to_string() })),
+        None => send(client, built, max_body).await,
+    };
+    match sent {
         Ok(response) => Ok((Value::Table(response_table(&lua, response)?), Value::Nil)),
         Err(failure) => {
             let message = format!("http.request {label}: {}", failure.message);

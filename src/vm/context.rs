@@ -70,6 +70,23 @@ impl TaskContext {
         self.interrupted.set(Some(interrupt));
     }
 
+    /// The context for closing this task's coroutine after it was dropped (timed
+    /// out, cancelled, or its handler returned): the coroutine's pending
+    /// `__close` handlers and the cancellation of its bridge calls run under a
+    /// short limit of their own, not under the interruption that ended the task,
+    /// which would cut the cancellation itself short.
+    fn for_closing(&self) -> Rc<TaskContext> {
+        Rc::new(TaskContext {
+            deadline: Cell::new(Some(Instant::now() + CLOSE_LIMIT)),
+            cancel: None,
+            interrupted: Cell::new(None),
+            thread: Cell::new(self.thread.get()),
+            kind: self.kind.clone(),
+            id: self.id.clone(),
+            traceparent: self.traceparent.clone(),
+        })
+    }
+
     /// Called by the hook: an interruption raises an error, again at every check
     /// while the code still runs (see [`crate::lua_api::interrupt`]).
     fn check(&self) -> HookAction {
@@ -87,6 +104,9 @@ impl TaskContext {
         HookAction::Raise(interrupt)
     }
 }
+
+/// How long closing a dropped task's coroutine may run Lua code.
+const CLOSE_LIMIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 thread_local! {
     static CURRENT: RefCell<Option<Rc<TaskContext>>> = const { RefCell::new(None) };
@@ -164,8 +184,9 @@ impl<F: Future> Future for Scoped<F> {
 impl<F> Drop for Scoped<F> {
     fn drop(&mut self) {
         // Dropping a Lua call closes its coroutine, which runs pending `__close`
-        // handlers: they run under the same deadline as the call.
-        let _restore = Self::enter(&self.context);
+        // handlers and drops the bridge calls it waits in, under a limit.
+        let closing = self.context.for_closing();
+        let _restore = Self::enter(&closing);
         // SAFETY: dropped exactly once, here, in place.
         unsafe { ManuallyDrop::drop(&mut self.inner) };
     }
