@@ -112,7 +112,10 @@ fn log_event(event: Event, was_down: &AtomicBool) {
             tracing::warn!("NATS disconnected; reconnecting")
         }
         Event::ServerError(err) => tracing::warn!(error = %err, "NATS server error"),
-        Event::SlowConsumer(sid) => tracing::warn!(sid, "slow consumer: NATS dropped messages for a subscription"),
+        Event::SlowConsumer(sid) => {
+            crate::telemetry::metrics::global().slow_consumer();
+            tracing::warn!(sid, "slow consumer: NATS dropped messages for a subscription")
+        }
         other => tracing::debug!(event = %other, "NATS event"),
     }
 }

@@ -25,5 +25,6 @@ pub mod probes;
 pub mod runtime;
 pub mod settle;
 pub mod source;
+pub mod telemetry;
 pub mod transport;
 pub mod vm;

@@ -1,11 +1,13 @@
-//! The HTTP listener of `--metrics-addr`: `/healthz` (the process lives) and
-//! `/readyz` (200 while connected with every source running, else 503).
+//! The HTTP listener of `--metrics-addr`: `/healthz` (the process lives),
+//! `/readyz` (200 while connected with every source running, else 503) and
+//! `/metrics` (Prometheus text format).
 
 use std::net::SocketAddr;
 
 use axum::Router;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
 use axum::routing::get;
+use prometheus_client::encoding::prometheus_text;
 
 use crate::health::Health;
 
@@ -13,18 +15,27 @@ use crate::health::Health;
 pub async fn serve(addr: SocketAddr, health: Health) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let app = Router::new().route("/healthz", get(|| async { "ok\n" })).route(
-        "/readyz",
-        get(move || {
-            let health = health.clone();
-            async move {
-                match health.readiness() {
-                    Ok(()) => (StatusCode::OK, "ready\n".to_string()),
-                    Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")),
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/metrics",
+            get(|| async {
+                let page = crate::telemetry::metrics::global().encode();
+                ([(header::CONTENT_TYPE, prometheus_text::CONTENT_TYPE)], page)
+            }),
+        )
+        .route(
+            "/readyz",
+            get(move || {
+                let health = health.clone();
+                async move {
+                    match health.readiness() {
+                        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+                        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")),
+                    }
                 }
-            }
-        }),
-    );
+            }),
+        );
     tokio::spawn(async move {
         if let Err(err) = axum::serve(listener, app).await {
             tracing::error!(error = %err, "HTTP listener stopped");

@@ -31,7 +31,12 @@ pub struct TaskContext {
     interrupted: Cell<Option<Interrupt>>,
     pub kind: Option<async_nats::Subject>,
     pub id: Option<EventId>,
+    /// The `traceparent` outgoing messages carry: the handler's span when spans
+    /// are exported, else the incoming one unchanged.
     pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
+    /// The handler's span, when spans are exported.
+    pub span_id: Option<String>,
 }
 
 impl TaskContext {
@@ -43,6 +48,8 @@ impl TaskContext {
             kind: None,
             id: None,
             traceparent: None,
+            tracestate: None,
+            span_id: None,
         }
     }
 
