@@ -177,7 +177,8 @@ fn run_traced(server: &NatsServer, script: &std::path::Path, env: &[(&str, &str)
     worker
 }
 
-#[tokio::test]
+// The receivers run on the test's runtime while the test blocks on the worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_reach_an_http_receiver_and_continue_the_callers_trace() {
     let (endpoint, spans) = http_receiver().await;
     let server = server();
@@ -238,7 +239,8 @@ async fn spans_reach_an_http_receiver_and_continue_the_callers_trace() {
     assert_eq!(record["span_id"], handler_span.as_str());
 }
 
-#[tokio::test]
+// The receivers run on the test's runtime while the test blocks on the worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_export_flushes_the_last_spans_at_shutdown() {
     let (endpoint, spans) = grpc_receiver().await;
     let server = server();
@@ -283,7 +285,8 @@ async fn an_unreachable_collector_neither_fails_nor_holds_up_the_worker() {
     assert!(status.success(), "log:\n{}", worker.stderr.text());
 }
 
-#[tokio::test]
+// The receivers run on the test's runtime while the test blocks on the worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_carry_the_handlers_span() {
     let (endpoint, spans) = http_receiver().await;
     let server = server();
@@ -389,8 +392,9 @@ async fn discovery_answers_ping_info_and_stats_for_the_process() {
     request(&client, "fail", "{}").await;
 
     // Every instance answers a plain PING; one process is one instance.
-    let mut inbox = client.subscribe(client.new_inbox()).await.unwrap();
-    client.publish_with_reply("$SRV.PING", inbox.sender_subject(), "".into()).await.unwrap();
+    let reply_to = client.new_inbox();
+    let mut inbox = client.subscribe(reply_to.clone()).await.unwrap();
+    client.publish_with_reply("$SRV.PING", reply_to, "".into()).await.unwrap();
     let ping = json(&next(&mut inbox).await);
     assert_eq!(ping["type"], "io.nats.micro.v1.ping_response");
     assert_eq!(ping["name"], "shop");

@@ -505,7 +505,8 @@ mod tests {
         assert!(page.contains("agent_block_handler_duration_seconds_bucket{kind=\"scrape-test\",le=\"0.005\"} 1"));
         assert!(page.contains("agent_block_handler_duration_seconds_count{kind=\"scrape-test\"} 2"));
         assert!(
-            page.contains("agent_block_jetstream_pull_batch_messages_bucket{stream=\"S\",consumer=\"C\",le=\"8.0\"} 1")
+            page.contains("agent_block_jetstream_pull_batch_messages_bucket{stream=\"S\",consumer=\"C\",le=\"8\"} 1"),
+            "{page}"
         );
         let totals = global().endpoint_totals(2);
         assert!(totals[1].requests >= 2 && totals[1].errors >= 1);

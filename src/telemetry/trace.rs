@@ -96,9 +96,11 @@ pub fn init(default_service: &str) -> Result<Option<Tracing>, TraceSetupError> {
                 .enable_all()
                 .build()
                 .map_err(|e| failed(&e))?;
-            let exporter = runtime
-                .block_on(async { opentelemetry_otlp::SpanExporter::builder().with_tonic().build() })
-                .map_err(|e| failed(&e))?;
+            // The channel's background tasks go to the exporter's own runtime.
+            let exporter = {
+                let _entered = runtime.enter();
+                opentelemetry_otlp::SpanExporter::builder().with_tonic().build().map_err(|e| failed(&e))?
+            };
             (exporter, Some(runtime))
         }
     };
