@@ -28,6 +28,7 @@ const DURATION_BOUNDS: [f64; 14] =
     [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 /// Upper bounds of the JetStream pull size histogram, in messages.
 const PULL_BOUNDS: [f64; 11] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
+/// Outcome labels, in the order [`VmRecorder::finished`] indexes them.
 const OUTCOMES: [&str; 4] = ["ack", "nak", "term", "error"];
 
 /// A counter with one writing thread: a load and a store, no read-modify-write.
@@ -224,7 +225,12 @@ impl VmRecorder {
     pub fn finished(&self, event: &Event, outcome: &Outcome, elapsed: Duration) {
         self.shared.finished.add(1);
         let nanos = elapsed.as_nanos() as u64;
-        let index = OUTCOMES.iter().position(|o| *o == outcome.label()).unwrap_or(OUTCOMES.len() - 1);
+        let index = match outcome {
+            Outcome::Ack { .. } => 0,
+            Outcome::Nak { .. } => 1,
+            Outcome::Term { .. } => 2,
+            Outcome::Error(_) => 3,
+        };
         let seconds = elapsed.as_secs_f64();
         let bucket = DURATION_BOUNDS.iter().position(|bound| seconds <= *bound).unwrap_or(DURATION_BOUNDS.len());
         {

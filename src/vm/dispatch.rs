@@ -29,7 +29,7 @@ pub async fn process(vm: &Rc<Vm>, event: Event) {
     let started = Instant::now();
     let outcome = match event.delivery.as_ref().and_then(|d| d.while_running()) {
         Some(keep_alive) => {
-            let run = run(vm, &event, &context, span.as_ref());
+            let run = run(vm, &event, started, &context, span.as_ref());
             tokio::pin!(run);
             tokio::select! {
                 biased;
@@ -37,7 +37,7 @@ pub async fn process(vm: &Rc<Vm>, event: Event) {
                 _ = keep_alive => run.await,
             }
         }
-        None => run(vm, &event, &context, span.as_ref()).await,
+        None => run(vm, &event, started, &context, span.as_ref()).await,
     };
     vm.metrics.finished(&event, &outcome, started.elapsed());
     match span.as_mut() {
@@ -60,9 +60,9 @@ fn consumer_group(event: &Event) -> Option<String> {
     }
 }
 
+/// The handler's context; [`run`] arms its deadline.
 fn task_context(vm: &Vm, event: &Event, span: Option<&EventSpan>) -> TaskContext {
-    let deadline = Instant::now() + event.timeout.unwrap_or(vm.handler_timeout);
-    let mut context = TaskContext::new(Some(deadline), Some(vm.cancel.clone()));
+    let mut context = TaskContext::new(None, Some(vm.cancel.clone()));
     context.kind = Some(event.kind.clone());
     context.id = Some(event.id.clone());
     match span {
@@ -76,8 +76,9 @@ fn task_context(vm: &Vm, event: &Event, span: Option<&EventSpan>) -> TaskContext
     context
 }
 
-/// Calls the handler for `event` and classifies the result.
-async fn run(vm: &Vm, event: &Event, context: &Rc<TaskContext>, span: Option<&EventSpan>) -> Outcome {
+/// Calls the handler for `event` under a deadline counted from `started`, and
+/// classifies the result.
+async fn run(vm: &Vm, event: &Event, started: Instant, context: &Rc<TaskContext>, span: Option<&EventSpan>) -> Outcome {
     let Some(handler) = vm.state.handlers.borrow().lookup(&event.kind) else {
         return Outcome::Error(Failure::no_handler(&event.kind));
     };
@@ -87,7 +88,7 @@ async fn run(vm: &Vm, event: &Event, context: &Rc<TaskContext>, span: Option<&Ev
         Err(err) => return internal(format!("cannot build the event table: {err}")),
     };
     let limit = event.timeout.unwrap_or(vm.handler_timeout);
-    let deadline = Instant::now() + limit;
+    let deadline = started + limit;
     context.set_deadline(Some(deadline));
     let call = Scoped::new(context.clone(), vm.runner.call_async::<(bool, Value)>((handler, table)));
     let result = tokio::select! {
