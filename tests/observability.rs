@@ -421,3 +421,27 @@ async fn discovery_answers_ping_info_and_stats_for_the_process() {
     assert_eq!(fail["last_error"], "422:bad order");
     assert!(stock["processing_time"].as_u64().unwrap() > 0);
 }
+
+#[tokio::test]
+async fn export_settings_are_checked_at_start() {
+    let server = server();
+    let scripts = Scripts::new();
+    let script = scripts.write("app.lua", APP);
+    let url = server.url();
+    let args = ["run", script.to_str().unwrap(), "--nats-url", &url];
+
+    let mut refused = Worker::spawn_with_env(
+        &args,
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318"), ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")],
+    );
+    let status = refused.wait_exit(PATIENCE).expect("an unsupported protocol stops the worker");
+    assert_eq!(status.code(), Some(2));
+    assert!(refused.stderr.text().contains("OTEL_EXPORTER_OTLP_PROTOCOL=\"http/json\" is not supported"));
+
+    let disabled = Worker::spawn_with_env(
+        &args,
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318"), ("OTEL_SDK_DISABLED", "true")],
+    );
+    disabled.expect_ready();
+    assert!(!disabled.stderr.text().contains("exporting event spans"), "OTEL_SDK_DISABLED=true turns export off");
+}
