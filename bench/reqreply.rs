@@ -163,11 +163,11 @@ fn run() -> Result<(), String> {
                 Some(traced.cpu_per_request()),
             );
             println!(
-                "{:<9} {:<18} {:>9.2}x   export on / off ({} spans received so far)",
+                "{:<9} {:<18} {:>9.2}x   export on / off ({} export batches received so far)",
                 "",
                 "traced/agent-block",
                 traced.throughput() / agent.throughput(),
-                receiver.spans(),
+                receiver.batches(),
             );
             traced_rounds.push((
                 agent.throughput(),
@@ -758,8 +758,8 @@ mod otlp {
         }
 
         /// Export requests received (each a batch of spans).
-        pub fn spans(&self) -> String {
-            format!("{} batches", self.requests.load(Ordering::Relaxed))
+        pub fn batches(&self) -> u64 {
+            self.requests.load(Ordering::Relaxed)
         }
     }
 
