@@ -88,6 +88,8 @@ struct Settings {
     starts: usize,
     /// False for the smoke pass: a debug build, tiny counts, figures meaningless.
     full: bool,
+    /// Also measure agent-block exporting its spans to a local OTLP receiver.
+    otlp: bool,
 }
 
 impl Settings {
@@ -102,6 +104,7 @@ impl Settings {
             rounds: env_count("BENCH_ROUNDS", rounds)?,
             starts,
             full,
+            otlp: std::env::args().any(|arg| arg == "--otlp") || std::env::var("BENCH_OTLP").as_deref() == Ok("1"),
         };
         if settings.requests == 0 || settings.workers == 0 || settings.rounds == 0 {
             return Err("BENCH_REQUESTS, BENCH_WORKERS and BENCH_ROUNDS must be at least 1".to_string());
@@ -143,14 +146,53 @@ fn run() -> Result<(), String> {
     let startup = measure_startup(&url, settings.starts)?;
 
     let runtime = tokio::runtime::Runtime::new().map_err(|err| format!("cannot start the load generator: {err}"))?;
+    let receiver = if settings.otlp { Some(otlp::Receiver::start()?) } else { None };
     let mut rounds = Vec::new();
+    let mut traced_rounds = Vec::new();
     for round in 1..=settings.rounds {
         let plain = runtime.block_on(measure(Responder::Plain, &url, &settings, &payload))?;
         let agent = runtime.block_on(measure(Responder::Agent, &url, &settings, &payload))?;
         print_round(round, &plain, &agent);
+        if let Some(receiver) = &receiver {
+            let traced = runtime.block_on(measure(Responder::Traced(receiver.port), &url, &settings, &payload))?;
+            print_row(
+                &format!("{round}"),
+                traced.responder.label(),
+                traced.throughput(),
+                &traced.samples,
+                Some(traced.cpu_per_request()),
+            );
+            println!(
+                "{:<9} {:<18} {:>9.2}x   export on / off ({} export batches received so far)",
+                "",
+                "traced/agent-block",
+                traced.throughput() / agent.throughput(),
+                receiver.batches(),
+            );
+            traced_rounds.push((
+                agent.throughput(),
+                traced.throughput(),
+                agent.cpu_per_request(),
+                traced.cpu_per_request(),
+            ));
+        }
         rounds.push((plain, agent));
     }
     print_summary(&rounds, &startup, settings.requests);
+    if !traced_rounds.is_empty() {
+        let off: f64 = traced_rounds.iter().map(|r| r.0).sum();
+        let on: f64 = traced_rounds.iter().map(|r| r.1).sum();
+        let cpu_off: Duration = traced_rounds.iter().map(|r| r.2).sum();
+        let cpu_on: Duration = traced_rounds.iter().map(|r| r.3).sum();
+        println!(
+            "span export to a local OTLP/HTTP receiver, all rounds: throughput {:.2}x of export off ({} >= 0.90x), \
+             cpu us/req {:.1} vs {:.1}",
+            on / off,
+            verdict(on / off >= 0.90),
+            cpu_on.as_secs_f64() * 1e6 / traced_rounds.len() as f64,
+            cpu_off.as_secs_f64() * 1e6 / traced_rounds.len() as f64,
+        );
+    }
     drop(server);
     Ok(())
 }
@@ -255,6 +297,8 @@ impl Lines {
 enum Responder {
     Plain,
     Agent,
+    /// agent-block exporting spans to the OTLP receiver on this port.
+    Traced(u16),
 }
 
 impl Responder {
@@ -262,6 +306,7 @@ impl Responder {
         match self {
             Responder::Plain => "plain async-nats",
             Responder::Agent => "agent-block",
+            Responder::Traced(_) => "agent-block+otlp",
         }
     }
 
@@ -269,7 +314,8 @@ impl Responder {
     fn start(self, url: &str, workers: usize) -> Result<ChildGuard, String> {
         match self {
             Responder::Plain => start_plain(url, workers),
-            Responder::Agent => start_agent(url, workers).map(|started| started.guard),
+            Responder::Agent => start_agent(url, workers, None).map(|started| started.guard),
+            Responder::Traced(port) => start_agent(url, workers, Some(port)).map(|started| started.guard),
         }
     }
 }
@@ -302,7 +348,7 @@ struct AgentStart {
     reported_ms: Option<u64>,
 }
 
-fn start_agent(url: &str, workers: usize) -> Result<AgentStart, String> {
+fn start_agent(url: &str, workers: usize, otlp_port: Option<u16>) -> Result<AgentStart, String> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/echo.lua");
     let mut command = Command::new(env!("CARGO_BIN_EXE_agent-block"));
     command
@@ -315,9 +361,15 @@ fn start_agent(url: &str, workers: usize) -> Result<AgentStart, String> {
     // another concurrency) would make the figures incomparable.
     for (name, _) in std::env::vars_os() {
         let name = name.to_string_lossy();
-        if name.starts_with("AGENT_BLOCK_") || matches!(&*name, "RUST_LOG" | "NATS_URL" | "NATS_CREDS") {
+        if name.starts_with("AGENT_BLOCK_")
+            || name.starts_with("OTEL_")
+            || matches!(&*name, "RUST_LOG" | "NATS_URL" | "NATS_CREDS")
+        {
             command.env_remove(&*name);
         }
+    }
+    if let Some(port) = otlp_port {
+        command.env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://127.0.0.1:{port}"));
     }
     let spawned = Instant::now();
     let mut child = command.spawn().map_err(|err| format!("cannot start agent-block: {err}"))?;
@@ -353,7 +405,7 @@ struct Startup {
 fn measure_startup(url: &str, starts: usize) -> Result<Startup, String> {
     let mut startup = Startup { ready: Vec::new(), reported_ms: Vec::new(), idle_rss_kib: Vec::new() };
     for _ in 0..starts {
-        let started = start_agent(url, STARTUP_WORKERS)?;
+        let started = start_agent(url, STARTUP_WORKERS, None)?;
         std::thread::sleep(RSS_SETTLE);
         let memory = ProcStatus::read(started.guard.pid())?;
         startup.ready.push(started.ready);
@@ -670,6 +722,79 @@ mod echo {
         while let Some(message) = subscriber.next().await {
             if let Some(reply) = message.reply {
                 let _ = client.publish(reply, message.payload).await;
+            }
+        }
+    }
+}
+
+/// A local OTLP/HTTP receiver for the export-on rounds: accepts every export
+/// request and counts what it got, so export costs what it would against a
+/// collector on the same host.
+mod otlp {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    pub struct Receiver {
+        pub port: u16,
+        requests: Arc<AtomicU64>,
+    }
+
+    impl Receiver {
+        pub fn start() -> Result<Receiver, String> {
+            let listener =
+                TcpListener::bind("127.0.0.1:0").map_err(|err| format!("cannot start the OTLP receiver: {err}"))?;
+            let port = listener.local_addr().map_err(|err| err.to_string())?.port();
+            let requests = Arc::new(AtomicU64::new(0));
+            let counter = requests.clone();
+            std::thread::spawn(move || {
+                for stream in listener.incoming().flatten() {
+                    let counter = counter.clone();
+                    std::thread::spawn(move || serve(stream, &counter));
+                }
+            });
+            Ok(Receiver { port, requests })
+        }
+
+        /// Export requests received (each a batch of spans).
+        pub fn batches(&self) -> u64 {
+            self.requests.load(Ordering::Relaxed)
+        }
+    }
+
+    /// Answers HTTP/1.1 requests on one kept-alive connection with 200.
+    fn serve(stream: TcpStream, requests: &AtomicU64) {
+        let Ok(mut writer) = stream.try_clone() else { return };
+        let mut reader = BufReader::new(stream);
+        loop {
+            let mut length = 0usize;
+            let mut line = String::new();
+            let mut first = true;
+            loop {
+                line.clear();
+                match reader.read_line(&mut line) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+                if line == "\r\n" && !first {
+                    break;
+                }
+                first = false;
+                if let Some((name, value)) = line.split_once(':')
+                    && name.eq_ignore_ascii_case("content-length")
+                {
+                    length = value.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; length];
+            if reader.read_exact(&mut body).is_err() {
+                return;
+            }
+            requests.fetch_add(1, Ordering::Relaxed);
+            let response = "HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
+            if writer.write_all(response.as_bytes()).is_err() {
+                return;
             }
         }
     }

@@ -150,7 +150,10 @@ fn log_event(event: Event, was_down: &AtomicBool) {
             tracing::warn!("NATS disconnected; reconnecting")
         }
         Event::ServerError(err) => tracing::warn!(error = %err, "NATS server error"),
-        Event::SlowConsumer(sid) => slow_consumer(sid),
+        Event::SlowConsumer(sid) => {
+            crate::telemetry::metrics::global().slow_consumer();
+            slow_consumer(sid)
+        }
         other => tracing::debug!(event = %other, "NATS event"),
     }
 }

@@ -26,6 +26,9 @@ pub struct Event {
     /// How the outcome is settled; `None` when nobody waits for it (a core message
     /// without a reply subject).
     pub delivery: Option<Box<dyn Settle>>,
+    /// Which declared source received it (declaration order), for per-source
+    /// statistics and the span's consumer group.
+    pub source_index: Option<u32>,
 }
 
 /// Where a JetStream message sits in its stream, for `ev.meta` and `ev.id`.
@@ -113,6 +116,7 @@ impl Event {
             timeout: None,
             stream: None,
             delivery: None,
+            source_index: None,
         }
     }
 

@@ -30,6 +30,7 @@ pub mod reload;
 pub mod runtime;
 pub mod settle;
 pub mod source;
+pub mod telemetry;
 pub mod testkit;
 pub mod transport;
 pub mod vm;

@@ -16,6 +16,7 @@ use crate::health::Health;
 use crate::probes;
 use crate::reload::{Generation, Reloader};
 use crate::source::{self, jetstream::SetupError};
+use crate::telemetry::{discovery, metrics, trace};
 use crate::transport::Offline;
 use crate::vm::{PoolSpec, ScriptError, StartError, VmPool};
 
@@ -88,6 +89,10 @@ pub async fn run_worker_with_reloads(
     mut reloads: mpsc::Receiver<()>,
 ) -> Result<(), RunError> {
     let started = Instant::now();
+    let tracing_export = trace::init(&config.name).map_err(|err| RunError::Settings(err.to_string()))?;
+    if tracing_export.is_some() {
+        tracing::info!("exporting event spans over OTLP");
+    }
     let health = Health::default();
     if let Some(addr) = config.metrics_addr {
         let bound = probes::serve(addr, health.clone())
@@ -101,6 +106,7 @@ pub async fn run_worker_with_reloads(
         _ = &mut shutdown => return Ok(()),
     };
     health.add_client(client.clone());
+    metrics::global().watch_client(client.clone());
 
     // Opening databases may wait for an unreachable server: a signal still stops it.
     let (mut pool, report) = tokio::select! {
@@ -109,18 +115,26 @@ pub async fn run_worker_with_reloads(
     };
     for vm_client in pool.clients() {
         health.add_client(vm_client.clone());
+        metrics::global().watch_client(vm_client.clone());
     }
+    metrics::global().watch_intake(pool.stats().clone());
     if report.sources.is_empty() {
         tracing::warn!(
             "the script declares no sources; call bus.subscribe(subject) or bus.consume{{...}} at its top level"
         );
     }
     let sources = source::build(&report.sources, &client, &config.name).await?;
+    let endpoints = discovery::endpoints_of(&report.sources, &config.name);
+    discovery::set_endpoints(endpoints.clone());
     let stop = CancellationToken::new();
     pool.open_sources(&sources, &stop).await.map_err(RunError::Runtime)?;
     for source in &sources {
         tracing::info!(source = %source.describe(), placement = ?source.placement(), "source running");
     }
+    let instance = discovery::Instance::new(&config.name, endpoints, instance_metadata(&config));
+    discovery::serve(client.clone(), instance, stop.clone())
+        .await
+        .map_err(|err| RunError::Runtime(format!("cannot subscribe to the $SRV discovery subjects: {err}")))?;
     health.set_sources_running(true);
     tracing::info!(
         name = %config.name,
@@ -150,6 +164,15 @@ pub async fn run_worker_with_reloads(
         tracing::warn!(rejected, dropped, "intake was full at times: requests answered 503, messages dropped (totals)");
     }
     connect::flush_briefly(&client).await;
+    if let Some(export) = tracing_export {
+        export.shutdown().await;
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// What `nats micro info` shows about this worker besides its endpoints.
+fn instance_metadata(config: &WorkerConfig) -> std::collections::HashMap<String, String> {
+    let script = config.script.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
+    [("script".to_string(), script), ("workers".to_string(), config.workers.to_string())].into()
 }

@@ -24,6 +24,7 @@ struct EventExtra {
     headers: Option<HeaderMap>,
     received: SystemTime,
     trace_id: Option<String>,
+    span_id: Option<String>,
     stream: Option<StreamMeta>,
 }
 
@@ -42,15 +43,17 @@ impl EventTables {
     }
 
     /// Builds the table in one raw section: this runs for every event, and
-    /// per-field mlua calls cost more than the fields themselves.
-    pub fn build(&self, lua: &Lua, event: &Event) -> mlua::Result<Table> {
+    /// per-field mlua calls cost more than the fields themselves. `span` is the
+    /// (trace id, span id) of the handler's span, when spans are exported.
+    pub fn build(&self, lua: &Lua, event: &Event, span: Option<(&str, &str)>) -> mlua::Result<Table> {
         // Core messages without headers (most) skip the userdata: the receipt time
         // is all the lazy fields need.
-        let extra = if event.headers.is_some() || event.stream.is_some() {
+        let extra = if event.headers.is_some() || event.stream.is_some() || span.is_some() {
             Value::UserData(lua.create_userdata(EventExtra {
                 headers: event.headers.clone(),
                 received: event.received,
-                trace_id: event.trace_id().map(str::to_string),
+                trace_id: span.map(|(trace, _)| trace).or_else(|| event.trace_id()).map(str::to_string),
+                span_id: span.map(|(_, span)| span.to_string()),
                 stream: event.stream.as_deref().cloned(),
             })?)
         } else {
@@ -162,6 +165,7 @@ fn meta(lua: &Lua, table: &Table) -> mlua::Result<Table> {
     match extra(table)? {
         Extra::Full(extra) => {
             meta.raw_set("trace_id", extra.trace_id.as_deref())?;
+            meta.raw_set("span_id", extra.span_id.as_deref())?;
             match &extra.stream {
                 Some(stream) => {
                     meta.raw_set("stream", stream.stream.as_str())?;

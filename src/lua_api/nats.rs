@@ -9,6 +9,7 @@ use mlua::{Function, Lua, Table, Value};
 use crate::lua_api::event::headers_table;
 use crate::lua_api::{body_of, duration_of, headers_of, json};
 use crate::settle::{SERVICE_ERROR, SERVICE_ERROR_CODE};
+use crate::telemetry::carrier;
 use crate::transport::TransportError;
 use crate::vm::context;
 use crate::vm::state::VmState;
@@ -49,10 +50,13 @@ fn outgoing(lua: &Lua, subject: String, data: &Value, opts: Option<&Table>, what
         Some(table) => Some(headers_of(&table)?),
         None => None,
     };
-    if let Some(traceparent) = context::current().and_then(|c| c.traceparent.clone()) {
+    if let Some(current) = context::current()
+        && let Some(traceparent) = current.traceparent.as_deref()
+    {
         let headers = headers.get_or_insert_with(HeaderMap::new);
-        if headers.get("traceparent").is_none() {
-            headers.insert("traceparent", traceparent.as_str());
+        // Trace headers the handler set itself win.
+        if carrier::header(headers, carrier::TRACEPARENT).is_none() {
+            carrier::set_trace_headers(headers, traceparent, current.tracestate.as_deref());
         }
     }
     Ok(Outgoing { subject, headers, data: body_of(lua, data)? })

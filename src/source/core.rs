@@ -16,6 +16,7 @@ use crate::outcome::{Failure, Outcome};
 use crate::settle::{error_headers, reply_of};
 use crate::source::spec::SubscriptionSpec;
 use crate::source::{Forwarding, Link, Placement, Source};
+use crate::telemetry::carrier;
 
 pub struct CoreSource {
     spec: SubscriptionSpec,
@@ -83,6 +84,7 @@ async fn forward(
         let kind = spec.kind.render(&message.subject);
         let mut event = Event::new(kind, message.subject, message.reply, message.headers, message.payload);
         event.timeout = spec.timeout;
+        event.source_index = Some(link.index);
         if let Some(reply) = &event.reply {
             event.delivery = Some(Box::new(CoreReply { reply: reply.clone(), client: client.clone() }));
         }
@@ -118,7 +120,8 @@ struct CoreReply {
 impl Settle for CoreReply {
     fn settle<'a>(self: Box<Self>, event: &'a Event, outcome: Outcome) -> LocalBoxFuture<'a, ()> {
         Box::pin(async move {
-            let (headers, body) = reply_of(outcome);
+            let (mut headers, body) = reply_of(outcome);
+            carrier::continue_trace(&mut headers);
             let sent = match headers {
                 Some(headers) => self.client.publish_with_headers(self.reply.clone(), headers, body).await,
                 None => self.client.publish(self.reply.clone(), body).await,

@@ -26,6 +26,7 @@ use crate::event::{Event, EventId, Settle, StreamMeta};
 use crate::outcome::{FailureCause, Outcome};
 use crate::source::spec::ConsumerSpec;
 use crate::source::{Forwarding, Link, Placement, Source};
+use crate::telemetry::{carrier, metrics};
 
 /// How long a pull request waits on the server for messages.
 const PULL_EXPIRES: Duration = Duration::from_secs(10);
@@ -54,6 +55,7 @@ pub struct JetStreamSource {
     /// Whether a stream captures the dead-letter subject, so its publish ack
     /// confirms a dead letter; otherwise a flush does.
     dead_letter_stored: bool,
+    metrics: Arc<metrics::ConsumerMetrics>,
 }
 
 impl JetStreamSource {
@@ -92,7 +94,8 @@ impl JetStreamSource {
             Some(subject) => js.stream_by_subject(subject.as_str()).await.is_ok(),
             None => false,
         };
-        Ok(JetStreamSource { ack_wait: applied.ack_wait, spec: Arc::new(spec), dead_letter_stored })
+        let metrics = metrics::global().consumer(&spec.stream, &spec.consumer);
+        Ok(JetStreamSource { ack_wait: applied.ack_wait, spec: Arc::new(spec), dead_letter_stored, metrics })
     }
 }
 
@@ -208,6 +211,7 @@ impl Puller {
             self.forget_expired();
             let want = link.sink.room().saturating_sub(self.outstanding);
             if want > 0 && (self.outstanding == 0 || want >= threshold) {
+                source.metrics.pulled(want);
                 if self.pull(want).await.is_err() {
                     // Disconnected: the client reconnects; try again shortly.
                     tokio::time::sleep(Duration::from_millis(250)).await;
@@ -223,10 +227,11 @@ impl Puller {
                 message = subscriber.next() => {
                     let Some(message) = message else { break };
                     last_heard = Instant::now();
-                    if let Some(event) = self.receive(&source, &js, message)
-                        && let Err(event) = link.sink.deliver(event).await
-                    {
-                        event.settle(Outcome::Error(crate::outcome::Failure::cancelled())).await;
+                    if let Some(mut event) = self.receive(&source, &js, message) {
+                        event.source_index = Some(link.index);
+                        if let Err(event) = link.sink.deliver(event).await {
+                            event.settle(Outcome::Error(crate::outcome::Failure::cancelled())).await;
+                        }
                     }
                 }
                 _ = link.sink.room_changed(), if want == 0 || self.outstanding > 0 => {}
@@ -339,6 +344,9 @@ fn event_of(source: &Arc<JetStreamSource>, message: jetstream::Message) -> Event
         event.id = EventId::Given(format!("{}:{}", meta.stream, meta.stream_sequence).into());
     }
     event.timeout = spec.timeout;
+    if meta.delivered > 1 {
+        source.metrics.redelivered();
+    }
     event.delivery = Some(Box::new(JetStreamAck {
         message,
         spec: spec.clone(),
@@ -347,6 +355,7 @@ fn event_of(source: &Arc<JetStreamSource>, message: jetstream::Message) -> Event
         ack_wait: source.ack_wait,
         dead_letter_stored: source.dead_letter_stored,
         received: Instant::now(),
+        metrics: source.metrics.clone(),
     }));
     event.stream = Some(Box::new(meta));
     event
@@ -365,6 +374,7 @@ struct JetStreamAck {
     ack_wait: Duration,
     dead_letter_stored: bool,
     received: Instant,
+    metrics: Arc<metrics::ConsumerMetrics>,
 }
 
 impl Settle for JetStreamAck {
@@ -409,8 +419,9 @@ impl Settle for JetStreamAck {
             let mut next = self.received + interval;
             loop {
                 tokio::time::sleep_until(next).await;
-                if let Err(err) = self.message.ack_with(AckKind::Progress).await {
-                    tracing::debug!(error = %err, "in-progress ack not sent");
+                match self.message.ack_with(AckKind::Progress).await {
+                    Ok(()) => self.metrics.in_progress_ack(),
+                    Err(err) => tracing::debug!(error = %err, "in-progress ack not sent"),
                 }
                 next += interval;
             }
@@ -431,6 +442,7 @@ impl JetStreamAck {
                 );
                 return self.message.ack_with(AckKind::Nak(self.spec.backoff_after(self.delivered))).await;
             }
+            self.metrics.dead_lettered();
             tracing::warn!(kind = %event.kind, id = %event.id, dead_letter = %subject, error, "dead-lettered");
         } else {
             tracing::warn!(kind = %event.kind, id = %event.id, error, "terminated (no dead_letter subject)");
@@ -439,7 +451,9 @@ impl JetStreamAck {
     }
 
     async fn publish_dead_letter(&self, subject: &str, event: &Event, error: &str) -> Result<(), async_nats::Error> {
-        let mut headers = event.headers.clone().unwrap_or_default();
+        let mut headers = event.headers.clone();
+        carrier::continue_trace(&mut headers);
+        let mut headers = headers.unwrap_or_default();
         // Header values cannot hold line breaks; tracebacks keep their first line.
         headers.insert("Agent-Block-Error", error.lines().next().unwrap_or(""));
         headers.insert("Agent-Block-Kind", event.kind.as_str());

@@ -38,6 +38,8 @@ pub struct Link {
     pub client: Option<async_nats::Client>,
     pub sink: Sink,
     pub stop: CancellationToken,
+    /// The source's place among the declared sources, stamped on its events.
+    pub index: u32,
 }
 
 /// A future forwarding a source's events; it ends when the source is drained.

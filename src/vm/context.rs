@@ -37,7 +37,12 @@ pub struct TaskContext {
     thread: Cell<*mut mlua::ffi::lua_State>,
     pub kind: Option<async_nats::Subject>,
     pub id: Option<EventId>,
+    /// The `traceparent` outgoing messages carry: the handler's span when spans
+    /// are exported, else the incoming one unchanged.
     pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
+    /// The handler's span, when spans are exported.
+    pub span_id: Option<String>,
 }
 
 impl TaskContext {
@@ -50,6 +55,8 @@ impl TaskContext {
             kind: None,
             id: None,
             traceparent: None,
+            tracestate: None,
+            span_id: None,
         }
     }
 
@@ -84,6 +91,8 @@ impl TaskContext {
             kind: self.kind.clone(),
             id: self.id.clone(),
             traceparent: self.traceparent.clone(),
+            tracestate: self.tracestate.clone(),
+            span_id: self.span_id.clone(),
         })
     }
 

@@ -1,13 +1,12 @@
 //! Running one event through its Lua handler: the one place where an event's span
-//! starts and ends. Looks up the handler, builds the event table, calls the handler
-//! under its deadline with shutdown cancellation, and turns what happened into an
-//! [`Outcome`] that [`crate::settle`] settles.
+//! starts and ends and its metrics are recorded. Looks up the handler, builds the
+//! event table, calls the handler under its deadline with shutdown cancellation,
+//! and turns what happened into an [`Outcome`] that [`crate::settle`] settles.
 
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use mlua::{Table, Value};
-use tracing::Instrument;
 
 use crate::event::Event;
 use crate::intake::Slot;
@@ -16,65 +15,88 @@ use crate::lua_api::event::PayloadError;
 use crate::lua_api::json;
 use crate::outcome::{Failure, FailureCause, Outcome};
 use crate::settle;
+use crate::telemetry::discovery;
+use crate::telemetry::trace::{self, EventSpan};
 use crate::vm::Vm;
 use crate::vm::context::{Interrupt, Scoped, TaskContext};
 
 /// Runs `event` on `vm` in the handler `slot` and settles its outcome, inside
-/// the event's span. The slot is freed once the handler is done, before the
-/// settling (a confirmed JetStream ack takes a round trip), so the VM takes new
-/// work meanwhile; a separate budget bounds the settlements in flight.
+/// the event's span. The settling runs with the handler's context current, so
+/// replies and dead letters carry the handler's span as their parent. The slot
+/// is freed once the handler is done, before the settling (a confirmed
+/// JetStream ack takes a round trip), so the VM takes new work meanwhile; a
+/// separate budget bounds the settlements in flight.
 pub async fn process(vm: &Rc<Vm>, event: Event, slot: Slot) {
-    let span = tracing::info_span!(
-        target: "agent_block::event",
-        "process",
-        otel.name = %format_args!("process {}", event.subject),
-        otel.kind = "consumer",
-        messaging.system = "nats",
-        messaging.destination.name = %event.subject,
-        messaging.operation.type = "process",
-        messaging.message.id = %event.id,
-        agent_block.kind = %event.kind,
-        agent_block.outcome = tracing::field::Empty,
-    );
-    let work = async {
-        let outcome = match event.delivery.as_ref().and_then(|d| d.while_running()) {
-            Some(keep_alive) => {
-                let run = run(vm, &event);
-                tokio::pin!(run);
-                tokio::select! {
-                    biased;
-                    outcome = &mut run => outcome,
-                    _ = keep_alive => run.await,
-                }
+    let mut span = trace::start(&event, || consumer_group(&event));
+    let context = Rc::new(task_context(vm, &event, span.as_ref()));
+    vm.metrics.started();
+    let started = Instant::now();
+    let outcome = match event.delivery.as_ref().and_then(|d| d.while_running()) {
+        Some(keep_alive) => {
+            let run = run(vm, &event, started, &context, span.as_ref());
+            tokio::pin!(run);
+            tokio::select! {
+                biased;
+                outcome = &mut run => outcome,
+                _ = keep_alive => run.await,
             }
-            None => run(vm, &event).await,
-        };
-        tracing::Span::current().record("agent_block.outcome", outcome.label());
-        let settling = vm.settling.acquire().await;
-        drop(slot);
-        settle::settle(event, outcome).await;
-        drop(settling);
+        }
+        None => run(vm, &event, started, &context, span.as_ref()).await,
     };
-    // No subscriber wants the span (no exporter): skip entering it on every poll.
-    if span.is_disabled() { work.await } else { work.instrument(span).await }
+    vm.metrics.finished(&event, &outcome, started.elapsed());
+    let settling = vm.settling.acquire().await;
+    drop(slot);
+    match span.as_mut() {
+        Some(span) => {
+            span.record(&outcome);
+            Scoped::new(context, settle::settle(event, outcome)).await;
+        }
+        None => settle::settle(event, outcome).await,
+    }
+    drop(settling);
+    if let Some(span) = span {
+        span.end();
+    }
 }
 
-/// Calls the handler for `event` and classifies the result.
-pub async fn run(vm: &Vm, event: &Event) -> Outcome {
+/// The queue group or durable consumer that received `event`.
+fn consumer_group(event: &Event) -> Option<String> {
+    match &event.stream {
+        Some(stream) => Some(stream.consumer.clone()),
+        None => event.source_index.and_then(discovery::group_of),
+    }
+}
+
+/// The handler's context; [`run`] arms its deadline.
+fn task_context(vm: &Vm, event: &Event, span: Option<&EventSpan>) -> TaskContext {
+    let mut context = TaskContext::new(None, Some(vm.cancel.clone()));
+    context.kind = Some(event.kind.clone());
+    context.id = Some(event.id.clone());
+    match span {
+        Some(span) => {
+            context.traceparent = Some(span.traceparent.clone());
+            context.tracestate = span.tracestate.clone();
+            context.span_id = Some(span.span_id.clone());
+        }
+        None => context.traceparent = event.traceparent().map(str::to_string),
+    }
+    context
+}
+
+/// Calls the handler for `event` under a deadline counted from `started`, and
+/// classifies the result.
+async fn run(vm: &Vm, event: &Event, started: Instant, context: &Rc<TaskContext>, span: Option<&EventSpan>) -> Outcome {
     let Some(handler) = vm.state.handlers.borrow().lookup(&event.kind) else {
         return Outcome::Error(Failure::no_handler(&event.kind));
     };
-    let table = match vm.events.build(&vm.lua, event) {
+    let ids = span.map(|span| (span.trace_id.as_str(), span.span_id.as_str()));
+    let table = match vm.events.build(&vm.lua, event, ids) {
         Ok(table) => table,
         Err(err) => return internal(format!("cannot build the event table: {err}")),
     };
     let limit = event.timeout.unwrap_or(vm.handler_timeout);
-    let deadline = Instant::now() + limit;
-    let mut context = TaskContext::new(Some(deadline), Some(vm.cancel.clone()));
-    context.kind = Some(event.kind.clone());
-    context.id = Some(event.id.clone());
-    context.traceparent = event.traceparent().map(str::to_string);
-    let context = Rc::new(context);
+    let deadline = started + limit;
+    context.set_deadline(Some(deadline));
     let call = Scoped::new(context.clone(), vm.runner.call_async::<(bool, Value)>((handler, table)));
     let result = tokio::select! {
         biased;

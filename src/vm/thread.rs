@@ -21,6 +21,7 @@ use crate::lua_api::{self, event::EventTables};
 use crate::outcome::{Failure, Outcome};
 use crate::settle;
 use crate::source::{Link, Placement};
+use crate::telemetry::metrics::VmRecorder;
 use crate::transport::NatsTransport;
 use crate::vm::context::{Scoped, TaskContext};
 use crate::vm::dispatch;
@@ -53,6 +54,8 @@ pub struct Vm {
     pub runner: Function,
     pub handler_timeout: Duration,
     pub cancel: CancellationToken,
+    /// This VM's share of the process's metrics.
+    pub metrics: VmRecorder,
     /// Slots for handlers in flight (`--concurrency`).
     slots: Rc<Slots>,
     /// Settlements in flight after their handler ended (at most `--concurrency`).
@@ -102,7 +105,8 @@ async fn lifecycle(setup: Setup, events: mpsc::Receiver<Event>, init: oneshot::S
         },
         None => Bridges::offline(spec.lua.unsafe_lua),
     };
-    let (vm, main_chunk) = match Vm::load(worker_id, &spec, cancel) {
+    let metrics = VmRecorder::new(lane.downgrade());
+    let (vm, main_chunk) = match Vm::load(worker_id, &spec, cancel, metrics) {
         Ok(loaded) => loaded,
         Err(err) => {
             let _ = init.send(Err(err.into()));
@@ -174,13 +178,13 @@ async fn open_sources(
 ) {
     let Ok(plan) = plan.await else { return };
     let mut forwarding = Vec::new();
-    for source in &plan.sources {
+    for (index, source) in plan.sources.iter().enumerate() {
         let sink = match source.placement() {
             Placement::EveryVm => Sink::Local(intake.clone()),
             Placement::Once if worker_id == 0 => Sink::Shared(plan.shared.clone()),
             Placement::Once => continue,
         };
-        let link = Link { client: client.clone(), sink, stop: plan.stop.clone() };
+        let link = Link { client: client.clone(), sink, stop: plan.stop.clone(), index: index as u32 };
         match source.clone().open(link).await {
             Ok(forward) => forwarding.push(forward),
             Err(message) => {
@@ -196,7 +200,12 @@ async fn open_sources(
 }
 
 impl Vm {
-    fn load(worker_id: usize, spec: &PoolSpec, cancel: CancellationToken) -> Result<(Vm, Function), ScriptError> {
+    fn load(
+        worker_id: usize,
+        spec: &PoolSpec,
+        cancel: CancellationToken,
+        metrics: VmRecorder,
+    ) -> Result<(Vm, Function), ScriptError> {
         let script_dir = spec
             .script
             .parent()
@@ -243,6 +252,7 @@ impl Vm {
             runner,
             handler_timeout: spec.handler_timeout,
             cancel,
+            metrics,
             slots: Slots::new(spec.concurrency),
             settling: Slots::new(spec.concurrency),
             concurrency: spec.concurrency,

@@ -42,6 +42,8 @@ COMMON_EXTRAS = {
     "imagePullSecrets": [{"name": "pull"}],
     "podDisruptionBudget": {"enabled": True, "maxUnavailable": "25%"},
     "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+    "grafana": {"dashboard": {"enabled": True}},
+    "prometheusRule": {"enabled": True, "labels": {"release": "prometheus"}},
 }
 KEDA = {"keda": {"enabled": True, "minReplicaCount": 0, "stream": "ORDERS", "consumer": "workers"}}
 HPA = {"autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 6}}
@@ -270,6 +272,8 @@ def test_render_refuses_contradictions(values, message):
         ({"keda": {"enabled": True, "stream": "", "consumer": "c"}}, "/keda/stream"),
         ({"keda": {"lagThreshold": "10"}}, "/keda/lagThreshold"),
         ({"autoscaling": {"enabled": "yes"}}, "/autoscaling/enabled"),
+        ({"prometheusRule": {"errorRatio": 5}}, "/prometheusRule/errorRatio"),
+        ({"grafana": {"dashboard": {"enabled": "yes"}}}, "/grafana/dashboard/enabled"),
     ],
 )
 def test_schema_rejects_bad_values(values, where):

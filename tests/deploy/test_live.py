@@ -53,6 +53,8 @@ def exercise(worker, port, ready_path, live_path, grace, bin_path, nats_url, dem
     reply = support.request(nats_url, [str(bin_path), *argv], support.base_env())
     assert reply.returncode == 0, reply.stdout + reply.stderr + worker.output()
     assert json.loads(reply.stdout) == {"hello": "world"}
+    # Prometheus scrapes the same listener the probes use.
+    assert support.http_status(port, "/metrics") == 200
     code = worker.terminate(grace)
     assert code == 0, f"exit {code} after SIGTERM:\n{worker.output()}"
 

@@ -1,0 +1,111 @@
+//! W3C trace context in NATS headers: reading `traceparent`/`tracestate` from an
+//! incoming message (case-insensitively: `async_nats::HeaderMap` lookups are
+//! case-sensitive and Go clients send `Traceparent`), and writing the current
+//! handler's context into outgoing messages.
+
+use async_nats::HeaderMap;
+use opentelemetry::propagation::Extractor;
+
+use crate::vm::context;
+
+pub const TRACEPARENT: &str = "traceparent";
+pub const TRACESTATE: &str = "tracestate";
+
+/// Reads propagation fields from NATS headers for the OpenTelemetry propagator.
+pub struct HeaderExtractor<'a>(pub &'a HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        header(self.0, key)
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        Vec::new()
+    }
+}
+
+/// The first value of header `name`, matched exactly first and then ignoring case.
+pub fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    if let Some(value) = headers.get(name) {
+        return Some(value.as_str());
+    }
+    headers
+        .iter()
+        .find(|(key, _)| AsRef::<str>::as_ref(*key).eq_ignore_ascii_case(name))
+        .and_then(|(_, values)| values.first())
+        .map(|value| value.as_str())
+}
+
+/// Sets `traceparent` (and `tracestate`) to the running handler's span, replacing
+/// any spelling of them already there (a dead letter copies the incoming headers,
+/// whose traceparent names the caller's span). Does nothing outside a traced
+/// handler.
+pub fn continue_trace(headers: &mut Option<HeaderMap>) {
+    let Some(current) = context::current() else { return };
+    let (Some(traceparent), Some(_)) = (current.traceparent.as_deref(), current.span_id.as_deref()) else {
+        return;
+    };
+    let headers = headers.get_or_insert_with(HeaderMap::new);
+    set_trace_headers(headers, traceparent, current.tracestate.as_deref());
+}
+
+/// Replaces the trace headers of `headers`, whatever their case.
+pub fn set_trace_headers(headers: &mut HeaderMap, traceparent: &str, tracestate: Option<&str>) {
+    let stale = headers.iter().any(|(key, _)| {
+        let key: &str = key.as_ref();
+        key != TRACEPARENT && key != TRACESTATE && is_trace_header(key)
+    });
+    if stale {
+        let mut kept = HeaderMap::new();
+        for (key, values) in headers.iter() {
+            let key: &str = key.as_ref();
+            if !is_trace_header(key) {
+                for value in values {
+                    kept.append(key, value.as_str());
+                }
+            }
+        }
+        *headers = kept;
+    }
+    headers.insert(TRACEPARENT, traceparent);
+    match tracestate {
+        Some(state) if !state.is_empty() => headers.insert(TRACESTATE, state),
+        _ if headers.get(TRACESTATE).is_some() => headers.insert(TRACESTATE, ""),
+        _ => {}
+    }
+}
+
+fn is_trace_header(key: &str) -> bool {
+    key.eq_ignore_ascii_case(TRACEPARENT) || key.eq_ignore_ascii_case(TRACESTATE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn reads_headers_in_any_case() {
+        let mut headers = HeaderMap::new();
+        headers.insert("Traceparent", TP);
+        headers.insert("TraceState", "k=v");
+        let extractor = HeaderExtractor(&headers);
+        assert_eq!(extractor.get("traceparent"), Some(TP));
+        assert_eq!(extractor.get("tracestate"), Some("k=v"));
+        assert_eq!(extractor.get("baggage"), None);
+    }
+
+    #[test]
+    fn replaces_trace_headers_whatever_their_case() {
+        let mut headers = HeaderMap::new();
+        headers.insert("Traceparent", "00-11111111111111111111111111111111-2222222222222222-01");
+        headers.insert("Nats-Msg-Id", "m-1");
+        set_trace_headers(&mut headers, TP, Some("k=v"));
+        let names: Vec<String> = headers.iter().map(|(k, _)| k.to_string()).collect();
+        assert!(!names.iter().any(|n| n == "Traceparent"), "{names:?}");
+        assert_eq!(headers.get("traceparent").map(|v| v.as_str()), Some(TP));
+        assert_eq!(headers.get("tracestate").map(|v| v.as_str()), Some("k=v"));
+        assert_eq!(headers.get("Nats-Msg-Id").map(|v| v.as_str()), Some("m-1"));
+    }
+}
