@@ -1,0 +1,175 @@
+//! README promises that had no test of their own: explicit outcomes on core
+//! requests, the fallback handler, timeouts that `xpcall` and `coroutine.resume`
+//! cannot swallow, a bounded top level, queue groups by name, `--concurrency` as
+//! an upper bound, and `replay --events FILE`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const APP: &str = r#"
+bus.subscribe("outcome.*")
+bus.subscribe("loop.*")
+bus.subscribe("gate.hold")
+bus.subscribe("copy")
+
+bus.on("outcome.term", function(ev) return bus.term("not wanted") end)
+bus.on("outcome.nak", function(ev) return bus.nak({ delay = "1s" }) end)
+bus.on_any(function(ev) return "fallback for " .. ev.kind end)
+
+bus.on("loop.xpcall", function(ev)
+  xpcall(function() while true do end end, function() return "caught" end)
+  return "swallowed"
+end)
+bus.on("loop.resume", function(ev)
+  local co = coroutine.create(function() while true do end end)
+  coroutine.resume(co)
+  return "swallowed"
+end)
+bus.on("gate.hold", function(ev)
+  nats.publish("started", "")
+  nats.request("gate.open", "", { timeout = "30s" })
+  return "released"
+end)
+bus.on("copy", function(ev) nats.publish("copied", env.get("WORKER_TAG") or "?") end)
+"#;
+
+fn app() -> (Scripts, std::path::PathBuf) {
+    let scripts = Scripts::new();
+    let script = scripts.write("app.lua", APP);
+    (scripts, script)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explicit_outcomes_and_the_fallback_answer_core_requests() {
+    let server = server();
+    let (_scripts, script) = app();
+    let _worker = Worker::run(&server, &script, &["--workers", "1"]);
+    let client = client(&server).await;
+    assert_eq!(error_of(&request(&client, "outcome.term", "").await), Some((500, "not wanted".to_string())));
+    let (code, _) = error_of(&request(&client, "outcome.nak", "").await).expect("nak is an error reply");
+    assert_eq!(code, 503);
+    assert_eq!(body(&request(&client, "outcome.other", "").await), "fallback for outcome.other");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xpcall_and_coroutine_resume_cannot_swallow_a_timeout() {
+    let server = server();
+    let (_scripts, script) = app();
+    let _worker = Worker::run(&server, &script, &["--workers", "1", "--handler-timeout", "300ms"]);
+    let client = client(&server).await;
+    for subject in ["loop.xpcall", "loop.resume"] {
+        let reply = request(&client, subject, "").await;
+        assert_eq!(error_of(&reply).map(|e| e.0), Some(504), "{subject}: {}", body(&reply));
+    }
+}
+
+#[test]
+fn the_top_level_is_bounded_by_the_handler_timeout() {
+    let server = server();
+    let scripts = Scripts::new();
+    let script = scripts.write("stuck.lua", "bus.subscribe('x')\nwhile true do end\n");
+    let url = server.url();
+    let started = std::time::Instant::now();
+    let (code, _, stderr) =
+        run_command(&["run", script.to_str().unwrap(), "--nats-url", &url, "--handler-timeout", "300ms"], None);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("top level ran longer than the handler timeout"), "{stderr}");
+    assert!(started.elapsed() < PATIENCE, "the worker gave up in time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_is_an_upper_bound_per_vm() {
+    let server = server();
+    let (_scripts, script) = app();
+    let _worker = Worker::run(&server, &script, &["--workers", "1", "--concurrency", "2"]);
+    let client = client(&server).await;
+    let mut started = client.subscribe("started").await.unwrap();
+    let mut gate = client.subscribe("gate.open").await.unwrap();
+    client.flush().await.unwrap();
+    let pending: Vec<_> = (0..3)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { request(&client, "gate.hold", "").await })
+        })
+        .collect();
+    next(&mut started).await;
+    next(&mut started).await;
+    // The third waits for a slot: nothing may start while both hold theirs. A
+    // bounded look for something that must not happen.
+    let third = tokio::time::timeout(Duration::from_millis(700), next(&mut started)).await;
+    assert!(third.is_err(), "a third handler started with --concurrency 2");
+    for _ in 0..2 {
+        let held = next(&mut gate).await;
+        client.publish(held.reply.expect("a request"), "".into()).await.unwrap();
+    }
+    next(&mut started).await;
+    let held = next(&mut gate).await;
+    client.publish(held.reply.expect("a request"), "".into()).await.unwrap();
+    for reply in pending {
+        assert_eq!(body(&reply.await.unwrap()), "released");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_worker_name_gets_its_own_copy_and_a_named_queue_is_shared() {
+    let server = server();
+    let (_scripts, script) = app();
+    let url = server.url();
+    let spawn = |name: &str| {
+        let worker = Worker::spawn_with_env(
+            &["run", script.to_str().unwrap(), "--nats-url", &url, "--workers", "1", "--name", name],
+            &[("WORKER_TAG", name)],
+        );
+        worker.expect_ready();
+        worker
+    };
+    let (_a, _b) = (spawn("alpha"), spawn("beta"));
+    let client = client(&server).await;
+    let mut copied = client.subscribe("copied").await.unwrap();
+    client.flush().await.unwrap();
+    client.publish("copy", "".into()).await.unwrap();
+    let mut tags = vec![body(&next(&mut copied).await), body(&next(&mut copied).await)];
+    tags.sort();
+    assert_eq!(tags, ["alpha", "beta"], "one copy per worker name");
+
+    let shared = Scripts::new();
+    let named = shared
+        .write("named.lua", &APP.replace("bus.subscribe(\"copy\")", "bus.subscribe(\"copy\", { queue = \"x\" })"));
+    let spawn_named = |name: &str| {
+        let worker = Worker::spawn_with_env(
+            &["run", named.to_str().unwrap(), "--nats-url", &url, "--workers", "1", "--name", name],
+            &[("WORKER_TAG", name)],
+        );
+        worker.expect_ready();
+        worker
+    };
+    drop((_a, _b));
+    let (_c, _d) = (spawn_named("gamma"), spawn_named("delta"));
+    for _ in 0..10 {
+        client.publish("copy", "".into()).await.unwrap();
+    }
+    for _ in 0..10 {
+        next(&mut copied).await;
+    }
+    // Ten messages in one shared group: ten copies, not twenty. A bounded look
+    // for an eleventh.
+    let extra = tokio::time::timeout(Duration::from_millis(700), next(&mut copied)).await;
+    assert!(extra.is_err(), "queue = \"x\" is shared across worker names");
+}
+
+#[test]
+fn replay_reads_events_from_a_file() {
+    let scripts = Scripts::new();
+    let script = scripts.write("app.lua", APP);
+    let events = scripts.write("events.jsonl", "{\"subject\":\"outcome.term\"}\n{\"subject\":\"outcome.other\"}\n");
+    let (code, stdout, stderr) =
+        run_command(&["replay", script.to_str().unwrap(), "--events", events.to_str().unwrap()], None);
+    assert_eq!(code, 0, "{stderr}");
+    let lines: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert_eq!(lines[0]["outcome"], "term");
+    assert_eq!(lines[1]["data"], "fallback for outcome.other");
+}
