@@ -26,22 +26,10 @@ bus.on("refused", function(ev)
 end)
 "#;
 
-struct Setup {
-    _server: NatsServer,
-    scripts: Scripts,
-    worker: Worker,
-    client: async_nats::Client,
-}
+type Setup = Running;
 
 async fn start(args: &[&str]) -> Setup {
-    let server = server();
-    let scripts = Scripts::new();
-    let script = scripts.write("app.lua", APP);
-    let mut all = vec!["--workers", "1"];
-    all.extend_from_slice(args);
-    let worker = Worker::run(&server, &script, &all);
-    let client = client(&server).await;
-    Setup { _server: server, scripts, worker, client }
+    start_app(APP, args).await
 }
 
 async fn exec(setup: &Setup, command: &str, opts: serde_json::Value) -> serde_json::Value {

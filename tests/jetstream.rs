@@ -70,6 +70,18 @@ async fn consumer_of(js: &jetstream::Context, stream: &str) -> PullConsumer {
     js.get_stream(stream).await.expect("stream").get_consumer("work").await.expect("consumer")
 }
 
+/// A client of `server` with its JetStream context, subscribed to `subject`.
+async fn watching(
+    server: &NatsServer,
+    subject: &str,
+) -> (async_nats::Client, jetstream::Context, async_nats::Subscriber) {
+    let client = client(server).await;
+    let js = jetstream::new(client.clone());
+    let subscriber = client.subscribe(subject.to_string()).await.expect("subscribe");
+    client.flush().await.expect("flush");
+    (client, js, subscriber)
+}
+
 /// Collects message bodies of `subject` until `done` says enough.
 async fn collect(sub: &mut async_nats::Subscriber, mut done: impl FnMut(&HashSet<String>) -> bool) -> HashSet<String> {
     let mut seen = HashSet::new();
@@ -102,10 +114,7 @@ async fn every_message_is_processed_and_acked() {
     let server = server();
     let (_scripts, script) = app();
     let _worker = Worker::run(&server, &script, &["--workers", "2", "--concurrency", "8"]);
-    let client = client(&server).await;
-    let js = jetstream::new(client.clone());
-    let mut seen = client.subscribe("seen").await.unwrap();
-    client.flush().await.unwrap();
+    let (_client, js, mut seen) = watching(&server, "seen").await;
     for n in 0..200 {
         publish(&js, "orders.new", &format!("{{\"n\":{n}}}")).await;
     }
@@ -120,10 +129,7 @@ async fn the_event_describes_the_stream_message() {
     let server = server();
     let (_scripts, script) = app();
     let _worker = Worker::run(&server, &script, &["--workers", "1"]);
-    let client = client(&server).await;
-    let js = jetstream::new(client.clone());
-    let mut meta = client.subscribe("meta").await.unwrap();
-    client.flush().await.unwrap();
+    let (_client, js, mut meta) = watching(&server, "meta").await;
     publish(&js, "orders.new", "{}").await;
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Nats-Msg-Id", "order-42");
@@ -177,10 +183,7 @@ async fn a_payload_that_is_not_json_is_dead_lettered_at_once() {
     let server = server();
     let (_scripts, script) = app();
     let worker = Worker::run(&server, &script, &["--workers", "1"]);
-    let client = client(&server).await;
-    let js = jetstream::new(client.clone());
-    let mut dead = client.subscribe("dead.orders").await.unwrap();
-    client.flush().await.unwrap();
+    let (_client, js, mut dead) = watching(&server, "dead.orders").await;
     publish(&js, "orders.json", "{not json").await;
     let letter = next(&mut dead).await;
     let headers = letter.headers.expect("dead letter headers");
@@ -195,10 +198,7 @@ async fn nak_with_delay_redelivers_and_term_gives_up() {
     let server = server();
     let (_scripts, script) = app();
     let _worker = Worker::run(&server, &script, &["--workers", "1"]);
-    let client = client(&server).await;
-    let js = jetstream::new(client.clone());
-    let mut seen = client.subscribe("seen").await.unwrap();
-    client.flush().await.unwrap();
+    let (_client, js, mut seen) = watching(&server, "seen").await;
     publish(&js, "orders.stop", "").await;
     publish(&js, "orders.later", "").await;
     assert_eq!(body(&next(&mut seen).await), "ORDERS:2@2");
@@ -211,10 +211,7 @@ async fn a_handler_longer_than_ack_wait_is_not_redelivered() {
     let server = server();
     let (_scripts, script) = app();
     let _worker = Worker::run(&server, &script, &["--workers", "1"]);
-    let client = client(&server).await;
-    let js = jetstream::new(client.clone());
-    let mut seen = client.subscribe("seen").await.unwrap();
-    client.flush().await.unwrap();
+    let (_client, js, mut seen) = watching(&server, "seen").await;
     publish(&js, "orders.slow", "").await;
     assert_eq!(body(&next(&mut seen).await), "ORDERS:1");
     let info = drained(&js).await;
@@ -227,10 +224,7 @@ async fn pulls_never_exceed_free_handler_slots() {
     let server = server();
     let (_scripts, script) = app();
     let _worker = Worker::run(&server, &script, &["--workers", "2", "--concurrency", "3"]);
-    let client = client(&server).await;
-    let js = jetstream::new(client.clone());
-    let mut seen = client.subscribe("seen").await.unwrap();
-    client.flush().await.unwrap();
+    let (_client, js, mut seen) = watching(&server, "seen").await;
     for _ in 0..12 {
         publish(&js, "orders.slow", "").await;
     }
@@ -335,10 +329,7 @@ async fn two_workers_share_one_consumer() {
     let (_scripts, script) = app();
     let first = Worker::run(&server, &script, &["--workers", "1", "--concurrency", "4"]);
     let second = Worker::run(&server, &script, &["--workers", "1", "--concurrency", "4"]);
-    let client = client(&server).await;
-    let js = jetstream::new(client.clone());
-    let mut seen = client.subscribe("seen").await.unwrap();
-    client.flush().await.unwrap();
+    let (_client, js, mut seen) = watching(&server, "seen").await;
     for _ in 0..8 {
         publish(&js, "orders.slow", "").await;
     }

@@ -51,22 +51,10 @@ bus.on("sql.stall", function(ev)
 end)
 "#;
 
-struct Setup {
-    _server: NatsServer,
-    _scripts: Scripts,
-    worker: Worker,
-    client: async_nats::Client,
-}
+type Setup = Running;
 
 async fn start(args: &[&str]) -> Setup {
-    let server = server();
-    let scripts = Scripts::new();
-    let script = scripts.write("app.lua", APP);
-    let mut all = vec!["--workers", "1"];
-    all.extend_from_slice(args);
-    let worker = Worker::run(&server, &script, &all);
-    let client = client(&server).await;
-    Setup { _server: server, _scripts: scripts, worker, client }
+    start_app(APP, args).await
 }
 
 async fn call(setup: &Setup, subject: &str, payload: Value) -> Value {

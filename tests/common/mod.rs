@@ -44,6 +44,27 @@ pub fn server_with(options: ServerOptions) -> NatsServer {
     panic!("cannot start a private nats-server: {last_error}")
 }
 
+/// A worker running one script against its own server, with a client.
+pub struct Running {
+    pub server: NatsServer,
+    pub scripts: Scripts,
+    pub worker: Worker,
+    pub client: async_nats::Client,
+}
+
+/// Starts `app.lua` holding `source` on one VM (plus `args`) against a private
+/// server and waits until it is ready.
+pub async fn start_app(source: &str, args: &[&str]) -> Running {
+    let server = server();
+    let scripts = Scripts::new();
+    let script = scripts.write("app.lua", source);
+    let mut all = vec!["--workers", "1"];
+    all.extend_from_slice(args);
+    let worker = Worker::run(&server, &script, &all);
+    let client = client(&server).await;
+    Running { server, scripts, worker, client }
+}
+
 /// A temporary folder holding test scripts.
 pub struct Scripts(tempfile::TempDir);
 
