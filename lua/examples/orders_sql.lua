@@ -18,14 +18,14 @@ bus.on("orders.place", function(ev)
     error({ code = 400, message = "expected {customer, lines = [{sku, qty}]}" })
   end
   local id = sql.transaction(function(tx)
-    local id = tx.exec("insert into orders(customer) values (?)", { order.customer }).last_id
+    local order_id = tx.exec("insert into orders(customer) values (?)", { order.customer }).last_id
     for _, line in ipairs(order.lines) do
       if math.type(line.qty) ~= "integer" or line.qty < 1 then
         error({ code = 400, message = "qty must be a positive integer" })
       end
-      tx.exec("insert into order_lines(order_id, sku, qty) values (?, ?, ?)", { id, line.sku, line.qty })
+      tx.exec("insert into order_lines(order_id, sku, qty) values (?, ?, ?)", { order_id, line.sku, line.qty })
     end
-    return id
+    return order_id
   end)
   return { id = id }
 end)
