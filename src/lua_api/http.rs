@@ -60,9 +60,6 @@ pub fn install(lua: &Lua) -> mlua::Result<()> {
     globals.set("http", http)
 }
 
-/// How long before the handler's deadline an HTTP call gives up.
-const DEADLINE_MARGIN: std::time::Duration = std::time::Duration::from_millis(20);
-
 /// What a failed call raises.
 struct Failure {
     code: u16,
@@ -84,17 +81,7 @@ async fn request(lua: Lua, (url, opts): (String, Option<Table>)) -> mlua::Result
     }
     let built = build(&lua, &client, parsed, opts.as_ref())?;
     let label = format!("{} {}", built.method(), without_credentials(built.url()));
-    // The call ends by itself at the handler's deadline, so its connection is
-    // closed then even if the handler's coroutine is collected only later.
-    // A moment before the handler's own deadline, so the call has ended by the
-    // time the handler is stopped.
-    let deadline = context::current().and_then(|c| c.deadline()).map(|d| d.checked_sub(DEADLINE_MARGIN).unwrap_or(d));
-    let sent = match deadline {
-        Some(deadline) => tokio::time::timeout_at(deadline.into(), send(client, built, max_body))
-            .await
-            .unwrap_or_else(|_| Err(Failure { code: 504, message: "the handler's deadline passed".to_string() })),
-        None => send(client, built, max_body).await,
-    };
+    let sent = context::within_task(send(client, built, max_body)).await.map_err(mlua::Error::external)?;
     match sent {
         Ok(response) => Ok((Value::Table(response_table(&lua, response)?), Value::Nil)),
         Err(failure) => {

@@ -8,6 +8,7 @@ use mlua::{Lua, Table, Value};
 use crate::bridge::{self, exec};
 use crate::lua_api::duration_of;
 use crate::lua_api::raise::{error_table, raising};
+use crate::vm::context;
 
 pub fn install(lua: &Lua) -> mlua::Result<()> {
     let sh = lua.create_table()?;
@@ -23,7 +24,8 @@ async fn run(lua: Lua, (command, opts): (String, Option<Table>)) -> mlua::Result
     bridges.config("sh.exec")?;
     let request = request_of(command, opts.as_ref())?;
     let shown = request.command.chars().take(80).collect::<String>();
-    match exec::run(request).await {
+    let finished = context::within_task(exec::run(request)).await.map_err(mlua::Error::external)?;
+    match finished {
         Ok(result) => {
             let table = lua.create_table()?;
             table.set("ok", result.ok())?;

@@ -16,6 +16,7 @@ use crate::bridge::sql::{Pool, Rows, Session, SqlError, SqlValue};
 use crate::bridge::{self, DEFAULT_DATABASE};
 use crate::lua_api::json;
 use crate::lua_api::raise::{error_table, raising};
+use crate::vm::context;
 
 const SURFACE: &str = r#"
 local query, exec, transaction, known, null, pcall = ...
@@ -61,22 +62,24 @@ type Call = (Option<String>, String, Option<Table>);
 async fn query(lua: Lua, (name, statement, params): Call) -> mlua::Result<(Value, Value)> {
     let (pool, label) = pool_of(&lua, name.as_deref(), "sql.query")?;
     let params = params_of(&lua, params.as_ref(), &label)?;
-    let result = async {
+    let result = context::within_task(async {
         let mut session = Session::acquire(&pool).await?;
         session.query(&statement, params).await
-    }
-    .await;
+    })
+    .await
+    .map_err(mlua::Error::external)?;
     outcome(&lua, &label, result.map(|rows| rows_table(&lua, rows)))
 }
 
 async fn exec(lua: Lua, (name, statement, params): Call) -> mlua::Result<(Value, Value)> {
     let (pool, label) = pool_of(&lua, name.as_deref(), "sql.exec")?;
     let params = params_of(&lua, params.as_ref(), &label)?;
-    let result = async {
+    let result = context::within_task(async {
         let mut session = Session::acquire(&pool).await?;
         session.exec(&statement, params).await
-    }
-    .await;
+    })
+    .await
+    .map_err(mlua::Error::external)?;
     outcome(&lua, &label, result.map(|done| executed_table(&lua, done.affected, done.last_id)))
 }
 

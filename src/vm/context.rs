@@ -139,6 +139,36 @@ pub fn enter_thread(state: *mut mlua::ffi::lua_State) {
     });
 }
 
+/// How long before its task's deadline a bridge call gives up.
+const BRIDGE_MARGIN: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Runs a bridge call of the current task so that it ends by itself a moment
+/// before the task's deadline, or when shutdown cancels the task: its
+/// connection, transaction or child process is released right then, whatever
+/// happens to the handler's coroutine afterwards.
+pub async fn within_task<F: Future>(call: F) -> Result<F::Output, Interrupt> {
+    let Some(context) = current() else { return Ok(call.await) };
+    let deadline = context.deadline().map(|d| d.checked_sub(BRIDGE_MARGIN).unwrap_or(d));
+    let cancel = context.cancel.clone();
+    let expired = async {
+        match deadline {
+            Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+            None => std::future::pending().await,
+        }
+    };
+    let cancelled = async {
+        match &cancel {
+            Some(cancel) => cancel.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        output = call => Ok(output),
+        _ = expired => Err(Interrupt::Timeout),
+        _ = cancelled => Err(Interrupt::Cancelled),
+    }
+}
+
 /// What the instruction hook should do with the running Lua code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HookAction {
