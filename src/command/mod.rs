@@ -17,6 +17,9 @@ use crate::config::WorkerConfig;
 use crate::runtime::{RunError, run_worker_with_reloads};
 
 pub fn execute(cli: Cli) -> ExitCode {
+    // TLS (HTTP bridge, OTLP export) uses rustls with the ring provider; clients
+    // built without naming one take this process default.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let serving = matches!(cli.command, Command::Run { .. } | Command::Dev { .. });
     if matches!(cli.command, Command::Test { .. }) {
         // Failing handlers are what tests check; only problems of the runner itself are logged.
