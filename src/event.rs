@@ -130,21 +130,25 @@ impl Event {
     /// The `traceparent` header, looked up case-insensitively (Go clients send
     /// `Traceparent`).
     pub fn traceparent(&self) -> Option<&str> {
-        let headers = self.headers.as_ref()?;
-        if let Some(value) = headers.get("traceparent") {
-            return Some(value.as_str());
-        }
-        headers
-            .iter()
-            .find(|(name, _)| name.to_string().eq_ignore_ascii_case("traceparent"))
-            .and_then(|(_, values)| values.first())
-            .map(|value| value.as_str())
+        header(self.headers.as_ref()?, "traceparent")
     }
 
     /// The W3C trace id carried by the `traceparent` header, if any.
     pub fn trace_id(&self) -> Option<&str> {
         trace_id_of(self.traceparent()?)
     }
+}
+
+/// The first value of header `name`, matched exactly first and then ignoring case.
+pub fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    if let Some(value) = headers.get(name) {
+        return Some(value.as_str());
+    }
+    headers
+        .iter()
+        .find(|(key, _)| AsRef::<str>::as_ref(*key).eq_ignore_ascii_case(name))
+        .and_then(|(_, values)| values.first())
+        .map(|value| value.as_str())
 }
 
 /// Extracts the trace id from a `traceparent` value (`00-<trace id>-<span id>-<flags>`).

@@ -24,17 +24,7 @@ impl Extractor for HeaderExtractor<'_> {
     }
 }
 
-/// The first value of header `name`, matched exactly first and then ignoring case.
-pub fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    if let Some(value) = headers.get(name) {
-        return Some(value.as_str());
-    }
-    headers
-        .iter()
-        .find(|(key, _)| AsRef::<str>::as_ref(*key).eq_ignore_ascii_case(name))
-        .and_then(|(_, values)| values.first())
-        .map(|value| value.as_str())
-}
+pub use crate::event::header;
 
 /// Sets `traceparent` (and `tracestate`) to the running handler's span, replacing
 /// any spelling of them already there (a dead letter copies the incoming headers,
