@@ -1,9 +1,11 @@
 //! Makes every piece of Lua code a handler causes stoppable at its deadline.
 //!
-//! - Interruptions cannot be caught: `pcall`, `xpcall` and `coroutine.resume` raise
-//!   them again instead of returning them, so they unwind to the dispatcher even
-//!   from `while true do pcall(f) end`, and even inside C code (`table.sort`) where
-//!   a coroutine cannot be suspended.
+//! - Interruptions cannot be caught: where the hook raises them rather than
+//!   suspending the code (see [`crate::vm::context::yield_for_interrupt`]),
+//!   `pcall`, `xpcall` and `coroutine.resume` raise them again instead of
+//!   returning them, so they unwind to the dispatcher even from
+//!   `while true do pcall(f) end`, and even inside C code (`table.sort`) where a
+//!   coroutine cannot be suspended.
 //! - The watchdog can reach coroutines a script runs: `coroutine.resume`, `wrap` and
 //!   `close` record the coroutine they run (see [`crate::vm::watchdog`]), and the
 //!   handler runner records the handler's own coroutine.

@@ -35,6 +35,11 @@ pub struct TaskContext {
     interrupted: Cell<Option<Interrupt>>,
     /// The Lua thread (coroutine) running this task's code, once it started.
     thread: Cell<*mut mlua::ffi::lua_State>,
+    /// Whether the task's owner drops it as soon as it is interrupted and
+    /// pending, so interrupted code may yield instead of raising.
+    pub drop_when_interrupted: bool,
+    /// Lua threads that already yielded for this task's interruption.
+    yielded: RefCell<Vec<*mut mlua::ffi::lua_State>>,
     pub kind: Option<async_nats::Subject>,
     pub id: Option<EventId>,
     /// The `traceparent` outgoing messages carry: the handler's span when spans
@@ -52,6 +57,8 @@ impl TaskContext {
             cancel,
             interrupted: Cell::new(None),
             thread: Cell::new(std::ptr::null_mut()),
+            drop_when_interrupted: false,
+            yielded: RefCell::new(Vec::new()),
             kind: None,
             id: None,
             traceparent: None,
@@ -88,6 +95,8 @@ impl TaskContext {
             cancel: None,
             interrupted: Cell::new(None),
             thread: Cell::new(self.thread.get()),
+            drop_when_interrupted: false,
+            yielded: RefCell::new(Vec::new()),
             kind: self.kind.clone(),
             id: self.id.clone(),
             traceparent: self.traceparent.clone(),
@@ -174,6 +183,26 @@ pub async fn within_task<F: Future>(call: F) -> Result<F::Output, Interrupt> {
 pub enum HookAction {
     Continue,
     Raise(Interrupt),
+}
+
+/// Whether the interrupted Lua thread `state` should yield rather than raise: in
+/// tasks whose owner drops them once interrupted (handlers), once per thread. A
+/// yield suspends the code at once, however many `pcall`s it is nested in, and
+/// dropping the task closes its coroutine in one pass; an error unwinds one
+/// `pcall` at a time, each recovery costing time that grows with the stack.
+pub fn yield_for_interrupt(state: *mut mlua::ffi::lua_State) -> bool {
+    CURRENT.with(|c| match c.borrow().as_ref() {
+        Some(context) if context.drop_when_interrupted => {
+            let mut yielded = context.yielded.borrow_mut();
+            if yielded.contains(&state) {
+                false
+            } else {
+                yielded.push(state);
+                true
+            }
+        }
+        _ => false,
+    })
 }
 
 /// Checks the running code's deadline and cancellation; the VM's instruction hook.

@@ -3,7 +3,10 @@
 //! event table, calls the handler under its deadline with shutdown cancellation,
 //! and turns what happened into an [`Outcome`] that [`crate::settle`] settles.
 
+use std::future::{Future, poll_fn};
+use std::pin::pin;
 use std::rc::Rc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use mlua::{Table, Value};
@@ -70,6 +73,7 @@ fn consumer_group(event: &Event) -> Option<String> {
 /// The handler's context; [`run`] arms its deadline.
 fn task_context(vm: &Vm, event: &Event, span: Option<&EventSpan>) -> TaskContext {
     let mut context = TaskContext::new(None, Some(vm.cancel.clone()));
+    context.drop_when_interrupted = true;
     context.kind = Some(event.kind.clone());
     context.id = Some(event.id.clone());
     match span {
@@ -97,7 +101,14 @@ async fn run(vm: &Vm, event: &Event, started: Instant, context: &Rc<TaskContext>
     let limit = event.timeout.unwrap_or(vm.handler_timeout);
     let deadline = started + limit;
     context.set_deadline(Some(deadline));
-    let call = Scoped::new(context.clone(), vm.runner.call_async::<(bool, Value)>((handler, table)));
+    let mut call = pin!(Scoped::new(context.clone(), vm.runner.call_async::<(bool, Value)>((handler, table))));
+    // Interrupted code yields (see `context::yield_for_interrupt`): the call ends
+    // right then and is dropped, which closes its coroutine.
+    let call = poll_fn(|cx| match call.as_mut().poll(cx) {
+        Poll::Pending if context.interrupted().is_some() => Poll::Ready(None),
+        Poll::Pending => Poll::Pending,
+        Poll::Ready(result) => Poll::Ready(Some(result)),
+    });
     let result = tokio::select! {
         biased;
         _ = vm.cancel.cancelled() => return Outcome::Error(Failure::cancelled()),
@@ -106,9 +117,10 @@ async fn run(vm: &Vm, event: &Event, started: Instant, context: &Rc<TaskContext>
     match (context.interrupted(), result) {
         (_, Err(_)) | (Some(Interrupt::Timeout), _) => Outcome::Error(Failure::timeout(limit)),
         (Some(Interrupt::Cancelled), _) => Outcome::Error(Failure::cancelled()),
-        (None, Ok(Ok((true, value)))) => outcome_of(&vm.lua, value),
-        (None, Ok(Ok((false, error)))) => Outcome::Error(failure_of(error)),
-        (None, Ok(Err(error))) => Outcome::Error(failure_of_error(&error)),
+        (None, Ok(None)) => internal("the handler stopped without an interruption".to_string()),
+        (None, Ok(Some(Ok((true, value))))) => outcome_of(&vm.lua, value),
+        (None, Ok(Some(Ok((false, error))))) => Outcome::Error(failure_of(error)),
+        (None, Ok(Some(Err(error)))) => Outcome::Error(failure_of_error(&error)),
     }
 }
 

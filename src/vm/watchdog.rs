@@ -341,19 +341,24 @@ extern "C" fn on_signal(_: c_int) {
     });
 }
 
-/// The count hook the signal sets: raises the interruption of the running code, or
-/// removes itself when nothing is to be interrupted (the code it was set for ended).
+/// The count hook the signal sets: suspends or raises the interruption of the
+/// running code (see [`context::yield_for_interrupt`]), or removes itself when
+/// nothing is to be interrupted (the code it was set for ended).
 unsafe extern "C-unwind" fn interrupt_hook(state: *mut ffi::lua_State, _: *mut ffi::lua_Debug) {
     let message = match context::check_current() {
         HookAction::Continue => None,
         HookAction::Raise(Interrupt::Timeout) => Some(c"handler timed out"),
         HookAction::Raise(Interrupt::Cancelled) => Some(c"handler cancelled by shutdown"),
     };
-    // SAFETY: called by Lua as a hook on `state`; nothing owned lives on this frame
-    // when `lua_error` unwinds it.
+    // SAFETY: called by Lua as a count hook on `state`, which may yield with no
+    // values when yieldable; nothing owned lives on this frame when `lua_error`
+    // unwinds it.
     unsafe {
         match message {
             None => ffi::lua_sethook(state, None, 0, 0),
+            Some(_) if ffi::lua_isyieldable(state) != 0 && context::yield_for_interrupt(state) => {
+                ffi::lua_yield(state, 0);
+            }
             Some(message) => {
                 ffi::lua_pushstring(state, message.as_ptr());
                 ffi::lua_error(state);
