@@ -77,6 +77,30 @@ async fn sigterm_lets_the_handler_in_flight_finish() {
     assert!(worker.stderr.text().contains("cleanup ran"), "code after bus.serve() runs at shutdown");
 }
 
+#[test]
+fn cleanup_code_that_runs_too_long_is_cut_off() {
+    // A loop that computes, and one that waits.
+    for cleanup in ["while true do end", "while true do time.sleep('50ms') end"] {
+        let server = server();
+        let scripts = Scripts::new();
+        let source = format!("bus.subscribe('ping')\nbus.serve()\nlog.info('cleanup started')\n{cleanup}\n");
+        let script = scripts.write("app.lua", &source);
+        // With a long grace, only the cleanup limit (500 ms) ends the loop soon.
+        let mut worker = Worker::run(&server, &script, &["--workers", "1", "--grace", "60s"]);
+        let signalled = Instant::now();
+        worker.terminate();
+        let status = worker.wait_exit(PATIENCE).expect("the worker exits");
+        // 15 s leaves a loaded machine room yet is far below the 60 s grace.
+        assert!(signalled.elapsed() < Duration::from_secs(15), "{cleanup}: took {:?}", signalled.elapsed());
+        assert_eq!(status.code(), Some(0), "{cleanup}: {}", worker.stderr.text());
+        let log = worker.stderr.text();
+        assert!(log.contains("cleanup started"), "{cleanup}: the cleanup code ran: {log}");
+        let cut = log.lines().find(|l| l.contains("script cleanup")).unwrap_or_else(|| panic!("{cleanup}: {log}"));
+        let cut: serde_json::Value = serde_json::from_str(cut).expect("a JSON log line");
+        assert_eq!(cut["level"], "WARN", "{cut}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_handler_is_cancelled_when_grace_runs_out() {
     let server = server();
@@ -115,10 +139,14 @@ fn connect_timeout_ends_the_wait_with_exit_1() {
     let port = free_port();
     let url = format!("nats://127.0.0.1:{port}");
     let (_scripts, script) = app();
+    let started = Instant::now();
     let mut worker =
         Worker::spawn(&["run", script.to_str().unwrap(), "--nats-url", &url, "--connect-timeout", "500ms"]);
     let status = worker.wait_exit(PATIENCE).expect("worker gives up");
     assert_eq!(status.code(), Some(1));
+    // The limit is 500 ms; 15 s only catches a wait that ignores it (process
+    // start on a loaded machine takes a few seconds at worst).
+    assert!(started.elapsed() < Duration::from_secs(15), "took {:?}", started.elapsed());
     assert!(worker.stderr.wait_for(&format!("cannot reach NATS at {url}"), PATIENCE), "{}", worker.stderr.text());
 }
 

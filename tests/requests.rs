@@ -39,7 +39,7 @@ bus.on("shape.ev", function(ev)
   return {
     kind = ev.kind, id = ev.id, subject = ev.subject, has_reply = ev.reply ~= nil,
     headers = ev.headers, meta_subject = ev.meta.subject, delivered = ev.meta.delivered,
-    trace_id = ev.meta.trace_id, has_timestamp = type(ev.meta.timestamp) == "number",
+    trace_id = ev.meta.trace_id, timestamp = ev.meta.timestamp,
   }
 end)
 bus.on("shape.replaced", function(ev) return "first" end)
@@ -124,6 +124,41 @@ async fn errors_become_service_error_replies() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_are_logged_with_kind_id_and_code() {
+    let (server, _scripts, worker) = start();
+    let client = client(&server).await;
+    let cases =
+        [("shape.fail", Some("fail-1"), 500), ("shape.coded", Some("coded-7"), 422), ("shape.nilindex", None, 500)];
+    for (subject, id, code) in cases {
+        let headers = id.map(|id| headers(&[("Nats-Msg-Id", id)]));
+        let reply = request_with(&client, subject, headers, "").await;
+        assert_eq!(error_of(&reply).map(|e| e.0), Some(code), "{subject}");
+    }
+    // The replies may overtake their log lines through the pipe.
+    let all_logged = |log: &str| log.matches("event failed").count() >= cases.len();
+    assert!(worker.stderr.wait_until(all_logged, PATIENCE), "{}", worker.stderr.text());
+    let records: Vec<serde_json::Value> = worker
+        .stderr
+        .text()
+        .lines()
+        .filter(|line| line.contains("event failed"))
+        .map(|line| serde_json::from_str(line).expect("a JSON log line"))
+        .collect();
+    for (subject, id, code) in cases {
+        let record = records
+            .iter()
+            .find(|r| r["kind"] == subject)
+            .unwrap_or_else(|| panic!("no failure record for {subject}: {records:?}"));
+        assert_eq!(record["code"], code, "{record}");
+        assert_eq!(record["level"], "WARN", "{record}");
+        match id {
+            Some(id) => assert_eq!(record["id"], id, "{record}"),
+            None => assert!(record["id"].as_str().is_some_and(|id| !id.is_empty()), "{record}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn payloads_that_are_not_json_fail_only_where_read() {
     let (server, _scripts, _worker) = start();
     let client = client(&server).await;
@@ -156,6 +191,7 @@ async fn the_event_table_describes_the_message() {
         ("X-Tag", "two"),
         ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
     ]);
+    let sent = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
     let reply = json(&request_with(&client, "shape.ev", Some(headers), "").await);
     assert_eq!(reply["kind"], "shape.ev");
     assert_eq!(reply["id"], "msg-42");
@@ -165,7 +201,10 @@ async fn the_event_table_describes_the_message() {
     assert_eq!(reply["meta_subject"], "shape.ev");
     assert_eq!(reply["delivered"], 1);
     assert_eq!(reply["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
-    assert_eq!(reply["has_timestamp"], true);
+    // Seconds since the epoch at receipt; the window only rules out another
+    // unit or clock, not a slow machine.
+    let timestamp = reply["timestamp"].as_f64().expect("a numeric timestamp");
+    assert!((timestamp - sent).abs() < 60.0, "timestamp {timestamp}, sent at {sent}");
 
     let generated = json(&request(&client, "shape.ev", "").await);
     let other = json(&request(&client, "shape.ev", "").await);

@@ -1,6 +1,6 @@
 //! Configuration mistakes are reported before connecting (exit 2, naming the file
-//! and the problem), an unreachable server is retried with advice, and `dev`
-//! leaves no nats-server behind even when it is killed with SIGKILL.
+//! and the problem), an unreachable server is retried with advice, log formats,
+//! and `dev` leaves no nats-server behind even when it is killed with SIGKILL.
 
 mod common;
 
@@ -211,6 +211,58 @@ async fn rust_log_filters_the_log() {
     assert!(worker.stderr.wait_for("handled", PATIENCE), "{}", worker.stderr.text());
     let log = worker.stderr.text();
     assert!(!log.contains("worker ready") && !log.contains("\"INFO\""), "info records pass RUST_LOG=warn:\n{log}");
+}
+
+/// Runs the ping script with `format` (none: the default), answers one ping that
+/// logs, stops the worker and returns its log.
+async fn log_of_a_run(format: Option<&str>) -> String {
+    let server = server();
+    let scripts = Scripts::new();
+    let script = scripts
+        .write("app.lua", "bus.subscribe('ping')\nbus.on('ping', function() log.warn('handled') return 'pong' end)\n");
+    let url = server.url();
+    let args = ["run", script.to_str().unwrap(), "--nats-url", &url, "--workers", "1"];
+    let mut worker = Worker::spawn_with_log_format(&args, &[], format);
+    worker.expect_ready();
+    assert_eq!(body(&request(&client(&server).await, "ping", "").await), "pong");
+    assert!(worker.stderr.wait_for("handled", PATIENCE), "{}", worker.stderr.text());
+    worker.terminate();
+    assert_eq!(worker.wait_exit(PATIENCE).and_then(|s| s.code()), Some(0), "{}", worker.stderr.text());
+    worker.stderr.text()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_per_line_and_the_default_off_a_terminal() {
+    for format in [Some("json"), None] {
+        let log = log_of_a_run(format).await;
+        let records: Vec<serde_json::Value> = log
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap_or_else(|err| panic!("{format:?}: {err} in {line:?}")))
+            .collect();
+        for record in &records {
+            assert!(record["timestamp"].as_str().is_some_and(|t| t.contains('T')), "{format:?}: {record}");
+            let level = record["level"].as_str().unwrap_or("");
+            assert!(["TRACE", "DEBUG", "INFO", "WARN", "ERROR"].contains(&level), "{format:?}: {record}");
+            assert!(record["message"].is_string() && record["target"].is_string(), "{format:?}: {record}");
+        }
+        let ready = records.iter().find(|r| r["message"] == "worker ready").expect("a ready record");
+        assert_eq!(ready["level"], "INFO");
+        let handled = records.iter().find(|r| r["message"] == "handled").expect("the handler's record");
+        assert_eq!((handled["level"].as_str(), handled["kind"].as_str()), (Some("WARN"), Some("ping")));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pretty_logs_are_plain_text_lines() {
+    let log = log_of_a_run(Some("pretty")).await;
+    for line in log.lines() {
+        assert!(serde_json::from_str::<serde_json::Value>(line).is_err(), "a JSON line: {line}");
+        assert!(!line.contains('\x1b'), "colour codes on a pipe: {line:?}");
+    }
+    let ready = log.lines().find(|l| l.contains("worker ready")).unwrap_or_else(|| panic!("{log}"));
+    assert!(ready.contains(" INFO ") && ready.starts_with(|c: char| c.is_ascii_digit()), "{ready}");
+    let handled = log.lines().find(|l| l.contains("handled")).unwrap_or_else(|| panic!("{log}"));
+    assert!(handled.contains(" WARN ") && handled.contains("ping"), "{handled}");
 }
 
 #[test]

@@ -227,8 +227,11 @@ fn bad_database_settings_fail_at_start() {
 
     let unreachable = format!("postgres://postgres:pw@127.0.0.1:{}/db", free_port());
     let args = ["run", script, "--nats-url", &url, "--sql-url", &unreachable, "--connect-timeout", "1s"];
+    let started = Instant::now();
     let (code, _, stderr) = run_command(&args, None);
     assert_eq!(code, 1, "{stderr}");
+    // The limit is 1 s; 15 s only catches a wait that ignores it.
+    assert!(started.elapsed() < Duration::from_secs(15), "took {:?}", started.elapsed());
     assert!(stderr.contains("cannot reach database") && !stderr.contains("pw@"), "{stderr}");
 }
 

@@ -111,10 +111,15 @@ impl Output {
 
     /// Waits until the output contains `needle`.
     pub fn wait_for(&self, needle: &str, timeout: Duration) -> bool {
+        self.wait_until(|text| text.contains(needle), timeout)
+    }
+
+    /// Waits until `done` holds for the output so far.
+    pub fn wait_until(&self, done: impl Fn(&str) -> bool, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         let (text, changed) = &*self.0;
         let mut text = text.lock().unwrap();
-        while !text.contains(needle) {
+        while !done(&text) {
             let now = Instant::now();
             if now >= deadline {
                 return false;
@@ -139,10 +144,18 @@ impl Worker {
     }
 
     pub fn spawn_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::spawn_with_log_format(args, env, Some("json"))
+    }
+
+    /// Starts `agent-block ARGS` with `--log-format FORMAT`, or without the flag
+    /// when `format` is `None` (stderr is a pipe, not a terminal).
+    pub fn spawn_with_log_format(args: &[&str], env: &[(&str, &str)], format: Option<&str>) -> Self {
         let mut command = Command::new(BIN);
+        command.args(args);
+        if let Some(format) = format {
+            command.args(["--log-format", format]);
+        }
         command
-            .args(args)
-            .args(["--log-format", "json"])
             .env("RUST_LOG", "info,async_nats=warn,agent_block::event=off")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -231,6 +231,26 @@ def test_hpa_targets_the_deployment():
     assert hpa["spec"]["scaleTargetRef"]["name"] == only(docs, "Deployment")["metadata"]["name"]
 
 
+def test_default_rollout_never_shrinks_the_pool():
+    # README, "Shutdown, rolling updates and disruptions": a new pod is ready
+    # before an old one is stopped.
+    strategy = only(manifests(render()), "Deployment")["spec"]["strategy"]
+    assert strategy == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+
+
+def test_default_pdb_evicts_one_pod_at_a_time():
+    pdb = only(manifests(render()), "PodDisruptionBudget")
+    assert pdb["apiVersion"] == "policy/v1"
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert "minAvailable" not in pdb["spec"]
+
+
+def test_pdb_can_be_turned_off():
+    docs = manifests(render({"podDisruptionBudget": {"enabled": False}}))
+    assert not [d for d in docs if d["kind"] == "PodDisruptionBudget"]
+    assert only(manifests(render(VALUE_SETS["all-features-hpa"])), "PodDisruptionBudget")["spec"]["maxUnavailable"] == "25%"
+
+
 def test_pdb_and_service_select_the_pods():
     docs = manifests(render())
     labels = only(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
