@@ -12,7 +12,8 @@
 //!   reads `ev.payload` and returns `true` (a confirmed ack), timed from spawn until
 //!   the consumer has nothing pending and nothing unacknowledged.
 //!
-//! It prints messages per second for each and the ratio (target >= 0.9x).
+//! It prints messages per second for each, the CPU time the consumer's process
+//! and nats-server spent per message, and the ratio (target >= 0.9x).
 //! Without `--bench` (e.g. `cargo test --all-targets`) it runs a quick smoke pass.
 
 use std::process::{Command, ExitCode, Stdio};
@@ -26,6 +27,15 @@ const STREAM: &str = "BENCH";
 const SUBJECT: &str = "bench.js";
 const TARGET_RATIO: f64 = 0.9;
 const DRAIN_LIMIT: Duration = Duration::from_secs(300);
+/// Clock ticks per second of `/proc/<pid>/stat` (USER_HZ, 100 on Linux).
+const TICKS_PER_SECOND: f64 = 100.0;
+
+/// One drain: wall time and CPU time of the consumer's process and the server.
+struct Drain {
+    took: Duration,
+    consumer_cpu: Duration,
+    server_cpu: Duration,
+}
 
 fn main() -> ExitCode {
     let measuring = std::env::args().any(|arg| arg == "--bench");
@@ -52,15 +62,21 @@ async fn run(messages: usize, rounds: usize) -> Result<f64, String> {
     let js = jetstream::new(client.clone());
     fill(&js, messages).await?;
     println!("JetStream consumption: {messages} messages of 128-byte JSON, 2 worker threads each");
-    println!("{:<7} {:<18} {:>10} {:>9}", "round", "consumer", "msgs/s", "seconds");
+    println!("cpu us/msg: CPU time (user + system) per message of the consumer's process and of nats-server");
+    println!(
+        "{:<7} {:<18} {:>10} {:>9} {:>13} {:>11}",
+        "round", "consumer", "msgs/s", "seconds", "consumer cpu", "server cpu"
+    );
+    let server_pid = server.pid().ok_or("the nats-server has no process id")?;
     let (mut plain_total, mut agent_total) = (Duration::ZERO, Duration::ZERO);
     for round in 1..=rounds {
-        let plain = drain_plain(&js, &format!("plain{round}"), messages).await?;
-        println!("{round:<7} {:<18} {:>10.0} {:>9.2}", "plain async-nats", rate(messages, plain), plain.as_secs_f64());
-        let agent = drain_agent(&js, &server.url(), &format!("agent{round}")).await?;
-        println!("{round:<7} {:<18} {:>10.0} {:>9.2}", "agent-block", rate(messages, agent), agent.as_secs_f64());
-        plain_total += plain;
-        agent_total += agent;
+        let own_pid = std::process::id();
+        let plain = measured(own_pid, server_pid, drain_plain(&js, &format!("plain{round}"), messages)).await?;
+        print_drain(round, "plain async-nats", messages, &plain);
+        let agent = drain_agent(&js, &server.url(), &format!("agent{round}"), server_pid).await?;
+        print_drain(round, "agent-block", messages, &agent);
+        plain_total += plain.took;
+        agent_total += agent.took;
     }
     let ratio = plain_total.as_secs_f64() / agent_total.as_secs_f64();
     println!(
@@ -72,6 +88,50 @@ async fn run(messages: usize, rounds: usize) -> Result<f64, String> {
 
 fn rate(messages: usize, took: Duration) -> f64 {
     messages as f64 / took.as_secs_f64()
+}
+
+fn print_drain(round: usize, consumer: &str, messages: usize, drain: &Drain) {
+    let per_message = |cpu: Duration| cpu.as_secs_f64() * 1e6 / messages as f64;
+    println!(
+        "{round:<7} {consumer:<18} {:>10.0} {:>9.2} {:>13.1} {:>11.1}",
+        rate(messages, drain.took),
+        drain.took.as_secs_f64(),
+        per_message(drain.consumer_cpu),
+        per_message(drain.server_cpu)
+    );
+}
+
+/// Runs `drain` (which returns its wall time), measuring the CPU time `consumer`
+/// and `server` spend meanwhile.
+async fn measured(
+    consumer: u32,
+    server: u32,
+    drain: impl std::future::Future<Output = Result<Duration, String>>,
+) -> Result<Drain, String> {
+    let (consumer_before, server_before) = (cpu_time(consumer)?, cpu_time(server)?);
+    let took = drain.await?;
+    Ok(Drain {
+        took,
+        consumer_cpu: cpu_time(consumer)?.saturating_sub(consumer_before),
+        server_cpu: cpu_time(server)?.saturating_sub(server_before),
+    })
+}
+
+/// User + system CPU time the process used so far, all threads.
+fn cpu_time(pid: u32) -> Result<Duration, String> {
+    let path = format!("/proc/{pid}/stat");
+    let text = std::fs::read_to_string(&path).map_err(|err| format!("cannot read {path}: {err}"))?;
+    // The command name (field 2) may hold spaces; the fields after it are plain.
+    let after_name = text.rsplit_once(')').map(|(_, rest)| rest).ok_or_else(|| format!("{path}: unexpected format"))?;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
+    let ticks = |index: usize| -> Result<f64, String> {
+        fields
+            .get(index)
+            .and_then(|field| field.parse::<f64>().ok())
+            .ok_or_else(|| format!("{path}: no CPU time field"))
+    };
+    Ok(Duration::from_secs_f64((ticks(11)? + ticks(12)?) / TICKS_PER_SECOND))
 }
 
 async fn fill(js: &jetstream::Context, messages: usize) -> Result<(), String> {
@@ -125,7 +185,7 @@ async fn drain_plain(js: &jetstream::Context, name: &str, messages: usize) -> Re
     Ok(started.elapsed())
 }
 
-async fn drain_agent(js: &jetstream::Context, url: &str, name: &str) -> Result<Duration, String> {
+async fn drain_agent(js: &jetstream::Context, url: &str, name: &str, server_pid: u32) -> Result<Drain, String> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/consume.lua");
     let mut command = Command::new(env!("CARGO_BIN_EXE_agent-block"));
     command
@@ -142,6 +202,7 @@ async fn drain_agent(js: &jetstream::Context, url: &str, name: &str) -> Result<D
     }
     let started = Instant::now();
     let mut child = command.spawn().map_err(|e| format!("cannot start agent-block: {e}"))?;
+    let server_before = cpu_time(server_pid)?;
     let result = async {
         let stream = js.get_stream(STREAM).await.map_err(|e| e.to_string())?;
         loop {
@@ -157,7 +218,9 @@ async fn drain_agent(js: &jetstream::Context, url: &str, name: &str) -> Result<D
         }
     }
     .await;
+    let consumer_cpu = cpu_time(child.id());
+    let server_cpu = cpu_time(server_pid).map(|after| after.saturating_sub(server_before));
     let _ = child.kill();
     let _ = child.wait();
-    result
+    Ok(Drain { took: result?, consumer_cpu: consumer_cpu?, server_cpu: server_cpu? })
 }

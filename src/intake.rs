@@ -148,7 +148,7 @@ impl Intake {
 
     fn room(&self) -> usize {
         let queued = self.queue.max_capacity() - self.queue.capacity();
-        self.slots.available().saturating_sub(queued)
+        self.slots.free().saturating_sub(queued)
     }
 }
 
@@ -201,6 +201,9 @@ impl SharedIntake {
 /// a few wakers do what a tokio semaphore does, without its lock.
 pub struct Slots {
     available: Cell<usize>,
+    /// Slots the queue's receive loop holds while it waits for an event: taken,
+    /// yet free to whoever asks how many events the VM can start now.
+    standing_by: Cell<usize>,
     /// Tasks waiting for a slot or watching for freed ones: the queue's receive
     /// loop and the VM's JetStream sources.
     waiters: RefCell<Vec<Waker>>,
@@ -209,13 +212,46 @@ pub struct Slots {
 /// A taken slot; dropping it frees the slot.
 pub struct Slot(Rc<Slots>);
 
+impl Slot {
+    /// Holds this slot for the next event to arrive, counted as free meanwhile.
+    pub fn stand_by(self) -> Standby {
+        self.0.standing_by.set(self.0.standing_by.get() + 1);
+        Standby(Some(self))
+    }
+}
+
+/// A slot held for the next event (see [`Slot::stand_by`]).
+pub struct Standby(Option<Slot>);
+
+impl Standby {
+    /// The slot, no longer on standby.
+    pub fn take(mut self) -> Slot {
+        let slot = self.0.take().expect("a standby slot is taken once");
+        slot.0.standing_by.set(slot.0.standing_by.get() - 1);
+        slot
+    }
+}
+
+impl Drop for Standby {
+    fn drop(&mut self) {
+        if let Some(slot) = self.0.take() {
+            slot.0.standing_by.set(slot.0.standing_by.get() - 1);
+        }
+    }
+}
+
 impl Slots {
     pub fn new(count: usize) -> Rc<Self> {
-        Rc::new(Slots { available: Cell::new(count), waiters: RefCell::new(Vec::new()) })
+        Rc::new(Slots { available: Cell::new(count), standing_by: Cell::new(0), waiters: RefCell::new(Vec::new()) })
     }
 
     pub fn available(&self) -> usize {
         self.available.get()
+    }
+
+    /// Slots free to start an event now, counting one held on standby.
+    pub fn free(&self) -> usize {
+        self.available.get() + self.standing_by.get()
     }
 
     pub fn try_acquire(self: &Rc<Self>) -> Option<Slot> {

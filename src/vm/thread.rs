@@ -32,8 +32,6 @@ use crate::vm::{InitReport, PoolSpec, ScriptError, SourcePlan, StartError, sandb
 const CLEANUP_LIMIT: Duration = Duration::from_millis(500);
 /// How long past its deadline a stuck top level may take to be noticed.
 const INIT_SLACK: Duration = Duration::from_millis(100);
-/// Events taken from the queue per wakeup.
-const BATCH: usize = 64;
 
 pub(super) struct Setup {
     pub worker_id: usize,
@@ -274,29 +272,27 @@ impl Vm {
     /// for the ones in flight) or shutdown cancels (then answers what is left as
     /// cancelled).
     async fn serve_queue(self: &Rc<Self>, mut events: mpsc::Receiver<Event>) {
-        let mut batch = Vec::with_capacity(BATCH);
         'receive: loop {
-            let received = tokio::select! {
+            // A slot first, then an event: no event leaves the queue to wait for a
+            // slot, so the queue alone holds what waits (at most `--bus-capacity`).
+            let slot = tokio::select! {
                 biased;
                 _ = self.cancel.cancelled() => break 'receive,
-                received = events.recv_many(&mut batch, BATCH) => received,
+                slot = self.slots.acquire() => slot,
             };
-            if received == 0 {
-                break;
-            }
-            let mut pending = batch.drain(..);
-            while let Some(event) = pending.next() {
-                let slot = tokio::select! {
-                    biased;
-                    _ = self.cancel.cancelled() => None,
-                    slot = self.slots.acquire() => Some(slot),
-                };
-                let Some(slot) = slot else {
-                    let rest: Vec<Event> = std::iter::once(event).chain(pending).collect();
-                    answer_cancelled(rest).await;
-                    break 'receive;
-                };
-                self.start(event, slot);
+            let standby = slot.stand_by();
+            let event = tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => break 'receive,
+                event = events.recv() => event,
+            };
+            let Some(event) = event else { break };
+            self.start(event, standby.take());
+            while let Some(slot) = self.slots.try_acquire() {
+                match events.try_recv() {
+                    Ok(event) => self.start(event, slot),
+                    Err(_) => break,
+                }
             }
         }
         events.close();
