@@ -20,6 +20,7 @@ use async_nats::{StatusCode, Subject};
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::future::LocalBoxFuture;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::event::{Event, EventId, Settle, StreamMeta};
@@ -37,6 +38,10 @@ const HEARTBEAT_MISSED: Duration = Duration::from_secs(5);
 const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
 /// How long a stopping source waits for messages already on their way.
 const DRAIN_LIMIT: Duration = Duration::from_secs(1);
+/// How long the server's confirmation of a batch of acks may take.
+const ACK_CONFIRM_LIMIT: Duration = Duration::from_secs(5);
+/// The most acks one confirmation covers.
+const ACK_BATCH: usize = 256;
 
 /// Why a consumer could not be set up; a configuration mistake exits 2.
 #[derive(Debug, thiserror::Error)]
@@ -176,7 +181,9 @@ impl Source for JetStreamSource {
                 .await
                 .map_err(|err| format!("cannot subscribe for {}: {err}", self.describe()))?;
             client.flush().await.map_err(|err| format!("cannot confirm subscriptions with NATS: {err}"))?;
+            let acks = AckConfirmer::start(client.clone());
             let puller = Puller {
+                acks,
                 next_subject: format!("$JS.API.CONSUMER.MSG.NEXT.{}.{}", self.spec.stream, self.spec.consumer).into(),
                 inbox: inbox.into(),
                 client,
@@ -190,6 +197,7 @@ impl Source for JetStreamSource {
 
 /// The pull requests of one VM and the messages still owed on them.
 struct Puller {
+    acks: AckConfirmer,
     next_subject: Subject,
     inbox: Subject,
     client: async_nats::Client,
@@ -313,11 +321,11 @@ impl Puller {
             }
         }
         let message = jetstream::Message { message, context: js.clone() };
-        Some(event_of(source, message))
+        Some(event_of(source, message, &self.acks))
     }
 }
 
-fn event_of(source: &Arc<JetStreamSource>, message: jetstream::Message) -> Event {
+fn event_of(source: &Arc<JetStreamSource>, message: jetstream::Message, acks: &AckConfirmer) -> Event {
     let spec = &source.spec;
     let meta = match message.info() {
         Ok(info) => StreamMeta {
@@ -349,6 +357,7 @@ fn event_of(source: &Arc<JetStreamSource>, message: jetstream::Message) -> Event
     }
     event.delivery = Some(Box::new(JetStreamAck {
         message,
+        acks: acks.clone(),
         spec: spec.clone(),
         delivered: meta.delivered,
         stream_sequence: meta.stream_sequence,
@@ -368,6 +377,7 @@ fn system_time(unix_nanos: i128) -> SystemTime {
 /// Settles a JetStream message: ack, nak with backoff, or dead letter and term.
 struct JetStreamAck {
     message: jetstream::Message,
+    acks: AckConfirmer,
     spec: Arc<ConsumerSpec>,
     delivered: u64,
     stream_sequence: u64,
@@ -382,7 +392,10 @@ impl Settle for JetStreamAck {
         Box::pin(async move {
             let result = match outcome {
                 // Confirmed: success is not reported until the server has the ack.
-                Outcome::Ack { .. } => self.message.double_ack().await,
+                Outcome::Ack { .. } => match &self.message.reply {
+                    Some(reply) => self.acks.ack(reply.clone()).await,
+                    None => Ok(()),
+                },
                 Outcome::Nak { delay } => self.message.ack_with(AckKind::Nak(delay)).await,
                 Outcome::Term { .. } => self.message.ack_with(AckKind::Term).await,
                 Outcome::Error(failure) => {
@@ -471,4 +484,58 @@ impl JetStreamAck {
         }
         Ok(())
     }
+}
+
+/// Sends one VM's acks for one consumer and has the server confirm them in
+/// batches: the acks waiting are sent together, only the last asking for a reply.
+/// The server handles a consumer's acks from one connection in order, so that
+/// reply confirms the whole batch: one round trip, and no reply message per ack.
+#[derive(Clone)]
+struct AckConfirmer {
+    pending: mpsc::UnboundedSender<PendingAck>,
+}
+
+struct PendingAck {
+    reply: Subject,
+    confirmed: oneshot::Sender<Result<(), String>>,
+}
+
+impl AckConfirmer {
+    /// Starts the sender on the calling VM thread; it ends with the last handle.
+    fn start(client: async_nats::Client) -> Self {
+        let (pending, batches) = mpsc::unbounded_channel();
+        tokio::task::spawn_local(confirm_batches(client, batches));
+        AckConfirmer { pending }
+    }
+
+    /// Acks the message whose reply subject is `reply`, once the server confirms.
+    async fn ack(&self, reply: Subject) -> Result<(), async_nats::Error> {
+        let (confirmed, confirmation) = oneshot::channel();
+        let stopped = || "the ack sender stopped".to_string();
+        let result = match self.pending.send(PendingAck { reply, confirmed }) {
+            Ok(()) => confirmation.await.unwrap_or_else(|_| Err(stopped())),
+            Err(_) => Err(stopped()),
+        };
+        result.map_err(|message| std::io::Error::other(message).into())
+    }
+}
+
+async fn confirm_batches(client: async_nats::Client, mut batches: mpsc::UnboundedReceiver<PendingAck>) {
+    let mut batch = Vec::with_capacity(ACK_BATCH);
+    while batches.recv_many(&mut batch, ACK_BATCH).await > 0 {
+        let result = send_confirmed(&client, &batch).await;
+        for pending in batch.drain(..) {
+            let _ = pending.confirmed.send(result.clone());
+        }
+    }
+}
+
+async fn send_confirmed(client: &async_nats::Client, batch: &[PendingAck]) -> Result<(), String> {
+    let Some((last, rest)) = batch.split_last() else { return Ok(()) };
+    for pending in rest {
+        // An empty message acks, as `+ACK` does.
+        client.publish(pending.reply.clone(), Bytes::new()).await.map_err(|err| err.to_string())?;
+    }
+    let request = async_nats::Request::new().payload(Bytes::from_static(b"+ACK")).timeout(Some(ACK_CONFIRM_LIMIT));
+    client.send_request(last.reply.clone(), request).await.map(drop).map_err(|err| err.to_string())
 }
