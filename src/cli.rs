@@ -143,7 +143,7 @@ pub struct WorkerArgs {
     /// Lua VMs (threads) [default: number of CPUs]
     #[arg(long, env = "AGENT_BLOCK_WORKERS")]
     pub workers: Option<usize>,
-    /// In-flight handlers per VM [default: 64]
+    /// In-flight handlers per VM [default: 256]
     #[arg(long, env = "AGENT_BLOCK_CONCURRENCY")]
     pub concurrency: Option<usize>,
     /// Events queued per VM before sources wait [default: 1024]

@@ -9,7 +9,7 @@ use crate::cli::{ConnectionArgs, LuaArgs, WorkerArgs};
 
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 pub const DEFAULT_NAME: &str = "agent-block";
-pub const DEFAULT_CONCURRENCY: usize = 64;
+pub const DEFAULT_CONCURRENCY: usize = 256;
 pub const DEFAULT_BUS_CAPACITY: usize = 1024;
 pub const DEFAULT_HANDLER_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);

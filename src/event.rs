@@ -1,5 +1,6 @@
 //! The event: one message, its kind, and how to settle it.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_nats::{HeaderMap, Subject};
@@ -34,8 +35,8 @@ pub struct Event {
 /// Where a JetStream message sits in its stream, for `ev.meta` and `ev.id`.
 #[derive(Debug, Clone)]
 pub struct StreamMeta {
-    pub stream: String,
-    pub consumer: String,
+    pub stream: Arc<str>,
+    pub consumer: Arc<str>,
     pub delivered: u64,
     pub stream_sequence: u64,
     pub pending: u64,
@@ -101,9 +102,34 @@ impl Event {
         headers: Option<HeaderMap>,
         data: Bytes,
     ) -> Self {
+        Self::with_id_or(kind, subject, reply, headers, data, generated_id)
+    }
+
+    /// A stream message: its id is `Nats-Msg-Id`, else `STREAM:seq`.
+    pub fn of_stream(
+        kind: Subject,
+        subject: Subject,
+        headers: Option<HeaderMap>,
+        data: Bytes,
+        meta: StreamMeta,
+    ) -> Self {
+        let sequence_id = || EventId::Given(format!("{}:{}", meta.stream, meta.stream_sequence).into());
+        let mut event = Self::with_id_or(kind, subject, None, headers, data, sequence_id);
+        event.stream = Some(Box::new(meta));
+        event
+    }
+
+    fn with_id_or(
+        kind: Subject,
+        subject: Subject,
+        reply: Option<Subject>,
+        headers: Option<HeaderMap>,
+        data: Bytes,
+        fallback: impl FnOnce() -> EventId,
+    ) -> Self {
         let id = match headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")) {
             Some(value) => EventId::Given(value.as_str().into()),
-            None => generated_id(),
+            None => fallback(),
         };
         Event {
             kind,

@@ -19,6 +19,10 @@ pub struct PayloadError(pub String);
 
 /// Key of the hidden per-event data the lazy fields are built from.
 const EXTRA: &str = "\0event";
+/// The keys every event table gets, kept as Lua strings in the metatable's array
+/// part (at these positions) so building a table does not hash them again.
+const KEYS: [&str; 6] = ["kind", "id", "subject", "reply", "data", EXTRA];
+const EXTRA_KEY: usize = 5;
 
 struct EventExtra {
     headers: Option<HeaderMap>,
@@ -39,6 +43,9 @@ impl EventTables {
     pub fn new(lua: &Lua) -> mlua::Result<Self> {
         let metatable = lua.create_table()?;
         metatable.set("__index", lua.create_function(lazy_field)?)?;
+        for (index, key) in KEYS.into_iter().enumerate() {
+            metatable.raw_set(index + 1, key)?;
+        }
         Ok(EventTables { metatable })
     }
 
@@ -59,12 +66,12 @@ impl EventTables {
         } else {
             Value::Number(seconds_since_epoch(event.received))
         };
-        let fields: [(&str, Option<&[u8]>); 5] = [
-            ("kind", Some(event.kind.as_bytes())),
-            ("id", Some(event.id.as_str().as_bytes())),
-            ("subject", Some(event.subject.as_bytes())),
-            ("reply", event.reply.as_ref().map(|r| r.as_bytes())),
-            ("data", Some(&event.data)),
+        let values: [Option<&[u8]>; 5] = [
+            Some(event.kind.as_bytes()),
+            Some(event.id.as_str().as_bytes()),
+            Some(event.subject.as_bytes()),
+            event.reply.as_ref().map(|r| r.as_bytes()),
+            Some(&event.data),
         ];
         let metatable = Value::Table(self.metatable.clone());
         // SAFETY: the builder pushes one table using 3 slots and holds only
@@ -72,14 +79,14 @@ impl EventTables {
         let table = unsafe {
             raw::build_value(lua, &[&metatable, &extra], 3, |state, base| {
                 ffi::lua_createtable(state, 0, 8);
-                for (name, value) in fields {
+                for (index, value) in values.into_iter().enumerate() {
                     if let Some(value) = value {
-                        push_bytes(state, name.as_bytes());
+                        ffi::lua_rawgeti(state, base + 1, index as ffi::lua_Integer + 1);
                         push_bytes(state, value);
                         ffi::lua_rawset(state, -3);
                     }
                 }
-                push_bytes(state, EXTRA.as_bytes());
+                ffi::lua_rawgeti(state, base + 1, EXTRA_KEY as ffi::lua_Integer + 1);
                 ffi::lua_pushvalue(state, base + 2);
                 ffi::lua_rawset(state, -3);
                 ffi::lua_pushvalue(state, base + 1);
@@ -168,8 +175,8 @@ fn meta(lua: &Lua, table: &Table) -> mlua::Result<Table> {
             meta.raw_set("span_id", extra.span_id.as_deref())?;
             match &extra.stream {
                 Some(stream) => {
-                    meta.raw_set("stream", stream.stream.as_str())?;
-                    meta.raw_set("consumer", stream.consumer.as_str())?;
+                    meta.raw_set("stream", &*stream.stream)?;
+                    meta.raw_set("consumer", &*stream.consumer)?;
                     meta.raw_set("delivered", stream.delivered)?;
                     meta.raw_set("stream_seq", stream.stream_sequence)?;
                     meta.raw_set("pending", stream.pending)?;

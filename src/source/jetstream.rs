@@ -23,7 +23,7 @@ use futures::future::LocalBoxFuture;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::event::{Event, EventId, Settle, StreamMeta};
+use crate::event::{Event, Settle, StreamMeta};
 use crate::outcome::{FailureCause, Outcome};
 use crate::source::spec::ConsumerSpec;
 use crate::source::{Forwarding, Link, Placement, Source};
@@ -55,6 +55,9 @@ pub enum SetupError {
 /// A consumer made ready on the server.
 pub struct JetStreamSource {
     spec: Arc<ConsumerSpec>,
+    /// The stream and consumer names every event of this source carries.
+    stream: Arc<str>,
+    consumer: Arc<str>,
     /// The `ack_wait` the server applies, which times in-progress acks.
     ack_wait: Duration,
     /// Whether a stream captures the dead-letter subject, so its publish ack
@@ -100,7 +103,14 @@ impl JetStreamSource {
             None => false,
         };
         let metrics = metrics::global().consumer(&spec.stream, &spec.consumer);
-        Ok(JetStreamSource { ack_wait: applied.ack_wait, spec: Arc::new(spec), dead_letter_stored, metrics })
+        Ok(JetStreamSource {
+            ack_wait: applied.ack_wait,
+            stream: spec.stream.as_str().into(),
+            consumer: spec.consumer.as_str().into(),
+            spec: Arc::new(spec),
+            dead_letter_stored,
+            metrics,
+        })
     }
 }
 
@@ -212,7 +222,7 @@ impl Puller {
         let capacity = link.sink.room().max(1);
         // Ask again once this much room is free, so a busy VM sends fewer, larger
         // pulls, while an idle one asks as soon as anything frees.
-        let threshold = (capacity / 2).max(1);
+        let threshold = (capacity / 4).max(1);
         let js = jetstream::new(self.client.clone());
         let mut last_heard = Instant::now();
         loop {
@@ -327,46 +337,41 @@ impl Puller {
 
 fn event_of(source: &Arc<JetStreamSource>, message: jetstream::Message, acks: &AckConfirmer) -> Event {
     let spec = &source.spec;
+    // The message came from this consumer, so its names are the source's.
+    let (stream, consumer) = (source.stream.clone(), source.consumer.clone());
     let meta = match message.info() {
         Ok(info) => StreamMeta {
-            stream: info.stream.to_string(),
-            consumer: info.consumer.to_string(),
+            stream,
+            consumer,
             delivered: u64::try_from(info.delivered).unwrap_or(1),
             stream_sequence: info.stream_sequence,
             pending: info.pending,
             published: system_time(info.published.unix_timestamp_nanos()),
         },
-        Err(_) => StreamMeta {
-            stream: spec.stream.clone(),
-            consumer: spec.consumer.clone(),
-            delivered: 1,
-            stream_sequence: 0,
-            pending: 0,
-            published: SystemTime::now(),
-        },
+        Err(_) => {
+            StreamMeta { stream, consumer, delivered: 1, stream_sequence: 0, pending: 0, published: SystemTime::now() }
+        }
     };
+    let (delivered, stream_sequence) = (meta.delivered, meta.stream_sequence);
     let subject = message.message.subject.clone();
     let kind = spec.kind.render(&subject);
-    let mut event = Event::new(kind, subject, None, message.message.headers.clone(), message.message.payload.clone());
-    if matches!(event.id, EventId::Generated(_)) {
-        event.id = EventId::Given(format!("{}:{}", meta.stream, meta.stream_sequence).into());
-    }
+    let (headers, data) = (message.message.headers.clone(), message.message.payload.clone());
+    let mut event = Event::of_stream(kind, subject, headers, data, meta);
     event.timeout = spec.timeout;
-    if meta.delivered > 1 {
+    if delivered > 1 {
         source.metrics.redelivered();
     }
     event.delivery = Some(Box::new(JetStreamAck {
         message,
         acks: acks.clone(),
         spec: spec.clone(),
-        delivered: meta.delivered,
-        stream_sequence: meta.stream_sequence,
+        delivered,
+        stream_sequence,
         ack_wait: source.ack_wait,
         dead_letter_stored: source.dead_letter_stored,
         received: Instant::now(),
         metrics: source.metrics.clone(),
     }));
-    event.stream = Some(Box::new(meta));
     event
 }
 
@@ -489,7 +494,8 @@ impl JetStreamAck {
 /// Sends one VM's acks for one consumer and has the server confirm them in
 /// batches: the acks waiting are sent together, only the last asking for a reply.
 /// The server handles a consumer's acks from one connection in order, so that
-/// reply confirms the whole batch: one round trip, and no reply message per ack.
+/// reply confirms the whole batch: no reply message per ack, and batches do not
+/// wait for each other's confirmation.
 #[derive(Clone)]
 struct AckConfirmer {
     pending: mpsc::UnboundedSender<PendingAck>,
@@ -523,19 +529,32 @@ impl AckConfirmer {
 async fn confirm_batches(client: async_nats::Client, mut batches: mpsc::UnboundedReceiver<PendingAck>) {
     let mut batch = Vec::with_capacity(ACK_BATCH);
     while batches.recv_many(&mut batch, ACK_BATCH).await > 0 {
-        let result = send_confirmed(&client, &batch).await;
-        for pending in batch.drain(..) {
-            let _ = pending.confirmed.send(result.clone());
-        }
+        let pending = std::mem::replace(&mut batch, Vec::with_capacity(ACK_BATCH));
+        let Some(last) = pending.last().map(|last| last.reply.clone()) else { continue };
+        // Sent now, in order; confirmed while later batches go out.
+        let sent = send_acks(&client, &pending[..pending.len() - 1]).await;
+        let client = client.clone();
+        tokio::task::spawn_local(async move {
+            let result = match sent {
+                Ok(()) => confirm_last(&client, last).await,
+                Err(err) => Err(err),
+            };
+            for ack in pending {
+                let _ = ack.confirmed.send(result.clone());
+            }
+        });
     }
 }
 
-async fn send_confirmed(client: &async_nats::Client, batch: &[PendingAck]) -> Result<(), String> {
-    let Some((last, rest)) = batch.split_last() else { return Ok(()) };
-    for pending in rest {
+async fn send_acks(client: &async_nats::Client, acks: &[PendingAck]) -> Result<(), String> {
+    for ack in acks {
         // An empty message acks, as `+ACK` does.
-        client.publish(pending.reply.clone(), Bytes::new()).await.map_err(|err| err.to_string())?;
+        client.publish(ack.reply.clone(), Bytes::new()).await.map_err(|err| err.to_string())?;
     }
+    Ok(())
+}
+
+async fn confirm_last(client: &async_nats::Client, reply: Subject) -> Result<(), String> {
     let request = async_nats::Request::new().payload(Bytes::from_static(b"+ACK")).timeout(Some(ACK_CONFIRM_LIMIT));
-    client.send_request(last.reply.clone(), request).await.map(drop).map_err(|err| err.to_string())
+    client.send_request(reply, request).await.map(drop).map_err(|err| err.to_string())
 }

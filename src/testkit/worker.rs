@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{DEFAULT_BUS_CAPACITY, DEFAULT_HANDLER_TIMEOUT, LuaConfig};
-use crate::event::{Event, EventId, Settle, StreamMeta};
+use crate::event::{Event, Settle, StreamMeta};
 use crate::kind::subject_matches;
 use crate::lua_api::event::headers_table;
 use crate::lua_api::{body_of, duration_of, headers_of, json};
@@ -163,20 +163,15 @@ impl TestWorker {
         let mut event = match source {
             SourceSpec::Subscribe(_) => Event::new(kind, subject, Some(Subject::from("_INBOX.test")), headers, data),
             SourceSpec::Consume(spec) => {
-                let mut event = Event::new(kind, subject, None, headers, data);
                 let meta = StreamMeta {
-                    stream: spec.stream.clone(),
-                    consumer: spec.consumer.clone(),
+                    stream: spec.stream.as_str().into(),
+                    consumer: spec.consumer.as_str().into(),
                     delivered: delivery.delivered,
                     stream_sequence: delivery.sequence,
                     pending: 0,
                     published: SystemTime::now(),
                 };
-                if matches!(event.id, EventId::Generated(_)) {
-                    event.id = EventId::Given(format!("{}:{}", meta.stream, meta.stream_sequence).into());
-                }
-                event.stream = Some(Box::new(meta));
-                event
+                Event::of_stream(kind, subject, headers, data, meta)
             }
         };
         event.timeout = source.timeout();

@@ -65,7 +65,7 @@ pub async fn process(vm: &Rc<Vm>, event: Event, slot: Slot) {
 /// The queue group or durable consumer that received `event`.
 fn consumer_group(event: &Event) -> Option<String> {
     match &event.stream {
-        Some(stream) => Some(stream.consumer.clone()),
+        Some(stream) => Some(stream.consumer.to_string()),
         None => event.source_index.and_then(discovery::group_of),
     }
 }
