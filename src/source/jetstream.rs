@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::event::{Event, Settle, StreamMeta};
+use crate::log_limit::LogLimit;
 use crate::outcome::{FailureCause, Outcome};
 use crate::source::spec::ConsumerSpec;
 use crate::source::{Forwarding, Link, Placement, Source};
@@ -42,6 +43,10 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(1);
 const ACK_CONFIRM_LIMIT: Duration = Duration::from_secs(5);
 /// The most acks one confirmation covers.
 const ACK_BATCH: usize = 256;
+
+/// One record per consumer and interval for settlements the server did not
+/// confirm: a lost connection fails a whole batch at once.
+static UNCONFIRMED_LOG: LogLimit<String> = LogLimit::new(Duration::from_secs(5));
 
 /// Why a consumer could not be set up; a configuration mistake exits 2.
 #[derive(Debug, thiserror::Error)]
@@ -417,9 +422,11 @@ impl Settle for JetStreamAck {
                     }
                 }
             };
-            if let Err(err) = result {
+            if let Err(err) = result
+                && let Some(suppressed) = UNCONFIRMED_LOG.admit(self.spec.consumer.clone())
+            {
                 tracing::warn!(
-                    kind = %event.kind, id = %event.id, error = %err,
+                    kind = %event.kind, id = %event.id, error = %err, suppressed,
                     "JetStream ack not confirmed; the server will redeliver the message"
                 );
             }
