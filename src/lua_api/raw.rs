@@ -28,14 +28,20 @@ pub unsafe fn build_value(
     build: impl FnOnce(*mut ffi::lua_State, c_int),
 ) -> mlua::Result<Value> {
     if lua.app_data_ref::<MemoryLimited>().is_some() {
-        let args: MultiValue = args.iter().map(|v| (*v).clone()).collect();
-        // SAFETY: forwarded from the caller.
+        // SAFETY: `build` pushes one value above the arguments; it replaces them.
+        let protected = |state: *mut ffi::lua_State| unsafe {
+            build(state, 0);
+            ffi::lua_replace(state, 1);
+            ffi::lua_settop(state, 1);
+        };
+        // SAFETY: forwarded from the caller. The common arities are pushed from
+        // references, without copying the values into a list first.
         return unsafe {
-            lua.exec_raw::<Value>(args, |state| {
-                build(state, 0);
-                ffi::lua_replace(state, 1);
-                ffi::lua_settop(state, 1);
-            })
+            match *args {
+                [a] => lua.exec_raw::<Value>(a, protected),
+                [a, b] => lua.exec_raw::<Value>((a, b), protected),
+                _ => lua.exec_raw::<Value>(args.iter().map(|v| (*v).clone()).collect::<MultiValue>(), protected),
+            }
         };
     }
     lua.exec_raw_lua(|raw| unsafe {
