@@ -34,17 +34,28 @@ pub async fn process(vm: &Rc<Vm>, event: Event, slot: Slot) {
     let context = Rc::new(task_context(vm, &event, span.as_ref()));
     vm.metrics.started();
     let started = Instant::now();
-    let outcome = match event.delivery.as_ref().and_then(|d| d.while_running()) {
-        Some(keep_alive) => {
-            let run = run(vm, &event, started, &context, span.as_ref());
-            tokio::pin!(run);
-            tokio::select! {
-                biased;
-                outcome = &mut run => outcome,
-                _ = keep_alive => run.await,
+    let outcome = {
+        let mut run = pin!(run(vm, &event, started, &context, span.as_ref()));
+        // Only a handler that waits needs its delivery kept alive (in-progress
+        // acks); most finish in their first poll, without a timer.
+        let mut keep_alive = None;
+        let mut waited = false;
+        poll_fn(|cx| {
+            if let Poll::Ready(outcome) = run.as_mut().poll(cx) {
+                return Poll::Ready(outcome);
             }
-        }
-        None => run(vm, &event, started, &context, span.as_ref()).await,
+            if !waited {
+                waited = true;
+                keep_alive = event.delivery.as_ref().and_then(|d| d.while_running());
+            }
+            if let Some(alive) = keep_alive.as_mut()
+                && alive.as_mut().poll(cx).is_ready()
+            {
+                keep_alive = None;
+            }
+            Poll::Pending
+        })
+        .await
     };
     vm.metrics.finished(&event, &outcome, started.elapsed());
     let settling = vm.settling.acquire().await;
