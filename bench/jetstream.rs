@@ -19,6 +19,10 @@
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
+#[path = "proc_stat.rs"]
+mod proc_stat;
+use proc_stat::cpu_time;
+
 use agent_block::nats_server::NatsServer;
 use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
@@ -27,8 +31,6 @@ const STREAM: &str = "BENCH";
 const SUBJECT: &str = "bench.js";
 const TARGET_RATIO: f64 = 0.9;
 const DRAIN_LIMIT: Duration = Duration::from_secs(300);
-/// Clock ticks per second of `/proc/<pid>/stat` (USER_HZ, 100 on Linux).
-const TICKS_PER_SECOND: f64 = 100.0;
 
 /// One drain: wall time and CPU time of the consumer's process and the server.
 struct Drain {
@@ -115,23 +117,6 @@ async fn measured(
         consumer_cpu: cpu_time(consumer)?.saturating_sub(consumer_before),
         server_cpu: cpu_time(server)?.saturating_sub(server_before),
     })
-}
-
-/// User + system CPU time the process used so far, all threads.
-fn cpu_time(pid: u32) -> Result<Duration, String> {
-    let path = format!("/proc/{pid}/stat");
-    let text = std::fs::read_to_string(&path).map_err(|err| format!("cannot read {path}: {err}"))?;
-    // The command name (field 2) may hold spaces; the fields after it are plain.
-    let after_name = text.rsplit_once(')').map(|(_, rest)| rest).ok_or_else(|| format!("{path}: unexpected format"))?;
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
-    let ticks = |index: usize| -> Result<f64, String> {
-        fields
-            .get(index)
-            .and_then(|field| field.parse::<f64>().ok())
-            .ok_or_else(|| format!("{path}: no CPU time field"))
-    };
-    Ok(Duration::from_secs_f64((ticks(11)? + ticks(12)?) / TICKS_PER_SECOND))
 }
 
 async fn fill(js: &jetstream::Context, messages: usize) -> Result<(), String> {

@@ -31,6 +31,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+#[path = "proc_stat.rs"]
+mod proc_stat;
+use proc_stat::cpu_time;
+
 use agent_block::nats_server::NatsServer;
 use bytes::Bytes;
 use futures::StreamExt;
@@ -52,10 +56,6 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const RSS_SETTLE: Duration = Duration::from_secs(1);
 /// Ready time and idle memory are measured with this many Lua VMs (the design's figure).
 const STARTUP_WORKERS: usize = 2;
-
-/// Linux reports process CPU time in ticks of USER_HZ, which is 100 on every
-/// architecture Rust targets.
-const TICKS_PER_SECOND: f64 = 100.0;
 
 const TARGET_THROUGHPUT_RATIO: f64 = 0.75;
 const TARGET_P99_RATIO: f64 = 2.0;
@@ -432,23 +432,6 @@ impl ProcStatus {
         };
         Ok(ProcStatus { rss_kib: field("VmRSS:")?, peak_rss_kib: field("VmHWM:")? })
     }
-}
-
-/// User + system CPU time the process used so far, all threads.
-fn cpu_time(pid: u32) -> Result<Duration, String> {
-    let path = format!("/proc/{pid}/stat");
-    let text = std::fs::read_to_string(&path).map_err(|err| format!("cannot read {path}: {err}"))?;
-    // The command name (field 2) may hold spaces; the fields after it are plain.
-    let after_name = text.rsplit_once(')').map(|(_, rest)| rest).ok_or_else(|| format!("{path}: unexpected format"))?;
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
-    let ticks = |index: usize| -> Result<f64, String> {
-        fields
-            .get(index)
-            .and_then(|field| field.parse::<f64>().ok())
-            .ok_or_else(|| format!("{path}: no CPU time field"))
-    };
-    Ok(Duration::from_secs_f64((ticks(11)? + ticks(12)?) / TICKS_PER_SECOND))
 }
 
 // ---------------------------------------------------------------------------------

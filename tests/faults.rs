@@ -53,17 +53,9 @@ bus.on("barrier", function(ev)
 end)
 "#;
 
-fn start(args: &[&str]) -> (NatsServer, Scripts, Worker) {
-    let server = server();
-    let scripts = Scripts::new();
-    let script = scripts.write("app.lua", APP);
-    let worker = Worker::run(&server, &script, args);
-    (server, scripts, worker)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_loop_that_never_yields_times_out_and_the_vm_keeps_serving() {
-    let (server, _scripts, _worker) = start(&["--workers", "1", "--handler-timeout", "300ms"]);
+    let (server, _scripts, _worker) = run_app(APP, &["--workers", "1", "--handler-timeout", "300ms"]);
     let client = client(&server).await;
     for subject in ["work.spin", "work.spin_pcall", "work.spin_in_c"] {
         let (code, message) = error_of(&request(&client, subject, "").await).expect("timeout reply");
@@ -74,7 +66,7 @@ async fn a_loop_that_never_yields_times_out_and_the_vm_keeps_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_yielding_handler_is_cancelled_at_its_deadline() {
-    let (server, _scripts, _worker) = start(&["--workers", "1", "--handler-timeout", "300ms"]);
+    let (server, _scripts, _worker) = run_app(APP, &["--workers", "1", "--handler-timeout", "300ms"]);
     let client = client(&server).await;
     assert_eq!(error_of(&request(&client, "work.nap", "").await).map(|e| e.0), Some(504));
     assert_eq!(body(&request(&client, "work.ok", "").await), "still serving");
@@ -82,7 +74,7 @@ async fn a_yielding_handler_is_cancelled_at_its_deadline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_timeout_overrides_the_default() {
-    let (server, _scripts, _worker) = start(&["--workers", "1", "--handler-timeout", "1m"]);
+    let (server, _scripts, _worker) = run_app(APP, &["--workers", "1", "--handler-timeout", "1m"]);
     let client = client(&server).await;
     assert_eq!(
         error_of(&request(&client, "quick", "").await),
@@ -92,7 +84,7 @@ async fn a_subscription_timeout_overrides_the_default() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exceeding_the_memory_limit_fails_that_handler_only() {
-    let (server, _scripts, _worker) = start(&["--workers", "1", "--lua-memory-limit", "16MiB"]);
+    let (server, _scripts, _worker) = run_app(APP, &["--workers", "1", "--lua-memory-limit", "16MiB"]);
     let client = client(&server).await;
     let (code, message) = error_of(&request(&client, "work.hog", "").await).expect("error reply");
     assert_eq!(code, 500);
@@ -104,7 +96,8 @@ async fn exceeding_the_memory_limit_fails_that_handler_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handlers_that_yield_run_concurrently_on_one_vm() {
-    let (server, _scripts, _worker) = start(&["--workers", "1", "--concurrency", "8", "--handler-timeout", "20s"]);
+    let (server, _scripts, _worker) =
+        run_app(APP, &["--workers", "1", "--concurrency", "8", "--handler-timeout", "20s"]);
     let client = client(&server).await;
     let requests = (0..8).map(|_| {
         let client = client.clone();
@@ -117,7 +110,7 @@ async fn handlers_that_yield_run_concurrently_on_one_vm() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversize_data_is_an_error_not_a_lost_request() {
-    let (server, _scripts, _worker) = start(&["--workers", "1"]);
+    let (server, _scripts, _worker) = run_app(APP, &["--workers", "1"]);
     let client = client(&server).await;
     let (code, message) = error_of(&request(&client, "work.huge", "").await).expect("error reply");
     assert_eq!(code, 500);
@@ -131,7 +124,7 @@ async fn oversize_data_is_an_error_not_a_lost_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timed_out_handler_never_resumes() {
-    let (server, _scripts, _worker) = start(&["--workers", "1", "--handler-timeout", "100ms"]);
+    let (server, _scripts, _worker) = run_app(APP, &["--workers", "1", "--handler-timeout", "100ms"]);
     let client = client(&server).await;
     let mut trail = client.subscribe("trail.*").await.unwrap();
     client.flush().await.unwrap();

@@ -87,14 +87,6 @@ bus.on("stuck_in_c", function(ev)
 end)
 "#;
 
-fn start(args: &[&str]) -> (NatsServer, Scripts, Worker) {
-    let server = server();
-    let scripts = Scripts::new();
-    let script = scripts.write("app.lua", APP);
-    let worker = Worker::run(&server, &script, args);
-    (server, scripts, worker)
-}
-
 /// Requests `subject`, expecting an error reply with `code` within `within`.
 async fn expect_error(client: &async_nats::Client, subject: &str, code: u16, within: Duration) -> String {
     let started = Instant::now();
@@ -108,7 +100,7 @@ async fn expect_error(client: &async_nats::Client, subject: &str, code: u16, wit
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_looping_finalizer_is_interrupted() {
-    let (server, _scripts, mut worker) = start(&["--workers", "1", "--handler-timeout", "1s"]);
+    let (server, _scripts, mut worker) = run_app(APP, &["--workers", "1", "--handler-timeout", "1s"]);
     let client = client(&server).await;
     expect_error(&client, "hang.gc_spin", 504, Duration::from_secs(10)).await;
     assert_eq!(body(&request(&client, "hang.ok", "").await), "still serving");
@@ -130,7 +122,7 @@ async fn a_looping_finalizer_is_interrupted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_looping_close_handler_is_interrupted() {
-    let (server, _scripts, _worker) = start(&["--workers", "1", "--handler-timeout", "500ms"]);
+    let (server, _scripts, _worker) = run_app(APP, &["--workers", "1", "--handler-timeout", "500ms"]);
     let client = client(&server).await;
     expect_error(&client, "hang.close_spin", 504, Duration::from_secs(10)).await;
     expect_error(&client, "hang.close_coroutine_spin", 504, Duration::from_secs(10)).await;
@@ -139,7 +131,7 @@ async fn a_looping_close_handler_is_interrupted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recursion_through_pcall_unwinds_in_time() {
-    let (server, _scripts, _worker) = start(&["--workers", "1", "--handler-timeout", "2s"]);
+    let (server, _scripts, _worker) = run_app(APP, &["--workers", "1", "--handler-timeout", "2s"]);
     let client = client(&server).await;
     // Unwinding one pcall at a time took 29 s and more: each recovery costs time
     // that grows with the stack.
@@ -151,7 +143,7 @@ async fn recursion_through_pcall_unwinds_in_time() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_memory_bomb_fails_under_the_default_memory_limit() {
-    let (server, _scripts, _worker) = start(&["--workers", "1", "--handler-timeout", "10s"]);
+    let (server, _scripts, _worker) = run_app(APP, &["--workers", "1", "--handler-timeout", "10s"]);
     let client = client(&server).await;
     let message = expect_error(&client, "hang.string_bomb", 500, Duration::from_secs(10)).await;
     assert!(message.contains("memory"), "{message}");
@@ -160,7 +152,7 @@ async fn a_memory_bomb_fails_under_the_default_memory_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn collectgarbage_cannot_change_the_collector() {
-    let (server, _scripts, _worker) = start(&["--workers", "1"]);
+    let (server, _scripts, _worker) = run_app(APP, &["--workers", "1"]);
     let client = client(&server).await;
     for subject in ["hang.gc_stop", "hang.gc_generational"] {
         let message = expect_error(&client, subject, 500, PATIENCE).await;
@@ -171,7 +163,7 @@ async fn collectgarbage_cannot_change_the_collector() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loops_in_coroutines_callbacks_and_metamethods_time_out() {
-    let (server, _scripts, _worker) = start(&["--workers", "1", "--handler-timeout", "300ms"]);
+    let (server, _scripts, _worker) = run_app(APP, &["--workers", "1", "--handler-timeout", "300ms"]);
     let client = client(&server).await;
     for subject in ["hang.coroutine_spin", "hang.wrap_spin", "hang.gsub_spin", "hang.index_spin"] {
         let message = expect_error(&client, subject, 504, Duration::from_secs(10)).await;

@@ -83,43 +83,60 @@ fn the_top_level_is_bounded_by_the_handler_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrency_is_an_upper_bound_per_vm() {
-    let server = server();
-    let (_scripts, script) = app();
-    let _worker = Worker::run(&server, &script, &["--workers", "1", "--concurrency", "2"]);
-    let client = client(&server).await;
-    let mut started = client.subscribe("started").await.unwrap();
-    let mut gate = client.subscribe("gate.open").await.unwrap();
-    client.flush().await.unwrap();
-    let pending: Vec<_> = (0..3)
-        .map(|_| {
-            let client = client.clone();
-            tokio::spawn(async move { request(&client, "gate.hold", "").await })
-        })
-        .collect();
-    next(&mut started).await;
-    next(&mut started).await;
+    let mut gated = Gated::start(&["--concurrency", "2"]).await;
+    let pending: Vec<_> = (0..3).map(|_| gated.hold()).collect();
+    next(&mut gated.started).await;
+    next(&mut gated.started).await;
     // The third waits for a slot: nothing may start while both hold theirs. A
     // bounded look for something that must not happen.
-    let third = tokio::time::timeout(Duration::from_millis(700), next(&mut started)).await;
+    let third = tokio::time::timeout(Duration::from_millis(700), next(&mut gated.started)).await;
     assert!(third.is_err(), "a third handler started with --concurrency 2");
     for _ in 0..2 {
-        let held = next(&mut gate).await;
-        client.publish(held.reply.expect("a request"), "".into()).await.unwrap();
+        let held = next(&mut gated.gate).await;
+        gated.open(held).await;
     }
-    next(&mut started).await;
-    let held = next(&mut gate).await;
-    client.publish(held.reply.expect("a request"), "".into()).await.unwrap();
+    next(&mut gated.started).await;
+    let held = next(&mut gated.gate).await;
+    gated.open(held).await;
     for reply in pending {
         assert_eq!(body(&reply.await.unwrap()), "released");
+    }
+}
+
+/// A worker running `APP` on one VM, with the test holding the gate that
+/// `gate.hold` handlers wait at: `started` tells when one started, `gate` brings
+/// the request it waits on.
+struct Gated {
+    running: Running,
+    started: async_nats::Subscriber,
+    gate: async_nats::Subscriber,
+}
+
+impl Gated {
+    async fn start(args: &[&str]) -> Self {
+        let running = start_app(APP, args).await;
+        let started = running.client.subscribe("started").await.unwrap();
+        let gate = running.client.subscribe("gate.open").await.unwrap();
+        running.client.flush().await.unwrap();
+        Gated { running, started, gate }
+    }
+
+    /// Requests `gate.hold` in the background.
+    fn hold(&self) -> tokio::task::JoinHandle<async_nats::Message> {
+        let client = self.running.client.clone();
+        tokio::spawn(async move { request(&client, "gate.hold", "").await })
+    }
+
+    /// Lets the handler waiting on the gate request `held` go on.
+    async fn open(&self, held: async_nats::Message) {
+        self.running.client.publish(held.reply.expect("a request"), "".into()).await.unwrap();
     }
 }
 
 /// A `--concurrency 1` worker whose one handler slot is held at the gate and
 /// whose queue took requests, sent one at a time, until one was refused.
 struct FullIntake {
-    running: Running,
-    started: async_nats::Subscriber,
-    gate: async_nats::Subscriber,
+    gated: Gated,
     /// The gate request of the running handler.
     held: async_nats::Message,
     /// The running request, then the queued ones.
@@ -130,26 +147,18 @@ struct FullIntake {
 impl FullIntake {
     async fn new(capacity: usize) -> Self {
         let capacity_arg = capacity.to_string();
-        let running = start_app(APP, &["--concurrency", "1", "--bus-capacity", &capacity_arg]).await;
-        let client = running.client.clone();
-        let mut started = client.subscribe("started").await.unwrap();
-        let mut gate = client.subscribe("gate.open").await.unwrap();
-        client.flush().await.unwrap();
-        let ask = || {
-            let client = client.clone();
-            tokio::spawn(async move { request(&client, "gate.hold", "").await })
-        };
-        let mut waiting = vec![ask()];
-        next(&mut started).await;
-        let held = next(&mut gate).await;
+        let mut gated = Gated::start(&["--concurrency", "1", "--bus-capacity", &capacity_arg]).await;
+        let mut waiting = vec![gated.hold()];
+        next(&mut gated.started).await;
+        let held = next(&mut gated.gate).await;
         for _ in 0..2 * capacity + 2 {
-            let mut pending = ask();
+            let mut pending = gated.hold();
             // A refusal comes at once; 2 s only tells it from a queued request on
             // a loaded machine.
             match tokio::time::timeout(Duration::from_secs(2), &mut pending).await {
                 Ok(refused) => {
                     let refused = refused.unwrap();
-                    return FullIntake { running, started, gate, held, waiting, refused };
+                    return FullIntake { gated, held, waiting, refused };
                 }
                 Err(_) => waiting.push(pending),
             }
@@ -164,12 +173,11 @@ impl FullIntake {
     /// Opens the gate for the running handler and then for each queued one as
     /// it starts; returns their replies.
     async fn drain(mut self) -> Vec<async_nats::Message> {
-        let client = self.running.client.clone();
         for left in (0..self.waiting.len()).rev() {
-            client.publish(self.held.reply.clone().expect("a request"), "".into()).await.unwrap();
+            self.gated.open(self.held.clone()).await;
             if left > 0 {
-                next(&mut self.started).await;
-                self.held = next(&mut self.gate).await;
+                next(&mut self.gated.started).await;
+                self.held = next(&mut self.gated.gate).await;
             }
         }
         let mut replies = Vec::new();
@@ -193,24 +201,15 @@ async fn a_full_intake_refuses_a_request_at_once_and_serves_the_queued_ones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_waiting_in_nats_request_leaves_its_vm_serving() {
-    let server = server();
-    let (_scripts, script) = app();
-    let _worker = Worker::run(&server, &script, &["--workers", "1", "--concurrency", "4"]);
-    let client = client(&server).await;
-    let mut started = client.subscribe("started").await.unwrap();
-    let mut gate = client.subscribe("gate.open").await.unwrap();
-    client.flush().await.unwrap();
-    let waiting = tokio::spawn({
-        let client = client.clone();
-        async move { request(&client, "gate.hold", "").await }
-    });
-    next(&mut started).await;
-    let held = next(&mut gate).await;
+    let mut gated = Gated::start(&["--concurrency", "4"]).await;
+    let waiting = gated.hold();
+    next(&mut gated.started).await;
+    let held = next(&mut gated.gate).await;
 
     // The one VM answers another request while the first handler waits.
-    assert_eq!(body(&request(&client, "outcome.other", "").await), "fallback for outcome.other");
+    assert_eq!(body(&request(&gated.running.client, "outcome.other", "").await), "fallback for outcome.other");
 
-    client.publish(held.reply.expect("a request"), "".into()).await.unwrap();
+    gated.open(held).await;
     assert_eq!(body(&waiting.await.unwrap()), "released");
 }
 

@@ -55,14 +55,21 @@ pub struct Running {
 /// Starts `app.lua` holding `source` on one VM (plus `args`) against a private
 /// server and waits until it is ready.
 pub async fn start_app(source: &str, args: &[&str]) -> Running {
+    let mut all = vec!["--workers", "1"];
+    all.extend_from_slice(args);
+    let (server, scripts, worker) = run_app(source, &all);
+    let client = client(&server).await;
+    Running { server, scripts, worker, client }
+}
+
+/// Runs `app.lua` holding `source` with exactly `args` against a private server
+/// and waits until it is ready.
+pub fn run_app(source: &str, args: &[&str]) -> (NatsServer, Scripts, Worker) {
     let server = server();
     let scripts = Scripts::new();
     let script = scripts.write("app.lua", source);
-    let mut all = vec!["--workers", "1"];
-    all.extend_from_slice(args);
-    let worker = Worker::run(&server, &script, &all);
-    let client = client(&server).await;
-    Running { server, scripts, worker, client }
+    let worker = Worker::run(&server, &script, args);
+    (server, scripts, worker)
 }
 
 /// A temporary folder holding test scripts.
