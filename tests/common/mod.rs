@@ -309,8 +309,31 @@ pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let chunked = head.lines().any(|line| {
+        line.split_once(':').is_some_and(|(name, value)| {
+            name.eq_ignore_ascii_case("transfer-encoding") && value.trim().eq_ignore_ascii_case("chunked")
+        })
+    });
+    let body = if chunked { dechunk(body) } else { body.to_string() };
     Ok((status, body))
+}
+
+/// The payload of a `Transfer-Encoding: chunked` body (servers such as the
+/// nats-server monitor send large responses that way).
+fn dechunk(mut rest: &str) -> String {
+    let mut body = String::new();
+    while let Some((size_line, after)) = rest.split_once("\r\n") {
+        let size_field = size_line.split(';').next().unwrap_or("").trim();
+        let Ok(size) = usize::from_str_radix(size_field, 16) else { break };
+        let (Some(chunk), Some(tail)) = (after.get(..size), after.get(size..)) else { break };
+        if size == 0 {
+            break;
+        }
+        body.push_str(chunk);
+        rest = tail.strip_prefix("\r\n").unwrap_or(tail);
+    }
+    body
 }
 
 /// Clears every setting the developer's shell could pass to the worker
