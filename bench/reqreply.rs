@@ -19,7 +19,8 @@
 //!
 //! Environment: `BENCH_REQUESTS` (measured requests per responder and round,
 //! default 100000), `BENCH_WARMUP` (default 5000), `BENCH_WORKERS` (worker threads of
-//! each responder, default 2), `BENCH_ROUNDS` (default 2), `NATS_SERVER_BIN`.
+//! each responder, default 2), `BENCH_ROUNDS` (default 2), `NATS_SERVER_BIN`,
+//! `BENCH_AGENT_ARGS` (extra `agent-block run` options, split at whitespace).
 //! Without `--bench` (e.g. `cargo test --all-targets`) it runs a quick smoke pass
 //! whose figures mean nothing.
 
@@ -142,6 +143,9 @@ fn run() -> Result<(), String> {
         println!("smoke pass (no --bench): the figures below mean nothing; run `cargo bench --bench reqreply`");
     }
 
+    if let Ok(extra) = std::env::var("BENCH_AGENT_ARGS") {
+        println!("agent-block run options added by BENCH_AGENT_ARGS: {extra}");
+    }
     println!("cpu us/req: CPU time (user + system, all threads) the responder process spent per measured request");
     let startup = measure_startup(&url, settings.starts)?;
 
@@ -367,6 +371,9 @@ fn start_agent(url: &str, workers: usize, otlp_port: Option<u16>) -> Result<Agen
         {
             command.env_remove(&*name);
         }
+    }
+    if let Ok(extra) = std::env::var("BENCH_AGENT_ARGS") {
+        command.args(extra.split_whitespace());
     }
     if let Some(port) = otlp_port {
         command.env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://127.0.0.1:{port}"));
