@@ -6,7 +6,7 @@
 mod common;
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use async_nats::ConnectOptions;
 use base64::Engine;
@@ -131,7 +131,7 @@ fn a_refused_password_is_retried_with_a_redacted_url_and_a_hint() {
     );
     let status = worker.wait_exit(PATIENCE).expect("the worker gives up at --connect-timeout");
     assert_eq!(status.code(), Some(1));
-    assert_within_connect_timeout(started);
+    assert_gave_up_soon(started);
     let log = worker.stderr.text();
     assert!(log.contains("cannot connect to NATS; retrying") && log.contains("refused the credentials"), "{log}");
     assert!(log.contains(&url_with("alice:***", &server)), "{log}");
@@ -313,11 +313,5 @@ async fn mutual_tls_with_a_private_ca_connects_and_the_key_stays_out_of_the_log(
     let started = Instant::now();
     let mut refused = Worker::spawn(&["run", script, "--nats-url", &url, "--tls-ca", &ca, "--connect-timeout", "2s"]);
     assert_eq!(refused.wait_exit(PATIENCE).and_then(|s| s.code()), Some(1), "{}", refused.stderr.text());
-    assert_within_connect_timeout(started);
-}
-
-/// The limit is 2 s; 15 s only catches a wait that ignores it (process start on
-/// a loaded machine takes a few seconds at worst).
-fn assert_within_connect_timeout(started: Instant) {
-    assert!(started.elapsed() < Duration::from_secs(15), "took {:?}", started.elapsed());
+    assert_gave_up_soon(started);
 }

@@ -100,9 +100,7 @@ fn connect_timeout_is_bounded_and_names_the_url() {
     let mut worker = Worker::spawn(&["run", script.to_str().unwrap(), "--nats-url", &url, "--connect-timeout", "1s"]);
     let status = worker.wait_exit(PATIENCE).expect("the worker gives up");
     assert_eq!(status.code(), Some(1));
-    // The limit is 1 s; 15 s only catches a wait that ignores it (process start
-    // on a loaded machine takes a few seconds at worst).
-    assert!(started.elapsed() < Duration::from_secs(15), "took {:?}", started.elapsed());
+    assert_gave_up_soon(started);
     assert!(
         worker.stderr.text().contains(&format!("cannot reach NATS at {url} within 1s")),
         "{}",

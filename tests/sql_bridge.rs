@@ -230,8 +230,7 @@ fn bad_database_settings_fail_at_start() {
     let started = Instant::now();
     let (code, _, stderr) = run_command(&args, None);
     assert_eq!(code, 1, "{stderr}");
-    // The limit is 1 s; 15 s only catches a wait that ignores it.
-    assert!(started.elapsed() < Duration::from_secs(15), "took {:?}", started.elapsed());
+    assert_gave_up_soon(started);
     assert!(stderr.contains("cannot reach database") && !stderr.contains("pw@"), "{stderr}");
 }
 

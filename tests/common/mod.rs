@@ -20,6 +20,14 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_agent-block");
 /// processes; the bounds catch hangs, not slowness.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
+/// Asserts that a process given a `--connect-timeout` of a few seconds at most,
+/// started at `started`, gave up soon after it: 15 s only catches a wait that
+/// ignores the limit (process start on a loaded machine takes a few seconds at
+/// worst).
+pub fn assert_gave_up_soon(started: Instant) {
+    assert!(started.elapsed() < Duration::from_secs(15), "took {:?}", started.elapsed());
+}
+
 /// A private nats-server on a port of this test process's own range (see
 /// [`free_port`]), so a restart gets its port back.
 pub fn server() -> NatsServer {
