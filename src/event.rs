@@ -7,7 +7,8 @@ use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
 use futures::future::LocalBoxFuture;
 
-use crate::outcome::Outcome;
+use crate::outcome::{Failure, FailureCause, Outcome};
+use crate::panics;
 
 /// One message on its way to a handler.
 #[derive(Debug)]
@@ -47,8 +48,9 @@ pub struct StreamMeta {
 /// Each source implements it for its own deliveries, so settling never asks where
 /// an event came from.
 pub trait Settle: Send {
-    /// Reports `outcome` for `event` (whose `delivery` has been taken out).
-    fn settle<'a>(self: Box<Self>, event: &'a Event, outcome: Outcome) -> LocalBoxFuture<'a, ()>;
+    /// Reports `outcome` for `event` (whose `delivery` has been taken out). Called
+    /// once, and once more with an internal error if the first call panicked.
+    fn settle<'a>(&'a mut self, event: &'a Event, outcome: Outcome) -> LocalBoxFuture<'a, ()>;
 
     /// Work to run while the handler runs, such as JetStream in-progress acks;
     /// dropped when the handler ends.
@@ -147,16 +149,30 @@ impl Event {
     }
 
     /// Settles the event through the source it came from.
+    /// A panic while settling (a bug) is confined to this event: it is logged
+    /// once and the event is settled again as an internal error (500), so a
+    /// requester is answered and a JetStream message is nak'ed.
     pub async fn settle(mut self, outcome: Outcome) {
-        if let Some(delivery) = self.delivery.take() {
-            delivery.settle(&self, outcome).await;
+        let Some(mut delivery) = self.delivery.take() else { return };
+        let Err(panic) = panics::catch(delivery.settle(&self, outcome)).await else { return };
+        tracing::error!(
+            kind = %self.kind, id = %self.id, panic = %panic.message, location = %panic.location,
+            "settling the event panicked; settling it as an internal error (500) instead"
+        );
+        let fallback = Failure::new(FailureCause::Internal, 500, "internal error while settling the event".to_string());
+        if let Err(again) = panics::catch(delivery.settle(&self, Outcome::Error(fallback))).await {
+            tracing::error!(
+                kind = %self.kind, id = %self.id, panic = %again.message, location = %again.location,
+                "settling the event as an internal error panicked too; it is left to its source's timeout"
+            );
         }
     }
 
     /// The `traceparent` header, looked up case-insensitively (Go clients send
-    /// `Traceparent`).
+    /// `Traceparent`), when it is valid W3C trace context; an invalid one starts a
+    /// new trace, as the W3C rules say.
     pub fn traceparent(&self) -> Option<&str> {
-        header(self.headers.as_ref()?, "traceparent")
+        header(self.headers.as_ref()?, "traceparent").filter(|value| trace_id_of(value).is_some())
     }
 
     /// The W3C trace id carried by the `traceparent` header, if any.
@@ -177,13 +193,24 @@ pub fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .map(|value| value.as_str())
 }
 
-/// Extracts the trace id from a `traceparent` value (`00-<trace id>-<span id>-<flags>`).
+/// Extracts the trace id from a valid W3C `traceparent` value
+/// (`<version>-<trace id>-<parent id>-<flags>`): lowercase hex fields of 2, 32,
+/// 16 and 2 digits, version not `ff`, neither id all zeros; version `00` has
+/// exactly these four fields, a later version may append more after a `-`.
 pub fn trace_id_of(traceparent: &str) -> Option<&str> {
-    let mut fields = traceparent.split('-');
-    let _version = fields.next()?;
-    let trace_id = fields.next()?;
-    let valid =
-        trace_id.len() == 32 && trace_id.bytes().all(|b| b.is_ascii_hexdigit()) && trace_id.bytes().any(|b| b != b'0');
+    let bytes = traceparent.as_bytes();
+    if bytes.len() < 55 || !bytes[..55].is_ascii() || bytes[2] != b'-' || bytes[35] != b'-' || bytes[52] != b'-' {
+        return None;
+    }
+    let (version, trace_id, parent_id, flags) =
+        (&traceparent[..2], &traceparent[3..35], &traceparent[36..52], &traceparent[53..55]);
+    let lower_hex = |field: &str| field.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let nonzero = |field: &str| field.bytes().any(|b| b != b'0');
+    let valid = [version, trace_id, parent_id, flags].into_iter().all(lower_hex)
+        && version != "ff"
+        && nonzero(trace_id)
+        && nonzero(parent_id)
+        && (bytes.len() == 55 || (version != "00" && bytes[55] == b'-'));
     valid.then_some(trace_id)
 }
 
@@ -197,6 +224,45 @@ mod tests {
         assert_eq!(trace_id_of(tp), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
         assert_eq!(trace_id_of("00-00000000000000000000000000000000-00f067aa0ba902b7-01"), None);
         assert_eq!(trace_id_of("garbage"), None);
+        for invalid in [
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-zz",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-600f067aa0ba902b7-01",
+            "0-04bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0é",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01é",
+        ] {
+            assert_eq!(trace_id_of(invalid), None, "{invalid}");
+        }
+        let later = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-more";
+        assert_eq!(trace_id_of(later), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+    }
+
+    /// Panics on its first settle; records what it is settled with after.
+    struct PanicsOnce(Arc<std::sync::Mutex<Vec<Outcome>>>);
+
+    impl Settle for PanicsOnce {
+        fn settle<'a>(&'a mut self, _: &'a Event, outcome: Outcome) -> LocalBoxFuture<'a, ()> {
+            Box::pin(async move {
+                let first = self.0.lock().unwrap().is_empty();
+                self.0.lock().unwrap().push(outcome);
+                assert!(!first, "a bug on the settle path");
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panic_while_settling_settles_the_event_as_an_internal_error() {
+        let settled = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut event = Event::new("k".into(), "s".into(), None, None, Bytes::new());
+        event.delivery = Some(Box::new(PanicsOnce(settled.clone())));
+        event.settle(Outcome::empty_ack()).await;
+        let settled = settled.lock().unwrap();
+        assert_eq!(settled.len(), 2);
+        assert!(matches!(&settled[1], Outcome::Error(failure) if failure.code == 500), "{:?}", settled[1]);
     }
 
     #[test]

@@ -38,6 +38,7 @@ pub fn init_with(format: Option<LogFormat>, default: &str) {
         LogFormat::Json => output.json().flatten_event(true).boxed(),
         LogFormat::Pretty => output.with_ansi(terminal).boxed(),
     };
+    crate::panics::install_hook();
     let result = tracing_subscriber::registry().with(filter).with(filter_fn(may_be_logged)).with(output).try_init();
     // A second init (tests calling entry points twice) keeps the first subscriber.
     let _ = result;

@@ -32,9 +32,9 @@ pub fn reply_of(outcome: Outcome) -> (Option<HeaderMap>, Bytes) {
 
 pub fn error_headers(code: u16, message: &str) -> HeaderMap {
     let mut headers = HeaderMap::new();
-    // Header values cannot hold line breaks; tracebacks keep their first line.
+    // Tracebacks keep their first line; other control characters become spaces.
     let first_line = message.lines().next().unwrap_or("");
-    headers.insert(SERVICE_ERROR, first_line);
+    headers.insert(SERVICE_ERROR, crate::headers::value(first_line));
     headers.insert(SERVICE_ERROR_CODE, code.to_string().as_str());
     headers
 }

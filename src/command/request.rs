@@ -78,7 +78,8 @@ fn parse_headers(headers: &[String]) -> Result<Option<HeaderMap>, String> {
     for header in headers {
         let (name, value) =
             header.split_once(':').ok_or_else(|| format!("invalid --header {header:?}: expected NAME:VALUE"))?;
-        map.append(name.trim(), value.trim());
+        crate::headers::append(&mut map, name.trim(), value.trim())
+            .map_err(|err| format!("invalid --header {header:?}: {err}"))?;
     }
     Ok(Some(map))
 }

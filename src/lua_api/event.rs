@@ -140,7 +140,7 @@ fn extra(table: &Table) -> mlua::Result<Extra> {
 fn payload(lua: &Lua, table: &Table) -> mlua::Result<Value> {
     let data: mlua::LuaString = table.raw_get("data")?;
     let bytes = data.as_bytes();
-    if bytes.iter().all(u8::is_ascii_whitespace) {
+    if bytes.is_empty() {
         return Ok(Value::Nil);
     }
     match json::decode(lua, &bytes) {

@@ -133,14 +133,16 @@ unsafe extern "C-unwind" fn enter(state: *mut ffi::lua_State) -> c_int {
 /// `function(co, ...)` that calls `run(co, ...)` (the built-in `coroutine.resume`
 /// or `close`) with `co` recorded as running.
 fn tracked(lua: &Lua, run: Function) -> mlua::Result<Function> {
-    // SAFETY: pushes exactly one value, a closure over `run`.
+    // SAFETY: pushes exactly one value, a closure over `run`, within the
+    // `LUA_MINSTACK` slots every C frame has.
     unsafe { lua.exec_raw(run, |state| ffi::lua_pushcclosure(state, run_tracked, 1)) }
 }
 
 unsafe extern "C-unwind" fn run_tracked(state: *mut ffi::lua_State) -> c_int {
     // SAFETY: a C function called by Lua with its upvalue; errors are caught by
     // `lua_pcall` before the coroutine is forgotten, and nothing owned lives on this
-    // frame when `lua_error` unwinds it.
+    // frame when `lua_error` unwinds it. It pushes one value above its arguments
+    // (within `LUA_MINSTACK`); `lua_pcall` makes room for the results itself.
     unsafe {
         let nargs = ffi::lua_gettop(state);
         let coroutine = if ffi::lua_type(state, 1) == ffi::LUA_TTHREAD {

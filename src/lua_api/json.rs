@@ -411,6 +411,15 @@ mod tests {
     }
 
     #[test]
+    fn floats_roundtrip_exactly() {
+        for text in ["12409406.297733545", "2.4703282292062328e-324", "0.1", "1.7976931348623157e308", "-5e-324"] {
+            let expected: f64 = text.parse().unwrap();
+            let back: f64 = roundtrip(text).parse().unwrap();
+            assert_eq!(back.to_bits(), expected.to_bits(), "{text}");
+        }
+    }
+
+    #[test]
     fn bad_json_is_an_error_that_says_where() {
         let lua = Lua::new();
         let err = decode(&lua, b"{\"a\": }").unwrap_err();
@@ -441,6 +450,46 @@ mod tests {
         assert!(encoded(&lua, "return 0/0").unwrap_err().contains("NaN"));
         assert!(encoded(&lua, "return { [true] = 1 }").unwrap_err().contains("key of type boolean"));
         assert!(encoded(&lua, "return '\\255'").unwrap_err().contains("UTF-8"));
+    }
+
+    /// `depth` nested objects (`{"a":...}`) or arrays around `1`.
+    fn nested(depth: usize, object: bool) -> String {
+        let (open, close) = if object { (r#"{"a":"#, "}") } else { ("[", "]") };
+        format!("{}1{}", open.repeat(depth), close.repeat(depth))
+    }
+
+    /// Every nesting depth serde_json accepts decodes and encodes back unchanged,
+    /// protected or not, and leaves the VM answering a plain value: a push past
+    /// the reserved Lua stack would crash here or corrupt what follows.
+    #[test]
+    fn every_accepted_depth_roundtrips_and_leaves_the_vm_sound() {
+        for limited in [false, true] {
+            let lua = Lua::new();
+            if limited {
+                lua.set_app_data(raw::MemoryLimited);
+                lua.set_memory_limit(64 * 1024 * 1024).unwrap();
+            }
+            for depth in 1..=300 {
+                for object in [true, false] {
+                    let text = nested(depth, object);
+                    match decode(&lua, text.as_bytes()) {
+                        Ok(value) => assert_eq!(String::from_utf8(encode(&lua, &value).unwrap()).unwrap(), text),
+                        Err(DecodeError::Json(err)) => {
+                            assert!(depth > 100, "depth {depth} refused: {err}");
+                            assert!(err.to_string().contains("recursion limit"), "{err}");
+                        }
+                        Err(err) => panic!("depth {depth}, limited {limited}: {err}"),
+                    }
+                    assert_eq!(roundtrip_in(&lua, r#"{"plain":[1,"two"]}"#), r#"{"plain":[1,"two"]}"#);
+                }
+            }
+            lua.gc_collect().unwrap();
+        }
+    }
+
+    fn roundtrip_in(lua: &Lua, text: &str) -> String {
+        let value = decode(lua, text.as_bytes()).unwrap();
+        String::from_utf8(encode(lua, &value).unwrap()).unwrap()
     }
 
     #[test]

@@ -23,6 +23,7 @@ use bytes::Bytes;
 use mlua::{Lua, Table, Value};
 
 use crate::duration::{parse_duration, seconds_to_duration};
+use crate::headers;
 
 /// Installs every global of the Lua API into `lua`.
 pub fn install(lua: &Lua) -> mlua::Result<()> {
@@ -68,12 +69,12 @@ pub fn headers_of(table: &Table) -> mlua::Result<HeaderMap> {
         match value {
             Value::Table(list) => {
                 for item in list.sequence_values::<String>() {
-                    headers.append(name.as_str(), item?.as_str());
+                    headers::append(&mut headers, &name, &item?).map_err(mlua::Error::runtime)?;
                 }
             }
-            Value::String(s) => headers.insert(name.as_str(), s.to_str()?.as_ref()),
+            Value::String(s) => headers::insert(&mut headers, &name, &s.to_str()?).map_err(mlua::Error::runtime)?,
             Value::Integer(_) | Value::Number(_) | Value::Boolean(_) => {
-                headers.insert(name.as_str(), value.to_string()?.as_str())
+                headers::insert(&mut headers, &name, &value.to_string()?).map_err(mlua::Error::runtime)?
             }
             other => {
                 return Err(mlua::Error::runtime(format!(

@@ -1,6 +1,14 @@
 //! Building Lua values directly on the Lua stack, for the per-event work where
 //! mlua's per-value handles cost more than the work itself.
 //!
+//! The stack rule, for every raw block in this crate: Lua guarantees only
+//! `LUA_MINSTACK` (20) free slots to a C function, and a push past the reserved
+//! space writes past the end of the stack without any check. So every block
+//! reserves, before its first push, every slot it may use (`lua_checkstack`, or
+//! `luaL_checkstack` where raising is safe), counting nested levels of a
+//! recursive builder; `build_value` and `read_value` do it for the slots their
+//! callers declare.
+//!
 //! Without `--lua-memory-limit` the stack work runs unprotected, as mlua's own
 //! internals do: an allocation failure there means the process is out of memory,
 //! which aborts it either way. With a limit, it runs inside a protected call, so
@@ -29,7 +37,11 @@ pub unsafe fn build_value(
 ) -> mlua::Result<Value> {
     if lua.app_data_ref::<MemoryLimited>().is_some() {
         // SAFETY: `build` pushes one value above the arguments; it replaces them.
+        // The protected call starts a fresh C frame with `LUA_MINSTACK` slots, so
+        // the declared ones are reserved inside it; failing raises a Lua error,
+        // which the protected call turns into an ordinary one.
         let protected = |state: *mut ffi::lua_State| unsafe {
+            ffi::luaL_checkstack(state, reserved(0, slots), c"JSON value too deep for the Lua stack".as_ptr());
             build(state, 0);
             ffi::lua_replace(state, 1);
             ffi::lua_settop(state, 1);
@@ -47,8 +59,7 @@ pub unsafe fn build_value(
     lua.exec_raw_lua(|raw| unsafe {
         let state = raw.state();
         let top = ffi::lua_gettop(state);
-        let needed = c_int::try_from(args.len() * 2 + slots + 2).unwrap_or(c_int::MAX);
-        if ffi::lua_checkstack(state, needed) == 0 {
+        if ffi::lua_checkstack(state, reserved(args.len(), slots)) == 0 {
             return Err(mlua::Error::runtime("Lua stack exhausted"));
         }
         for arg in args {
@@ -71,8 +82,7 @@ pub fn read_value<R>(
     lua.exec_raw_lua(|raw| unsafe {
         let state = raw.state();
         let top = ffi::lua_gettop(state);
-        let needed = c_int::try_from(args.len() * 2 + 2).unwrap_or(c_int::MAX);
-        if ffi::lua_checkstack(state, needed) == 0 {
+        if ffi::lua_checkstack(state, reserved(args.len(), 0)) == 0 {
             return Err(mlua::Error::runtime("Lua stack exhausted"));
         }
         for arg in args {
@@ -82,4 +92,10 @@ pub fn read_value<R>(
         ffi::lua_settop(state, top);
         Ok(result)
     })
+}
+
+/// Stack slots to reserve for `args` pushed values (mlua may use two per push)
+/// and `slots` more, with two to spare for the result and a metatable check.
+fn reserved(args: usize, slots: usize) -> c_int {
+    c_int::try_from(args * 2 + slots + 2).unwrap_or(c_int::MAX)
 }

@@ -118,7 +118,7 @@ struct CoreReply {
 }
 
 impl Settle for CoreReply {
-    fn settle<'a>(self: Box<Self>, event: &'a Event, outcome: Outcome) -> LocalBoxFuture<'a, ()> {
+    fn settle<'a>(&'a mut self, event: &'a Event, outcome: Outcome) -> LocalBoxFuture<'a, ()> {
         Box::pin(async move {
             let (mut headers, body) = reply_of(outcome);
             carrier::continue_trace(&mut headers);
@@ -131,7 +131,7 @@ impl Settle for CoreReply {
                 // Most often the body exceeds the server's max payload; an empty
                 // error reply still fits, so the requester is not left waiting.
                 let headers = error_headers(500, &format!("reply not sent: {err}"));
-                let _ = self.client.publish_with_headers(self.reply, headers, Default::default()).await;
+                let _ = self.client.publish_with_headers(self.reply.clone(), headers, Default::default()).await;
             }
         })
     }

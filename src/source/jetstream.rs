@@ -398,7 +398,7 @@ struct JetStreamAck {
 }
 
 impl Settle for JetStreamAck {
-    fn settle<'a>(self: Box<Self>, event: &'a Event, outcome: Outcome) -> LocalBoxFuture<'a, ()> {
+    fn settle<'a>(&'a mut self, event: &'a Event, outcome: Outcome) -> LocalBoxFuture<'a, ()> {
         Box::pin(async move {
             let result = match outcome {
                 // Confirmed: success is not reported until the server has the ack.
@@ -480,7 +480,7 @@ impl JetStreamAck {
         carrier::continue_trace(&mut headers);
         let mut headers = headers.unwrap_or_default();
         // Header values cannot hold line breaks; tracebacks keep their first line.
-        headers.insert("Agent-Block-Error", error.lines().next().unwrap_or(""));
+        headers.insert("Agent-Block-Error", crate::headers::value(error.lines().next().unwrap_or("")));
         headers.insert("Agent-Block-Kind", event.kind.as_str());
         headers.insert("Agent-Block-Delivered", self.delivered.to_string().as_str());
         headers.insert("Agent-Block-Stream", self.spec.stream.as_str());

@@ -90,7 +90,7 @@ impl ReplaySource {
         let kind = source.map(|s| s.subject_and_kind().1.render(&subject)).unwrap_or_else(|| subject.clone());
         let mut event = Event::new(kind, subject, line.reply.map(|r| Subject::from(r.as_str())), headers, data);
         event.timeout = source.and_then(SourceSpec::timeout);
-        event.delivery = Some(Box::new(ReplayLine { line: number, output: self.output.clone(), done }));
+        event.delivery = Some(Box::new(ReplayLine { line: number, output: self.output.clone(), done: Some(done) }));
         Ok((event, finished))
     }
 
@@ -134,13 +134,13 @@ fn headers_of(map: &serde_json::Map<String, Json>) -> Result<HeaderMap, String> 
     let mut headers = HeaderMap::new();
     for (name, value) in map {
         match value {
-            Json::String(s) => headers.append(name.as_str(), s.as_str()),
+            Json::String(s) => crate::headers::append(&mut headers, name, s)?,
             Json::Array(items) => {
                 for item in items {
                     let Json::String(s) = item else {
                         return Err(format!("header {name:?}: list items must be strings"));
                     };
-                    headers.append(name.as_str(), s.as_str());
+                    crate::headers::append(&mut headers, name, s)?;
                 }
             }
             _ => return Err(format!("header {name:?}: expected a string or a list of strings")),
@@ -167,14 +167,16 @@ impl Source for ReplaySource {
 struct ReplayLine {
     line: usize,
     output: ReplayOutput,
-    done: oneshot::Sender<()>,
+    done: Option<oneshot::Sender<()>>,
 }
 
 impl Settle for ReplayLine {
-    fn settle<'a>(self: Box<Self>, event: &'a Event, outcome: Outcome) -> LocalBoxFuture<'a, ()> {
+    fn settle<'a>(&'a mut self, event: &'a Event, outcome: Outcome) -> LocalBoxFuture<'a, ()> {
         Box::pin(async move {
             self.output.line(&outcome_line(self.line, event, outcome));
-            let _ = self.done.send(());
+            if let Some(done) = self.done.take() {
+                let _ = done.send(());
+            }
         })
     }
 }

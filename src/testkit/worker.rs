@@ -176,7 +176,7 @@ impl TestWorker {
         };
         event.timeout = source.timeout();
         event.delivery = Some(Box::new(Recorder {
-            done,
+            done: Some(done),
             consumer: match source {
                 SourceSpec::Consume(spec) => Some((spec.clone(), self.fakes.clone())),
                 SourceSpec::Subscribe(_) => None,
@@ -390,19 +390,21 @@ impl Source for TestSource {
 /// Settles a test event by sending its outcome back; for JetStream events it
 /// decides what the consumer would do, as the JetStream source does.
 struct Recorder {
-    done: oneshot::Sender<Settled>,
+    done: Option<oneshot::Sender<Settled>>,
     consumer: Option<(ConsumerSpec, Arc<Fakes>)>,
     delivered: u64,
 }
 
 impl Settle for Recorder {
-    fn settle<'a>(self: Box<Self>, event: &'a Event, outcome: Outcome) -> LocalBoxFuture<'a, ()> {
+    fn settle<'a>(&'a mut self, event: &'a Event, outcome: Outcome) -> LocalBoxFuture<'a, ()> {
         Box::pin(async move {
             let jetstream = self
                 .consumer
                 .as_ref()
                 .map(|(spec, fakes)| jetstream_action(spec, fakes, self.delivered, event, &outcome));
-            let _ = self.done.send(Settled { outcome, kind: event.kind.to_string(), jetstream });
+            if let Some(done) = self.done.take() {
+                let _ = done.send(Settled { outcome, kind: event.kind.to_string(), jetstream });
+            }
         })
     }
 }

@@ -117,7 +117,8 @@ fn nanos(at: Instant) -> u64 {
 pub fn register(lua: &mlua::Lua, cancel: CancellationToken) -> std::io::Result<()> {
     let watchdog = watchdog()?;
     let mut main = ptr::null_mut();
-    // SAFETY: reads the main thread from the registry, leaving the stack as it was.
+    // SAFETY: reads the main thread from the registry, leaving the stack as it was;
+    // the one push fits the `LUA_MINSTACK` slots of the protected call's frame.
     let found = unsafe {
         lua.exec_raw::<()>((), |state| {
             ffi::lua_rawgeti(state, ffi::LUA_REGISTRYINDEX, ffi::LUA_RIDX_MAINTHREAD);
