@@ -15,7 +15,8 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use async_nats::jetstream::{self, AckKind, consumer::AckPolicy};
+use async_nats::jetstream::context::ConsumerInfoErrorKind;
+use async_nats::jetstream::{self, AckKind, consumer};
 use async_nats::{StatusCode, Subject};
 use bytes::Bytes;
 use futures::StreamExt;
@@ -26,6 +27,7 @@ use tokio::time::Instant;
 use crate::event::{Event, Settle, StreamMeta};
 use crate::log_limit::LogLimit;
 use crate::outcome::{FailureCause, Outcome};
+use crate::source::consumer_config;
 use crate::source::spec::ConsumerSpec;
 use crate::source::{Forwarding, Link, Placement, Source};
 use crate::telemetry::{carrier, metrics};
@@ -36,7 +38,6 @@ const PULL_EXPIRES: Duration = Duration::from_secs(10);
 const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
 /// Silence after which the pull requests are taken as lost.
 const HEARTBEAT_MISSED: Duration = Duration::from_secs(5);
-const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
 /// How long a stopping source waits for messages already on their way.
 const DRAIN_LIMIT: Duration = Duration::from_secs(1);
 /// How long the server's confirmation of a batch of acks may take.
@@ -73,7 +74,8 @@ pub struct JetStreamSource {
 
 impl JetStreamSource {
     /// Creates the stream (when asked) and the consumer if missing, updates the
-    /// consumer when its settings changed, and checks that the server kept them.
+    /// consumer when its settings changed and the update moves no message, and
+    /// checks that the server kept them.
     pub async fn prepare(client: &async_nats::Client, spec: ConsumerSpec) -> Result<Self, SetupError> {
         let js = jetstream::new(client.clone());
         let stream = match js.get_stream(&spec.stream).await {
@@ -97,12 +99,8 @@ impl JetStreamSource {
             },
             Err(err) => return Err(SetupError::Nats(format!("cannot look up stream {:?}: {err}", spec.stream))),
         };
-        let wanted = consumer_config(&spec);
-        let consumer = stream.create_consumer(wanted.clone()).await.map_err(|err| {
-            SetupError::Config(format!("cannot create or update consumer {}/{}: {err}", spec.stream, spec.consumer))
-        })?;
-        let applied = &consumer.cached_info().config;
-        check_applied(&spec, &wanted, applied)?;
+        let applied = ensure_consumer(client, &stream, &spec).await?;
+        check_applied(&spec, &consumer_config::declared(&spec), &applied)?;
         let dead_letter_stored = match &spec.dead_letter {
             Some(subject) => js.stream_by_subject(subject.as_str()).await.is_ok(),
             None => false,
@@ -124,25 +122,49 @@ fn is_stream_not_found(err: &jetstream::context::GetStreamError) -> bool {
         if js.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
 }
 
-fn consumer_config(spec: &ConsumerSpec) -> jetstream::consumer::pull::Config {
-    jetstream::consumer::pull::Config {
-        durable_name: Some(spec.consumer.clone()),
-        filter_subject: spec.subject.clone().unwrap_or_default(),
-        ack_policy: AckPolicy::Explicit,
-        ack_wait: spec.ack_wait.unwrap_or(DEFAULT_ACK_WAIT),
-        max_deliver: spec.max_deliver.unwrap_or(-1),
-        max_ack_pending: spec.max_ack_pending.unwrap_or(0),
-        ..Default::default()
+/// Creates the consumer when it does not exist; otherwise updates it to the
+/// declaration if that moves no message (see [`consumer_config`]) and only when
+/// something changed. Returns the configuration the server reports.
+async fn ensure_consumer(
+    client: &async_nats::Client,
+    stream: &jetstream::stream::Stream,
+    spec: &ConsumerSpec,
+) -> Result<consumer::Config, SetupError> {
+    let name = format!("{}/{}", spec.stream, spec.consumer);
+    let cannot_send = |err: jetstream::stream::ConsumerError| {
+        SetupError::Config(format!("cannot create or update consumer {name}: {err}"))
+    };
+    let existing = match stream.consumer_info(&spec.consumer).await {
+        Ok(info) => info.config,
+        Err(err) if matches!(err.kind(), ConsumerInfoErrorKind::NotFound) => {
+            let created = stream.create_consumer(consumer_config::declared(spec)).await.map_err(cannot_send)?;
+            return Ok(created.cached_info().config.clone());
+        }
+        Err(err) => return Err(SetupError::Nats(format!("cannot look up consumer {name}: {err}"))),
+    };
+    let version = client.server_info().version;
+    let server = consumer_config::Server {
+        version: &version,
+        keeps_position_on_filter_change: client.is_server_compatible(2, 10, 0),
+    };
+    let update = consumer_config::plan_update(spec, &existing, server)
+        .map_err(|refused| SetupError::Config(consumer_config::refusal_message(spec, &refused)))?;
+    if update.changes.is_empty() {
+        return Ok(existing);
     }
+    let updated = stream.create_consumer(update.config).await.map_err(cannot_send)?;
+    for change in &update.changes {
+        tracing::info!(
+            stream = %spec.stream, consumer = %spec.consumer, field = change.field,
+            old = %change.existing, new = %change.declared, "consumer setting updated"
+        );
+    }
+    Ok(updated.cached_info().config.clone())
 }
 
 /// Servers ignore fields they do not know (2.9 drops newer ones), so what was
 /// sent is compared with what the server reports.
-fn check_applied(
-    spec: &ConsumerSpec,
-    wanted: &jetstream::consumer::pull::Config,
-    applied: &jetstream::consumer::Config,
-) -> Result<(), SetupError> {
+fn check_applied(spec: &ConsumerSpec, wanted: &consumer::Config, applied: &consumer::Config) -> Result<(), SetupError> {
     let mut differences = Vec::new();
     if applied.filter_subject != wanted.filter_subject {
         differences.push(format!("subject {:?} (server has {:?})", wanted.filter_subject, applied.filter_subject));
