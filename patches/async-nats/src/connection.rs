@@ -331,40 +331,30 @@ impl Connection {
             let payload = self.read_buf.split_to(total_len - header_len).freeze();
             self.read_buf.advance(2);
 
-            let mut lines = std::str::from_utf8(&header)
-                .map_err(|_| {
-                    io::Error::new(io::ErrorKind::InvalidInput, "header isn't valid utf-8")
-                })?
-                .lines()
-                .peekable();
-            let version_line = lines.next().ok_or_else(|| {
-                io::Error::new(io::ErrorKind::InvalidInput, "no header version line found")
-            })?;
-
+            // A header block is whatever a publisher sent: nats-server forwards it
+            // unchecked. A malformed one must not cost the connection, so the message
+            // is delivered with what can be read: bytes that are not UTF-8 are decoded
+            // lossily, a line that is not a valid `Name: value` is skipped, a stray
+            // `\r` in a value becomes a space, and an unreadable version or status
+            // line means no status.
+            let header = String::from_utf8_lossy(&header);
+            let mut lines = header.lines().peekable();
+            let version_line = lines.next().unwrap_or_default();
             let version_line_suffix = version_line
                 .strip_prefix("NATS/1.0")
                 .map(str::trim)
-                .ok_or_else(|| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        "header version line does not begin with `NATS/1.0`",
-                    )
-                })?;
+                .unwrap_or_default();
 
             let (status, description) = version_line_suffix
                 .split_once(' ')
                 .map(|(status, description)| (status.trim(), description.trim()))
                 .unwrap_or((version_line_suffix, ""));
             let status = if !status.is_empty() {
-                Some(
-                    status
-                        .parse::<StatusCode>()
-                        .map_err(|_| std::io::Error::other("could not parse status parameter"))?,
-                )
+                status.parse::<StatusCode>().ok()
             } else {
                 None
             };
-            let description = if !description.is_empty() {
+            let description = if status.is_some() && !description.is_empty() {
                 Some(description.to_owned())
             } else {
                 None
@@ -376,12 +366,17 @@ impl Connection {
                     continue;
                 }
 
-                let (name, value) = line.split_once(':').ok_or_else(|| {
-                    io::Error::new(io::ErrorKind::InvalidInput, "no header version line found")
-                })?;
-
-                let name = HeaderName::from_str(name)
-                    .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
+                let parsed = line
+                    .split_once(':')
+                    .and_then(|(name, value)| Some((HeaderName::from_str(name).ok()?, value)));
+                let Some((name, value)) = parsed else {
+                    // Skip the line together with its continuation lines.
+                    while lines
+                        .next_if(|s| s.starts_with(char::is_whitespace))
+                        .is_some()
+                    {}
+                    continue;
+                };
 
                 // Read the header value, which might have been split into multiple lines
                 // `trim_start` and `trim_end` do the same job as doing `value.trim().to_owned()` at the end, but without a reallocation
@@ -390,6 +385,9 @@ impl Connection {
                     value.push_str(v);
                 }
                 value.truncate(value.trim_end().len());
+                if value.contains(['\r', '\n']) {
+                    value = value.replace(['\r', '\n'], " ");
+                }
 
                 headers.append(name, value.into_header_value());
             }
