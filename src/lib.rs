@@ -22,6 +22,7 @@ pub mod kind;
 pub mod log_limit;
 pub mod logging;
 pub mod lua_api;
+pub mod memory;
 pub mod nats_server;
 pub mod nats_url;
 pub mod outcome;

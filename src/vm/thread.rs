@@ -147,6 +147,7 @@ async fn lifecycle(setup: Setup, events: mpsc::Receiver<Event>, init: oneshot::S
     }
     let intake = Rc::new(Intake::new(lane, vm.slots.clone(), vm.starter(), stats));
     tokio::task::spawn_local(open_sources(plan, intake, client.clone(), vm.state.worker_id));
+    tokio::task::spawn_local(crate::memory::release_after_bursts(vm.lua.weak()));
 
     vm.serve_queue(events).await;
     if let Some(client) = &client {
