@@ -1,8 +1,9 @@
 //! A malformed header block from any publisher (bytes that are not UTF-8, a line
-//! without `:`, a name with a space, a stray `\r`, an unreadable version line)
-//! must not cost the worker its NATS connection: nats-server forwards such
-//! headers unchecked, the worker answers the message, and the requests in flight
-//! around it are all answered.
+//! without `:`, a name with a space, a stray `\r`, an unreadable version line),
+//! or a subject or reply subject that is not UTF-8 or holds whitespace other than
+//! a space or tab, must not cost the worker its NATS connection: nats-server
+//! forwards such messages unchecked, the worker handles the message, and the
+//! requests in flight around it are all answered.
 
 mod common;
 
@@ -18,6 +19,7 @@ const APP: &str = r#"
 bus.subscribe("fz.>", { kind = "{{wildcard(1)}}" })
 bus.on("echo", function(ev) return ev.payload end)
 bus.on("headers", function(ev) return ev.headers end)
+bus.on_any(function(ev) return { subject = ev.subject, reply = ev.reply } end)
 "#;
 
 /// Header blocks no NATS client library would send, each with what a handler
@@ -33,7 +35,16 @@ const SHAPES: &[(&str, &[u8], &str)] = &[
     ("a status that is not a number", b"NATS/1.0 abc\r\nX-Good: yes\r\n\r\n", r#"{"X-Good":"yes"}"#),
 ];
 
-/// A publisher speaking the bare protocol, so it can send any header bytes.
+/// Subjects no NATS client library would send, each with what a handler sees of
+/// it in `ev.subject`: bytes that are not UTF-8 decoded lossily, and whitespace
+/// other than a space or tab, which nats-server keeps inside a subject, kept.
+const SUBJECTS: &[(&str, &[u8], &str)] = &[
+    ("a subject that is not UTF-8", b"fz.\xff", "fz.\u{fffd}"),
+    ("a subject with a Unicode space", b"fz.\xc2\xa0x", "fz.\u{a0}x"),
+    ("a subject with a form feed", b"fz.\x0cx", "fz.\u{c}x"),
+];
+
+/// A publisher speaking the bare protocol, so it can send any header or subject bytes.
 struct RawPublisher {
     stream: BufReader<TcpStream>,
 }
@@ -51,15 +62,34 @@ impl RawPublisher {
     /// `HPUB subject reply` with `header` as the raw header block, then waits for
     /// the server's PONG, so the server has taken the message.
     async fn hpub(&mut self, subject: &str, reply: &str, header: &[u8], body: &[u8]) {
-        let mut frame =
-            format!("HPUB {subject} {reply} {} {}\r\n", header.len(), header.len() + body.len()).into_bytes();
-        frame.extend_from_slice(header);
-        frame.extend_from_slice(body);
-        frame.extend_from_slice(b"\r\nPING\r\n");
+        self.publish(subject.as_bytes(), reply.as_bytes(), Some(header), body).await;
+    }
+
+    /// `PUB subject reply` (or `HPUB` with a header block) with raw subject bytes,
+    /// then waits for the server's PONG, so the server has taken the message.
+    async fn publish(&mut self, subject: &[u8], reply: &[u8], header: Option<&[u8]>, body: &[u8]) {
+        let (verb, sizes) = match header {
+            Some(header) => ("HPUB", format!("{} {}", header.len(), header.len() + body.len())),
+            None => ("PUB", body.len().to_string()),
+        };
+        let frame = [
+            verb.as_bytes(),
+            b" ",
+            subject,
+            b" ",
+            reply,
+            b" ",
+            sizes.as_bytes(),
+            b"\r\n",
+            header.unwrap_or_default(),
+            body,
+            b"\r\nPING\r\n",
+        ]
+        .concat();
         self.send(&frame).await;
         loop {
             let line = self.line().await;
-            assert!(!line.starts_with(b"-ERR"), "the server refused the HPUB: {:?}", String::from_utf8_lossy(&line));
+            assert!(!line.starts_with(b"-ERR"), "the server refused the message: {:?}", String::from_utf8_lossy(&line));
             if line.starts_with(b"PONG") {
                 return;
             }
@@ -152,5 +182,71 @@ async fn requests_in_flight_around_malformed_headers_are_all_answered() {
         .count()
         .await;
     assert_eq!(answered, IN_FLIGHT, "requests answered correctly out of {IN_FLIGHT}");
+    assert_stayed_connected(&app.worker);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subject_that_is_not_utf8_reaches_its_handler_decoded_lossily() {
+    let app = start_app(APP, &[]).await;
+    let mut publisher = RawPublisher::connect(&app.server).await;
+
+    // A subject that is not UTF-8 is delivered, its invalid bytes read as U+FFFD.
+    let mut replies = app.client.subscribe("malformed.subject").await.expect("subscribe to the reply subject");
+    // A reply subject that is not UTF-8 is answered at its lossy reading, which
+    // is not the subject its publisher listens on.
+    let mut lossy = app.client.subscribe("malformed.\u{fffd}").await.expect("subscribe to the lossy reply subject");
+    app.client.flush().await.expect("flush the subscriptions");
+
+    for header in [None, Some(&b"NATS/1.0\r\n\r\n"[..])] {
+        let how = if header.is_some() { "HPUB" } else { "PUB" };
+        for (shape, subject, seen) in SUBJECTS {
+            publisher.publish(subject, b"malformed.subject", header, b"").await;
+            let answer = next(&mut replies).await;
+            let expected = serde_json::json!({ "subject": seen, "reply": "malformed.subject" });
+            assert_eq!(json(&answer), expected, "{how}, {shape}: the subject a handler sees");
+        }
+
+        publisher.publish(b"fz.echo", b"malformed.\xff", header, br#"{"echo":true}"#).await;
+        let answer = next(&mut lossy).await;
+        assert_eq!(json(&answer), serde_json::json!({ "echo": true }), "{how}: answered at the lossy reply subject");
+    }
+    let plain = request(&app.client, "fz.echo", r#"{"plain":true}"#).await;
+    assert_eq!(json(&plain), serde_json::json!({ "plain": true }), "a plain request after them");
+    assert_stayed_connected(&app.worker);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_around_subjects_that_are_not_utf8_are_all_answered() {
+    const IN_FLIGHT: usize = 200;
+    let app = start_app(APP, &[]).await;
+    let mut publisher = RawPublisher::connect(&app.server).await;
+
+    let ask = |n: usize| {
+        let client = app.client.clone();
+        tokio::spawn(async move {
+            let request = async_nats::Request::new()
+                .payload(Bytes::from(format!(r#"{{"n":{n}}}"#)))
+                .timeout(Some(Duration::from_secs(10)));
+            let answer = client.send_request("fz.echo", request).await.ok()?;
+            (error_of(&answer).is_none() && json(&answer) == serde_json::json!({ "n": n })).then_some(())
+        })
+    };
+    let mut requests: Vec<_> = (0..IN_FLIGHT / 2).map(ask).collect();
+    app.client.flush().await.expect("flush the first requests");
+    let shapes = SUBJECTS.iter().map(|(_, subject, _)| (*subject, &b"malformed.ignored"[..]));
+    for (subject, reply) in shapes.chain([(&b"fz.echo"[..], &b"malformed.\xff"[..])]) {
+        publisher.publish(subject, reply, None, b"{}").await;
+        publisher.publish(subject, reply, Some(b"NATS/1.0\r\nX-Any: 1\r\n\r\n"), b"{}").await;
+    }
+    requests.extend((IN_FLIGHT / 2..IN_FLIGHT).map(ask));
+
+    let answered = futures::stream::iter(requests)
+        .then(|request| async { request.await.expect("request task").is_some() })
+        .filter(|answered| std::future::ready(*answered))
+        .count()
+        .await;
+    assert_eq!(answered, IN_FLIGHT, "requests answered correctly out of {IN_FLIGHT}");
+    let plain = request(&app.client, "fz.echo", r#"{"plain":true}"#).await;
+    assert_eq!(json(&plain), serde_json::json!({ "plain": true }), "a plain request afterwards");
     assert_stayed_connected(&app.worker);
 }

@@ -177,8 +177,10 @@ impl Connection {
         }
 
         if self.read_buf.starts_with(b"MSG ") {
-            let line = str::from_utf8(&self.read_buf[4..len])
-                .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
+            // The subject and reply subject are whatever a publisher sent: nats-server
+            // forwards bytes that are not UTF-8. The message is delivered, by its sid,
+            // with those bytes decoded lossily rather than costing the connection.
+            let line = String::from_utf8_lossy(&self.read_buf[4..len]);
             let mut args = line.split(' ').filter(|s| !s.is_empty());
 
             // Parse the operation syntax: MSG <subject> <sid> [reply-to] <#bytes>
@@ -250,10 +252,12 @@ impl Connection {
         }
 
         if self.read_buf.starts_with(b"HMSG ") {
-            // Extract whitespace-delimited arguments that come after "HMSG".
-            let line = std::str::from_utf8(&self.read_buf[5..len])
-                .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
-            let mut args = line.split_whitespace().filter(|s| !s.is_empty());
+            // Extract space-delimited arguments that come after "HMSG". As for MSG, a
+            // subject that is not UTF-8 is decoded lossily, and only a space separates
+            // arguments, so a subject holding other whitespace (a U+00A0 or a form
+            // feed, which nats-server keeps) stays one argument.
+            let line = String::from_utf8_lossy(&self.read_buf[5..len]);
+            let mut args = line.split(' ').filter(|s| !s.is_empty());
 
             // <subject> <sid> [reply-to] <# header bytes><# total bytes>
             let (subject, sid, reply_to, header_len, total_len) = match (
