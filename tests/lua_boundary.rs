@@ -130,3 +130,63 @@ async fn an_invalid_traceparent_starts_a_new_trace() {
         assert_eq!(trace_of(&reply), Value::Null, "{invalid}");
     }
 }
+
+/// The campaign's mix: random subjects (known kinds and unknown ones), random
+/// headers (trace context valid and not, long and odd values), payloads of every
+/// generated shape, 16 in flight. Every request is answered with a success or an
+/// error with a code, echoes come back equal, and the worker stays connected.
+#[tokio::test]
+async fn a_seeded_campaign_of_subjects_headers_and_payloads_is_answered() {
+    use futures::StreamExt;
+    let app = start_app(APP, &[]).await;
+    let shapes = json_shapes::shapes(0xca4a_9a16, 300);
+    let mut rng = json_shapes::Rng::new(0xca4a_9a16);
+    let mut requests = Vec::new();
+    for index in 0..600 {
+        let kind = ["echo", "coded", "raised", "trace", "reply_header"][rng.below(5) as usize].to_string();
+        let subject = match rng.below(6) {
+            0 => format!("fz.unknown{}", rng.below(1000)),
+            1 => format!("fz.{kind}.deeper.{}", rng.below(10)),
+            _ => format!("fz.{kind}"),
+        };
+        let mut pairs = Vec::new();
+        for _ in 0..rng.below(4) {
+            let value: String = (0..rng.below(200)).map(|_| (b' ' + rng.below(95) as u8) as char).collect();
+            pairs.push((format!("X-Fuzz-{}", rng.below(50)), value));
+        }
+        if rng.below(3) == 0 {
+            let hex =
+                |rng: &mut json_shapes::Rng, n| (0..n).map(|_| format!("{:x}", rng.below(16))).collect::<String>();
+            let traceparent =
+                format!("{}-{}-{}-{}", hex(&mut rng, 2), hex(&mut rng, 32), hex(&mut rng, 16), hex(&mut rng, 2));
+            pairs.push(("traceparent".to_string(), traceparent));
+        }
+        let (name, payload) = shapes[rng.below(shapes.len() as u64) as usize].clone();
+        requests.push((index, subject, pairs, name, payload));
+    }
+    let client = app.client.clone();
+    let answered = futures::stream::iter(requests)
+        .map(|(index, subject, pairs, name, payload)| {
+            let client = client.clone();
+            async move {
+                let header_pairs: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                let reply = request_with(&client, &subject, Some(headers(&header_pairs)), &payload).await;
+                if subject == "fz.echo"
+                    && let Ok(expected) = serde_json::from_str::<Value>(&payload)
+                    && !expected.is_string()
+                {
+                    assert_eq!(json(&reply), expected, "request {index}: {name}");
+                }
+                if let Some((code, message)) = error_of(&reply) {
+                    assert!((400..600).contains(&code), "request {index} to {subject}: {code} {message}");
+                }
+            }
+        })
+        .buffer_unordered(16)
+        .count()
+        .await;
+    assert_eq!(answered, 600);
+    assert_sound(&app.client, "the campaign").await;
+    let log = app.worker.stderr.text();
+    assert!(!log.contains("disconnected") && !log.contains("panic"), "{log}");
+}
