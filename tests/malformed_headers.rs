@@ -153,8 +153,13 @@ async fn a_handler_sees_the_headers_that_could_be_read() {
     assert_stayed_connected(&app.worker);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn requests_in_flight_around_malformed_headers_are_all_answered() {
+/// A raw message: subject, reply subject, header block (`None`: `PUB`), body.
+type Frame<'a> = (&'a [u8], &'a [u8], Option<&'a [u8]>, &'a [u8]);
+
+/// Sends 200 echo requests, publishes `frames` after the first half is out,
+/// and asserts every request was answered correctly and the worker stayed
+/// connected.
+async fn assert_requests_in_flight_answered_around(frames: &[Frame<'_>]) {
     const IN_FLIGHT: usize = 200;
     let app = start_app(APP, &[]).await;
     let mut publisher = RawPublisher::connect(&app.server).await;
@@ -171,8 +176,8 @@ async fn requests_in_flight_around_malformed_headers_are_all_answered() {
     };
     let mut requests: Vec<_> = (0..IN_FLIGHT / 2).map(ask).collect();
     app.client.flush().await.expect("flush the first requests");
-    for (_, header, _) in SHAPES {
-        publisher.hpub("fz.echo", "malformed.ignored", header, b"{}").await;
+    for (subject, reply, header, body) in frames {
+        publisher.publish(subject, reply, *header, body).await;
     }
     requests.extend((IN_FLIGHT / 2..IN_FLIGHT).map(ask));
 
@@ -182,7 +187,18 @@ async fn requests_in_flight_around_malformed_headers_are_all_answered() {
         .count()
         .await;
     assert_eq!(answered, IN_FLIGHT, "requests answered correctly out of {IN_FLIGHT}");
+    let plain = request(&app.client, "fz.echo", r#"{"plain":true}"#).await;
+    assert_eq!(json(&plain), serde_json::json!({ "plain": true }), "a plain request afterwards");
     assert_stayed_connected(&app.worker);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_around_malformed_headers_are_all_answered() {
+    let frames: Vec<Frame> = SHAPES
+        .iter()
+        .map(|(_, header, _)| (&b"fz.echo"[..], &b"malformed.ignored"[..], Some(*header), &b"{}"[..]))
+        .collect();
+    assert_requests_in_flight_answered_around(&frames).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -217,36 +233,11 @@ async fn a_subject_that_is_not_utf8_reaches_its_handler_decoded_lossily() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_in_flight_around_subjects_that_are_not_utf8_are_all_answered() {
-    const IN_FLIGHT: usize = 200;
-    let app = start_app(APP, &[]).await;
-    let mut publisher = RawPublisher::connect(&app.server).await;
-
-    let ask = |n: usize| {
-        let client = app.client.clone();
-        tokio::spawn(async move {
-            let request = async_nats::Request::new()
-                .payload(Bytes::from(format!(r#"{{"n":{n}}}"#)))
-                .timeout(Some(Duration::from_secs(10)));
-            let answer = client.send_request("fz.echo", request).await.ok()?;
-            (error_of(&answer).is_none() && json(&answer) == serde_json::json!({ "n": n })).then_some(())
-        })
-    };
-    let mut requests: Vec<_> = (0..IN_FLIGHT / 2).map(ask).collect();
-    app.client.flush().await.expect("flush the first requests");
     let shapes = SUBJECTS.iter().map(|(_, subject, _)| (*subject, &b"malformed.ignored"[..]));
+    let mut frames: Vec<Frame> = Vec::new();
     for (subject, reply) in shapes.chain([(&b"fz.echo"[..], &b"malformed.\xff"[..])]) {
-        publisher.publish(subject, reply, None, b"{}").await;
-        publisher.publish(subject, reply, Some(b"NATS/1.0\r\nX-Any: 1\r\n\r\n"), b"{}").await;
+        frames.push((subject, reply, None, b"{}"));
+        frames.push((subject, reply, Some(b"NATS/1.0\r\nX-Any: 1\r\n\r\n"), b"{}"));
     }
-    requests.extend((IN_FLIGHT / 2..IN_FLIGHT).map(ask));
-
-    let answered = futures::stream::iter(requests)
-        .then(|request| async { request.await.expect("request task").is_some() })
-        .filter(|answered| std::future::ready(*answered))
-        .count()
-        .await;
-    assert_eq!(answered, IN_FLIGHT, "requests answered correctly out of {IN_FLIGHT}");
-    let plain = request(&app.client, "fz.echo", r#"{"plain":true}"#).await;
-    assert_eq!(json(&plain), serde_json::json!({ "plain": true }), "a plain request afterwards");
-    assert_stayed_connected(&app.worker);
+    assert_requests_in_flight_answered_around(&frames).await;
 }
