@@ -68,12 +68,6 @@ impl Failure {
     pub fn overloaded() -> Self {
         Failure::new(FailureCause::Overloaded, 503, "worker overloaded; try again")
     }
-
-    /// Whether redelivering the event could succeed (JetStream naks these; the
-    /// rest are terminated and dead-lettered).
-    pub fn redeliverable(&self) -> bool {
-        self.cause != FailureCause::BadPayload
-    }
 }
 
 impl Outcome {

@@ -199,3 +199,39 @@ fn init_scaffolds_a_worker_whose_tests_pass() {
     assert!(stdout.contains("kept"), "{stdout}");
     assert_eq!(std::fs::read_to_string(dir.join("app.lua")).unwrap(), "-- mine\n");
 }
+
+/// `agent-block test` settles a JetStream message by the source's own policy:
+/// backoff naks, then the dead letter with the production headers (a stray
+/// carriage return in the error included).
+#[test]
+fn consume_under_test_settles_as_the_jetstream_source_does() {
+    let scripts = Scripts::new();
+    scripts.write(
+        "jobs.lua",
+        r#"
+bus.consume({ stream = "JOBS", consumer = "work", subject = "jobs.>", kind = "job",
+              max_deliver = 3, backoff = { "1s", "5s" }, dead_letter = "jobs.dead" })
+bus.on("job", function(ev) error("bad " .. ev.data, 0) end)
+"#,
+    );
+    scripts.write(
+        "jobs_test.lua",
+        r#"local w = test.worker("jobs.lua")
+test("retries with backoff, then dead-letters", function()
+  local out = w:consume("jobs.x", "a\rb")
+  test.eq(out.deliveries, 3)
+  test.eq(out.history[1].outcome, "nak")
+  test.eq(out.history[1].delay, 1)
+  test.eq(out.history[2].delay, 5)
+  test.eq(out.outcome, "term")
+  test.eq(out.dead_letter.subject, "jobs.dead")
+  test.eq(out.dead_letter.headers["Agent-Block-Error"], "bad a b")
+  test.eq(out.dead_letter.headers["Agent-Block-Delivered"], "3")
+  test.eq(out.dead_letter.headers["Agent-Block-Stream"], "JOBS")
+end)
+"#,
+    );
+    let (code, stdout, stderr) = run_command(&["test", scripts.path().to_str().unwrap()], None);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(stdout.contains("1 passed, 0 failed"), "{stdout}");
+}

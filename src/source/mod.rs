@@ -9,7 +9,6 @@
 //! handled and answered on one thread), or once per process feeding the shared
 //! intake.
 
-pub mod consumer_config;
 pub mod core;
 pub mod jetstream;
 pub mod replay;

@@ -92,6 +92,24 @@ pub struct ConsumerSpec {
 }
 
 impl ConsumerSpec {
+    /// A consumer of every subject of `stream`, kind `x`, nothing else set.
+    #[cfg(test)]
+    pub fn for_tests(stream: &str, consumer: &str) -> Self {
+        ConsumerSpec {
+            stream: stream.into(),
+            consumer: consumer.into(),
+            subject: None,
+            kind: KindTemplate::parse("x", ">").expect("a valid template"),
+            ack_wait: None,
+            max_deliver: None,
+            backoff: vec![],
+            max_ack_pending: None,
+            dead_letter: None,
+            timeout: None,
+            create_stream: None,
+        }
+    }
+
     pub fn describe(&self) -> String {
         let mut line = format!("consume {}/{}", self.stream, self.consumer);
         if let Some(subject) = &self.subject {

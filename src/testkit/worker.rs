@@ -21,7 +21,8 @@ use crate::event::{Event, Settle, StreamMeta};
 use crate::kind::subject_matches;
 use crate::lua_api::event::headers_table;
 use crate::lua_api::{body_of, duration_of, headers_of, json};
-use crate::outcome::{FailureCause, Outcome};
+use crate::outcome::Outcome;
+use crate::source::jetstream::policy::{self, Action};
 use crate::source::{ConsumerSpec, Forwarding, Link, Placement, Source, SourceSpec};
 use crate::testkit::fakes::{Call, Clock, FakeTransport, Fakes, Published, stored_value};
 use crate::vm::{PoolSpec, VmPool};
@@ -409,6 +410,8 @@ impl Settle for Recorder {
     }
 }
 
+/// What the consumer does with `outcome`, decided by the JetStream source's own
+/// policy; a dead letter is recorded as published.
 fn jetstream_action(
     spec: &ConsumerSpec,
     fakes: &Fakes,
@@ -416,35 +419,24 @@ fn jetstream_action(
     event: &Event,
     outcome: &Outcome,
 ) -> JetStreamAction {
-    match outcome {
-        Outcome::Ack { .. } => JetStreamAction::Ack,
-        Outcome::Nak { delay } => JetStreamAction::Nak(*delay),
-        Outcome::Term { reason } => JetStreamAction::Term { reason: reason.clone(), dead_letter: None },
-        Outcome::Error(failure) => {
-            let last_delivery = spec.max_deliver.is_some_and(|max| delivered >= max as u64);
-            match failure.cause {
-                FailureCause::Cancelled | FailureCause::Overloaded => JetStreamAction::Nak(None),
-                FailureCause::BadPayload => dead_letter(spec, fakes, delivered, event, &failure.message),
-                _ if last_delivery => dead_letter(spec, fakes, delivered, event, &failure.message),
-                _ => JetStreamAction::Nak(spec.backoff_after(delivered)),
-            }
+    match policy::action(spec, delivered, outcome) {
+        Action::Ack => JetStreamAction::Ack,
+        Action::Nak(delay) => JetStreamAction::Nak(delay),
+        Action::Term => {
+            let reason = match outcome {
+                Outcome::Term { reason } => reason.clone(),
+                _ => String::new(),
+            };
+            JetStreamAction::Term { reason, dead_letter: None }
+        }
+        Action::DeadLetter(error) => {
+            let dead_letter = spec.dead_letter.as_ref().map(|subject| {
+                let headers = policy::dead_letter_headers(spec, event, delivered, &error);
+                let message = Published { subject: subject.clone(), headers: Some(headers), data: event.data.clone() };
+                fakes.record(message.clone());
+                message
+            });
+            JetStreamAction::Term { reason: error, dead_letter }
         }
     }
-}
-
-/// Publishes the dead letter as the JetStream source does, and terminates.
-fn dead_letter(spec: &ConsumerSpec, fakes: &Fakes, delivered: u64, event: &Event, error: &str) -> JetStreamAction {
-    let dead_letter = spec.dead_letter.as_ref().map(|subject| {
-        let mut headers = event.headers.clone().unwrap_or_default();
-        headers.insert("Agent-Block-Error", error.lines().next().unwrap_or(""));
-        headers.insert("Agent-Block-Kind", event.kind.as_str());
-        headers.insert("Agent-Block-Delivered", delivered.to_string().as_str());
-        headers.insert("Agent-Block-Stream", spec.stream.as_str());
-        let sequence = event.stream.as_ref().map(|s| s.stream_sequence).unwrap_or(0);
-        headers.insert("Agent-Block-Stream-Seq", sequence.to_string().as_str());
-        let message = Published { subject: subject.clone(), headers: Some(headers), data: event.data.clone() };
-        fakes.record(message.clone());
-        message
-    });
-    JetStreamAction::Term { reason: error.to_string(), dead_letter }
 }

@@ -231,25 +231,12 @@ fn max_deliver(value: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kind::KindTemplate;
 
     const OLD: Server<'static> = Server { version: "2.9.10", keeps_position_on_filter_change: false };
     const NEW: Server<'static> = Server { version: "2.15.1", keeps_position_on_filter_change: true };
 
     fn spec() -> ConsumerSpec {
-        ConsumerSpec {
-            stream: "UPD".into(),
-            consumer: "upd".into(),
-            subject: None,
-            kind: KindTemplate::parse("x", ">").unwrap(),
-            ack_wait: None,
-            max_deliver: None,
-            backoff: vec![],
-            max_ack_pending: None,
-            dead_letter: None,
-            timeout: None,
-            create_stream: None,
-        }
+        ConsumerSpec::for_tests("UPD", "upd")
     }
 
     /// A consumer as the server reports it, defaults filled in.
