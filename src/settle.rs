@@ -30,6 +30,16 @@ pub fn reply_of(outcome: Outcome) -> (Option<HeaderMap>, Bytes) {
     }
 }
 
+/// The error a NATS micro error reply carries: its code (500 when missing or
+/// unreadable) and message; `None` for a reply that is not an error.
+pub fn service_error(headers: Option<&HeaderMap>) -> Option<(u16, &str)> {
+    let headers = headers?;
+    let message = headers.get(SERVICE_ERROR)?.as_str();
+    let code = headers.get(SERVICE_ERROR_CODE).and_then(|code| code.as_str().parse().ok()).unwrap_or(500);
+    Some((code, message))
+}
+
+/// The headers of a NATS micro error reply.
 pub fn error_headers(code: u16, message: &str) -> HeaderMap {
     let mut headers = HeaderMap::new();
     // Tracebacks keep their first line; other control characters become spaces.

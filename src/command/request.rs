@@ -11,7 +11,7 @@ use bytes::Bytes;
 use crate::cli::ConnectionArgs;
 use crate::config::ConnectionConfig;
 use crate::connect;
-use crate::settle::{SERVICE_ERROR, SERVICE_ERROR_CODE};
+use crate::settle::service_error;
 use crate::transport::{NatsTransport, Transport};
 
 /// The client gives up connecting after this long unless --connect-timeout says otherwise.
@@ -53,9 +53,8 @@ pub async fn execute(
     };
     match NatsTransport(client).request(subject, headers, body, timeout).await {
         Ok(response) => {
-            if let Some(error) = response.headers.as_ref().and_then(|h| h.get(SERVICE_ERROR)) {
-                let code = response.headers.as_ref().and_then(|h| h.get(SERVICE_ERROR_CODE));
-                eprintln!("error {}: {}", code.map(|c| c.as_str()).unwrap_or("500"), error.as_str());
+            if let Some((code, message)) = service_error(response.headers.as_ref()) {
+                eprintln!("error {code}: {message}");
                 return ExitCode::from(1);
             }
             let mut stdout = std::io::stdout();

@@ -8,7 +8,7 @@ use mlua::{Function, Lua, Table, Value};
 
 use crate::lua_api::event::headers_table;
 use crate::lua_api::{body_of, duration_of, headers_of, json};
-use crate::settle::{SERVICE_ERROR, SERVICE_ERROR_CODE};
+use crate::settle::service_error;
 use crate::telemetry::carrier;
 use crate::transport::TransportError;
 use crate::vm::context;
@@ -82,13 +82,10 @@ async fn request(lua: Lua, (subject, data, opts): (String, Value, Option<Table>)
         Ok(response) => response,
         Err(err) => return Ok((Value::Nil, Value::Table(request_error(&lua, &err)?))),
     };
-    if let Some(headers) = &response.headers
-        && let Some(error) = headers.get(SERVICE_ERROR)
-    {
-        let code: u16 = headers.get(SERVICE_ERROR_CODE).and_then(|c| c.as_str().parse().ok()).unwrap_or(500);
+    if let Some((code, message)) = service_error(response.headers.as_ref()) {
         let table = lua.create_table()?;
         table.set("code", code)?;
-        table.set("message", error.as_str())?;
+        table.set("message", message)?;
         return Ok((Value::Nil, Value::Table(table)));
     }
     let table = lua.create_table()?;
