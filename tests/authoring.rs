@@ -235,3 +235,40 @@ end)
     assert_eq!(code, 0, "{stdout}\n{stderr}");
     assert!(stdout.contains("1 passed, 0 failed"), "{stdout}");
 }
+
+/// A KV conflict and a stored value read back, in one handler.
+const KV_APP: &str = r#"
+bus.subscribe("conflict")
+kv.bucket("b")
+bus.on("conflict", function(ev)
+  local rev = kv.put("b", "k", ' {"spaced":true}')
+  local ok, err = pcall(kv.update, "b", "k", "x", rev + 10)
+  return { ok = ok, err = tostring(err), code = err.code, value_type = type(kv.get("b", "k")) }
+end)
+"#;
+
+/// What [`KV_APP`] answers, offline and on a real worker alike.
+const KV_ANSWER: &str =
+    r#"{ ok = false, err = "kv.update b/k: revision 11 is no longer the latest", code = 409, value_type = "table" }"#;
+
+#[test]
+fn a_kv_conflict_reads_the_same_offline_as_on_a_worker() {
+    let scripts = Scripts::new();
+    scripts.write("app.lua", KV_APP);
+    scripts.write(
+        "app_test.lua",
+        &format!("local w = test.worker(\"app.lua\")\ntest(\"conflict\", function()\n  test.eq(w:send(\"conflict\").payload, {KV_ANSWER})\nend)\n"),
+    );
+    let (code, stdout, stderr) = run_command(&["test", scripts.path().to_str().unwrap()], None);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+}
+
+#[tokio::test]
+async fn a_kv_conflict_on_a_worker() {
+    let app = start_app(KV_APP, &[]).await;
+    let reply = request(&app.client, "conflict", "").await;
+    let expected = serde_json::json!({
+        "ok": false, "err": "kv.update b/k: revision 11 is no longer the latest", "code": 409, "value_type": "table"
+    });
+    assert_eq!(json(&reply), expected, "the same as {KV_ANSWER}");
+}

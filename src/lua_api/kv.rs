@@ -43,8 +43,20 @@ pub fn install(lua: &Lua) -> mlua::Result<()> {
     raw.set("delete", lua.create_async_function(delete)?)?;
     raw.set("keys", lua.create_async_function(keys)?)?;
     raw.set("bucket", lua.create_async_function(bucket)?)?;
-    let kv: Table = lua.load(WRAPPERS).set_name("=kv").call(raw)?;
+    let kv = raising(lua, raw)?;
     lua.globals().set("kv", kv)
+}
+
+/// The `kv` table over `raw` functions returning `(results..., error)`: each
+/// raises its error table (printable with `tostring`) at the caller's line.
+/// `agent-block test` wraps its in-memory store with it too.
+pub fn raising(lua: &Lua, raw: Table) -> mlua::Result<Table> {
+    lua.load(WRAPPERS).set_name("=kv").call(raw)
+}
+
+/// The message of a failed compare-and-set.
+pub fn conflict_message(bucket: &str, key: &str, expected: impl std::fmt::Display) -> String {
+    format!("kv.update {bucket}/{key}: revision {expected} is no longer the latest")
 }
 
 /// A failure as the `(nil, nil, error)` the wrappers raise.
@@ -113,7 +125,9 @@ async fn store(lua: &Lua, bucket: &str, what: &str) -> Result<kv::Store, Failure
 
 /// A stored value as Lua: JSON objects and arrays as tables, anything else as
 /// the string of its bytes.
-fn value_of(lua: &Lua, bytes: &[u8]) -> mlua::Result<Value> {
+/// A stored value as a handler reads it back: JSON objects and arrays as
+/// tables, anything else as the bytes it is.
+pub fn value_of(lua: &Lua, bytes: &[u8]) -> mlua::Result<Value> {
     let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
     if matches!(first, Some(b'{') | Some(b'['))
         && let Ok(value) = json::decode(lua, bytes)
@@ -185,7 +199,7 @@ async fn update(lua: Lua, (bucket, key, value, expected): (String, String, Value
         match store.update(key.as_str(), data, expected).await {
             Ok(written) => Ok((revision(written), Value::Nil)),
             Err(err) if err.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                Err(Failure::new(409, format!("kv.update {bucket}/{key}: revision {expected} is no longer the latest")))
+                Err(Failure::new(409, conflict_message(&bucket, &key, expected)))
             }
             Err(err) => Err(Failure::new(500, format!("kv.update {bucket}/{key}: {err}"))),
         }

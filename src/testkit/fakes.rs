@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Prelude;
 use crate::lua_api::event::headers_table;
-use crate::lua_api::{body_of, duration_of, headers_of, json};
+use crate::lua_api::{body_of, duration_of, headers_of};
 use crate::transport::{Response, Transport, TransportError};
 
 /// A message a handler published (or a dead letter the worker published).
@@ -202,21 +202,6 @@ impl Transport for FakeTransport {
     }
 }
 
-/// Raises the error table a raw fake returns as its last value, so errors carry a
-/// code as the real bridges' do.
-const RAISING: &str = r#"
-local raw = ...
-local wrapped = {}
-for name, fn in pairs(raw) do
-  wrapped[name] = function(...)
-    local a, b, err = fn(...)
-    if err then error(err, 2) end
-    return a, b
-  end
-end
-return wrapped
-"#;
-
 const HTTP: &str = r#"
 local request, json = ...
 local response = {
@@ -272,8 +257,7 @@ fn install(lua: &Lua, fakes: &Arc<Fakes>) -> mlua::Result<()> {
     }
 
     let raw = kv_functions(lua, fakes)?;
-    let kv: Table = lua.load(RAISING).set_name("=kv").call(raw)?;
-    globals.set("kv", kv)?;
+    globals.set("kv", crate::lua_api::kv::raising(lua, raw)?)?;
 
     let http_request = http_function(lua, fakes)?;
     let http: Table = lua.load(HTTP).set_name("=http").call((http_request, globals.get::<Value>("json")?))?;
@@ -287,17 +271,7 @@ fn error_table(lua: &Lua, code: u16, message: &str) -> mlua::Result<Value> {
     Ok(Value::Table(table))
 }
 
-/// A stored value as the handler reads it back: JSON objects and arrays as
-/// tables, anything else as the bytes it is.
-pub fn stored_value(lua: &Lua, bytes: &[u8]) -> mlua::Result<Value> {
-    if matches!(bytes.first(), Some(b'{' | b'['))
-        && let Ok(value) = json::decode(lua, bytes)
-    {
-        return Ok(value);
-    }
-    Ok(Value::String(lua.create_string(bytes)?))
-}
-
+/// What a raw fake returns: results, then an error table or nil.
 type KvResult = (Value, Value, Value);
 
 fn kv_functions(lua: &Lua, fakes: &Arc<Fakes>) -> mlua::Result<Table> {
@@ -320,7 +294,7 @@ fn kv_functions(lua: &Lua, fakes: &Arc<Fakes>) -> mlua::Result<Table> {
         lua.create_function(move |lua, (bucket, key): (String, String)| {
             with_bucket(&f, lua, &bucket, &|b| match b.get(&key) {
                 Some((value, revision)) => {
-                    Ok((stored_value(lua, value)?, Value::Integer(*revision as i64), Value::Nil))
+                    Ok((crate::lua_api::kv::value_of(lua, value)?, Value::Integer(*revision as i64), Value::Nil))
                 }
                 None => Ok((Value::Nil, Value::Nil, Value::Nil)),
             })
@@ -357,8 +331,7 @@ fn kv_functions(lua: &Lua, fakes: &Arc<Fakes>) -> mlua::Result<Table> {
             with_bucket(&f, lua, &bucket, &|b| {
                 let current = b.get(&key).map(|(_, r)| *r as i64);
                 if current != Some(revision) {
-                    let found = current.map(|r| format!("revision {r}")).unwrap_or_else(|| "no entry".to_string());
-                    let message = format!("kv.update {bucket}/{key}: expected revision {revision}, found {found}");
+                    let message = crate::lua_api::kv::conflict_message(&bucket, &key, revision);
                     return Ok((Value::Nil, Value::Nil, error_table(lua, 409, &message)?));
                 }
                 Ok((Value::Integer(b.write(&key, bytes.clone()) as i64), Value::Nil, Value::Nil))

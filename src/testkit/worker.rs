@@ -20,11 +20,12 @@ use crate::config::{DEFAULT_BUS_CAPACITY, DEFAULT_HANDLER_TIMEOUT, LuaConfig};
 use crate::event::{Event, Settle, StreamMeta};
 use crate::kind::subject_matches;
 use crate::lua_api::event::headers_table;
+use crate::lua_api::kv::value_of;
 use crate::lua_api::{body_of, duration_of, headers_of, json};
 use crate::outcome::Outcome;
 use crate::source::jetstream::policy::{self, Action};
 use crate::source::{ConsumerSpec, Forwarding, Link, Placement, Source, SourceSpec};
-use crate::testkit::fakes::{Call, Clock, FakeTransport, Fakes, Published, stored_value};
+use crate::testkit::fakes::{Call, Clock, FakeTransport, Fakes, Published};
 use crate::vm::{PoolSpec, VmPool};
 
 /// Handlers the worker under test may run at once.
@@ -282,7 +283,7 @@ impl UserData for WorkerHandle {
         // w:kv(bucket, key) -> value, revision
         methods.add_method("kv", |lua, this, (bucket, key): (String, String)| {
             match this.0.fakes.kv_entry(&bucket, &key).map_err(mlua::Error::runtime)? {
-                Some((value, revision)) => Ok((stored_value(lua, &value)?, Some(revision))),
+                Some((value, revision)) => Ok((value_of(lua, &value)?, Some(revision))),
                 None => Ok((Value::Nil, None)),
             }
         });
