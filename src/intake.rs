@@ -245,10 +245,6 @@ impl Slots {
         Rc::new(Slots { available: Cell::new(count), standing_by: Cell::new(0), waiters: RefCell::new(Vec::new()) })
     }
 
-    pub fn available(&self) -> usize {
-        self.available.get()
-    }
-
     /// Slots free to start an event now, counting one held on standby.
     pub fn free(&self) -> usize {
         self.available.get() + self.standing_by.get()

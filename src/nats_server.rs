@@ -51,12 +51,6 @@ impl NatsServer {
         Self::start_with(ServerOptions::default())
     }
 
-    /// Starts a server that also reads `config` (a nats-server configuration
-    /// file's text), e.g. to require a password.
-    pub fn start_with_config(config: &str) -> Result<Self, String> {
-        Self::start_with(ServerOptions { config: Some(config.to_string()), ..ServerOptions::default() })
-    }
-
     pub fn start_with(options: ServerOptions) -> Result<Self, String> {
         remove_stale_stores();
         let store = tempfile::Builder::new()

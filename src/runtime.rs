@@ -76,11 +76,6 @@ pub fn pool_spec(config: &WorkerConfig) -> PoolSpec {
     }
 }
 
-/// Serves `config.script` until `shutdown` resolves.
-pub async fn run_worker(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
-    run_worker_with_reloads(config, shutdown, mpsc::channel(1).1).await
-}
-
 /// Serves `config.script` until `shutdown` resolves, reloading it (see
 /// [`crate::reload`]) each time `reloads` delivers.
 pub async fn run_worker_with_reloads(
