@@ -29,7 +29,6 @@ pub mod outcome;
 pub mod panics;
 pub mod preflight;
 pub mod probes;
-pub mod reload;
 pub mod runtime;
 pub mod settle;
 pub mod source;

@@ -25,9 +25,10 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::error::RunError;
+use super::pool::pool_spec;
 use crate::config::WorkerConfig;
 use crate::health::Health;
-use crate::runtime::{RunError, pool_spec};
 use crate::source::{self, Forwarding, Link, Placement, Source};
 use crate::vm::{InitReport, VmPool};
 

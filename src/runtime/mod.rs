@@ -2,8 +2,16 @@
 //! sources placed on the VMs, and the shutdown sequence (stop taking messages, let in-flight handlers
 //! finish within grace, cancel the rest, flush).
 
+mod error;
+mod pool;
+pub mod reload;
+
+pub use error::RunError;
+pub use pool::pool_spec;
+
+use reload::{Generation, Reloader};
+
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use tokio::sync::mpsc;
@@ -11,73 +19,15 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::WorkerConfig;
-use crate::connect::{self, ConnectError};
+use crate::connect;
 use crate::health::Health;
 use crate::probes;
-use crate::reload::{Generation, Reloader};
-use crate::source::{self, jetstream::SetupError};
+use crate::source;
 use crate::telemetry::{discovery, metrics, trace};
-use crate::transport::Offline;
-use crate::vm::{PoolSpec, ScriptError, StartError, VmPool};
-
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error("{0}")]
-    Settings(String),
-    #[error("script error: {0}")]
-    Script(#[from] ScriptError),
-    #[error("{0}")]
-    Connect(#[from] ConnectError),
-    #[error("{0}")]
-    Runtime(String),
-}
-
-impl From<SetupError> for RunError {
-    fn from(err: SetupError) -> Self {
-        match err {
-            SetupError::Config(message) => RunError::Settings(message),
-            SetupError::Nats(message) => RunError::Runtime(message),
-        }
-    }
-}
-
-impl From<StartError> for RunError {
-    fn from(err: StartError) -> Self {
-        match err {
-            StartError::Script(err) => RunError::Script(err),
-            StartError::Connect(err) => RunError::Connect(err),
-            StartError::Runtime(message) | StartError::Bridge(message) => RunError::Runtime(message),
-        }
-    }
-}
-
-impl RunError {
-    /// 2 for usage, settings and script errors; 1 for failures at run time.
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            RunError::Settings(_) | RunError::Script(_) | RunError::Connect(ConnectError::Settings(_)) => 2,
-            RunError::Connect(ConnectError::TimedOut { .. }) | RunError::Runtime(_) => 1,
-        }
-    }
-}
-
-/// The VM pool a serving worker runs: each VM with its own NATS connection.
-pub fn pool_spec(config: &WorkerConfig) -> PoolSpec {
-    PoolSpec {
-        script: config.script.clone(),
-        workers: config.workers,
-        concurrency: config.concurrency,
-        bus_capacity: config.bus_capacity,
-        handler_timeout: config.handler_timeout,
-        lua: config.lua.clone(),
-        transport: Arc::new(Offline),
-        connection: Some(config.connection.clone()),
-        bridges: Some(config.bridges.clone()),
-    }
-}
+use crate::vm::VmPool;
 
 /// Serves `config.script` until `shutdown` resolves, reloading it (see
-/// [`crate::reload`]) each time `reloads` delivers.
+/// [`reload`]) each time `reloads` delivers.
 pub async fn run_worker_with_reloads(
     config: WorkerConfig,
     shutdown: impl Future<Output = ()>,

@@ -1,0 +1,22 @@
+//! The VM pool a serving worker runs, from its settings.
+
+use std::sync::Arc;
+
+use crate::config::WorkerConfig;
+use crate::transport::Offline;
+use crate::vm::PoolSpec;
+
+/// The VM pool a serving worker runs: each VM with its own NATS connection.
+pub fn pool_spec(config: &WorkerConfig) -> PoolSpec {
+    PoolSpec {
+        script: config.script.clone(),
+        workers: config.workers,
+        concurrency: config.concurrency,
+        bus_capacity: config.bus_capacity,
+        handler_timeout: config.handler_timeout,
+        lua: config.lua.clone(),
+        transport: Arc::new(Offline),
+        connection: Some(config.connection.clone()),
+        bridges: Some(config.bridges.clone()),
+    }
+}
