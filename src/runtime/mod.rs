@@ -69,7 +69,8 @@ pub async fn run_worker_with_reloads(
         );
     }
     let sources = source::build(&report.sources, &client, &config.name).await?;
-    let endpoints = discovery::endpoints_of(&report.sources, &config.name);
+    // In declaration order, the order of `Event::source_index`.
+    let endpoints: Vec<_> = report.sources.iter().map(|spec| spec.endpoint(&config.name)).collect();
     discovery::set_endpoints(endpoints.clone());
     let stop = CancellationToken::new();
     pool.open_sources(&sources, &stop).await.map_err(RunError::Runtime)?;

@@ -16,7 +16,7 @@ use crate::outcome::{Failure, Outcome};
 use crate::settle::{error_headers, reply_of};
 use crate::source::spec::SubscriptionSpec;
 use crate::source::{Forwarding, Link, Placement, Source};
-use crate::telemetry::carrier;
+use crate::vm::context;
 
 pub struct CoreSource {
     spec: SubscriptionSpec,
@@ -121,7 +121,7 @@ impl Settle for CoreReply {
     fn settle<'a>(&'a mut self, event: &'a Event, outcome: Outcome) -> LocalBoxFuture<'a, ()> {
         Box::pin(async move {
             let (mut headers, body) = reply_of(outcome);
-            carrier::continue_trace(&mut headers);
+            context::continue_trace(&mut headers);
             let sent = match headers {
                 Some(headers) => self.client.publish_with_headers(self.reply.clone(), headers, body).await,
                 None => self.client.publish(self.reply.clone(), body).await,

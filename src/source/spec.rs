@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::kind::KindTemplate;
+use crate::telemetry::discovery::Endpoint;
 
 /// One declared source.
 #[derive(Debug, Clone)]
@@ -12,6 +13,23 @@ pub enum SourceSpec {
 }
 
 impl SourceSpec {
+    /// This source as a NATS micro endpoint: a subscription by its subject and
+    /// queue group, a consumer by its durable name.
+    pub fn endpoint(&self, worker_name: &str) -> Endpoint {
+        match self {
+            SourceSpec::Subscribe(spec) => Endpoint {
+                name: spec.subject.clone(),
+                subject: spec.subject.clone(),
+                queue_group: spec.queue_group(worker_name).unwrap_or_default(),
+            },
+            SourceSpec::Consume(spec) => Endpoint {
+                name: spec.consumer.clone(),
+                subject: spec.subject.clone().unwrap_or_else(|| format!("{}.>", spec.stream)),
+                queue_group: spec.consumer.clone(),
+            },
+        }
+    }
+
     /// One line for `check` and the logs.
     pub fn describe(&self, worker_name: &str) -> String {
         match self {

@@ -1,12 +1,10 @@
 //! W3C trace context in NATS headers: reading `traceparent`/`tracestate` from an
 //! incoming message (case-insensitively: `async_nats::HeaderMap` lookups are
-//! case-sensitive and Go clients send `Traceparent`), and writing the current
-//! handler's context into outgoing messages.
+//! case-sensitive and Go clients send `Traceparent`), and writing a handler's
+//! context into outgoing messages (the caller passes it in).
 
 use async_nats::HeaderMap;
 use opentelemetry::propagation::Extractor;
-
-use crate::vm::context;
 
 pub const TRACEPARENT: &str = "traceparent";
 pub const TRACESTATE: &str = "tracestate";
@@ -25,19 +23,6 @@ impl Extractor for HeaderExtractor<'_> {
 }
 
 pub use crate::event::header;
-
-/// Sets `traceparent` (and `tracestate`) to the running handler's span, replacing
-/// any spelling of them already there (a dead letter copies the incoming headers,
-/// whose traceparent names the caller's span). Does nothing outside a traced
-/// handler.
-pub fn continue_trace(headers: &mut Option<HeaderMap>) {
-    let Some(current) = context::current() else { return };
-    let (Some(traceparent), Some(_)) = (current.traceparent.as_deref(), current.span_id.as_deref()) else {
-        return;
-    };
-    let headers = headers.get_or_insert_with(HeaderMap::new);
-    set_trace_headers(headers, traceparent, current.tracestate.as_deref());
-}
 
 /// Replaces the trace headers of `headers`, whatever their case.
 pub fn set_trace_headers(headers: &mut HeaderMap, traceparent: &str, tracestate: Option<&str>) {

@@ -13,7 +13,6 @@ use async_nats::service::{self, endpoint, error};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::source::SourceSpec;
 use crate::telemetry::metrics;
 
 const PING: &str = "io.nats.micro.v1.ping_response";
@@ -28,26 +27,6 @@ pub struct Endpoint {
     /// The queue group of a subscription, the durable name of a consumer; empty
     /// for a subscription without a group.
     pub queue_group: String,
-}
-
-/// The endpoints of the declared sources, in declaration order (the order of
-/// `Event::source_index`).
-pub fn endpoints_of(specs: &[SourceSpec], worker_name: &str) -> Vec<Endpoint> {
-    specs
-        .iter()
-        .map(|spec| match spec {
-            SourceSpec::Subscribe(spec) => Endpoint {
-                name: spec.subject.clone(),
-                subject: spec.subject.clone(),
-                queue_group: spec.queue_group(worker_name).unwrap_or_default(),
-            },
-            SourceSpec::Consume(spec) => Endpoint {
-                name: spec.consumer.clone(),
-                subject: spec.subject.clone().unwrap_or_else(|| format!("{}.>", spec.stream)),
-                queue_group: spec.consumer.clone(),
-            },
-        })
-        .collect()
 }
 
 static ENDPOINTS: RwLock<Vec<Endpoint>> = RwLock::new(Vec::new());

@@ -18,6 +18,7 @@ use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::event::EventId;
+use crate::telemetry::carrier;
 use crate::vm::watchdog;
 
 /// Why the instruction hook stopped Lua code.
@@ -133,6 +134,19 @@ thread_local! {
 /// The context of the Lua code running now, if any.
 pub fn current() -> Option<Rc<TaskContext>> {
     CURRENT.with(|c| c.borrow().clone())
+}
+
+/// Sets `traceparent` (and `tracestate`) to the running handler's span, replacing
+/// any spelling of them already there (a dead letter copies the incoming headers,
+/// whose traceparent names the caller's span). Does nothing outside a traced
+/// handler.
+pub fn continue_trace(headers: &mut Option<async_nats::HeaderMap>) {
+    let Some(current) = current() else { return };
+    let (Some(traceparent), Some(_)) = (current.traceparent.as_deref(), current.span_id.as_deref()) else {
+        return;
+    };
+    let headers = headers.get_or_insert_with(async_nats::HeaderMap::new);
+    carrier::set_trace_headers(headers, traceparent, current.tracestate.as_deref());
 }
 
 /// Records `state` as the Lua thread of the current task, so the watchdog can

@@ -9,7 +9,7 @@ use async_nats::HeaderMap;
 use crate::event::Event;
 use crate::outcome::{FailureCause, Outcome};
 use crate::source::spec::ConsumerSpec;
-use crate::telemetry::carrier;
+use crate::vm::context;
 
 /// What settling a delivery does.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,7 +50,7 @@ pub fn action(spec: &ConsumerSpec, delivered: u64, outcome: &Outcome) -> Action 
 /// `-Stream-Seq`).
 pub fn dead_letter_headers(spec: &ConsumerSpec, event: &Event, delivered: u64, error: &str) -> HeaderMap {
     let mut headers = event.headers.clone();
-    carrier::continue_trace(&mut headers);
+    context::continue_trace(&mut headers);
     let mut headers = headers.unwrap_or_default();
     // A traceback keeps its first line; other control characters become spaces.
     headers.insert("Agent-Block-Error", crate::headers::value(error.lines().next().unwrap_or("")));
