@@ -20,8 +20,8 @@ use prometheus_client::registry::Registry;
 use tokio::sync::mpsc::WeakSender;
 
 use crate::event::Event;
-use crate::intake::IntakeStats;
 use crate::outcome::Outcome;
+use crate::telemetry::overload::IntakeStats;
 
 /// Upper bounds of the handler duration histogram, in seconds.
 const DURATION_BOUNDS: [f64; 14] =

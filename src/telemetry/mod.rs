@@ -6,4 +6,5 @@
 pub mod carrier;
 pub mod discovery;
 pub mod metrics;
+pub mod overload;
 pub mod trace;
