@@ -9,7 +9,7 @@ use mlua::{Lua, Table, UserData, Value};
 
 use crate::kind::KindTemplate;
 use crate::lua_api::{body_of, duration_of, headers_of};
-use crate::source::{ConsumerSpec, Queue, SourceSpec, SubscriptionSpec};
+use crate::source::spec::{ConsumerSpec, Queue, SourceSpec, SubscriptionSpec};
 use crate::vm::state::{Phase, VmState};
 
 /// What a handler returned through `bus.reply`, `bus.nak` or `bus.term`.

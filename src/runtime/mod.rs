@@ -68,7 +68,7 @@ pub async fn run_worker_with_reloads(
             "the script declares no sources; call bus.subscribe(subject) or bus.consume{{...}} at its top level"
         );
     }
-    let sources = source::build(&report.sources, &client, &config.name).await?;
+    let sources = source::declared::build(&report.sources, &client, &config.name).await?;
     // In declaration order, the order of `Event::source_index`.
     let endpoints: Vec<_> = report.sources.iter().map(|spec| spec.endpoint(&config.name)).collect();
     discovery::set_endpoints(endpoints.clone());

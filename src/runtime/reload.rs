@@ -105,7 +105,7 @@ async fn start(
 ) -> Result<(Generation, InitReport), RunError> {
     let (mut pool, report) = VmPool::start(pool_spec(config)).await?;
     let stop = CancellationToken::new();
-    let sources = match source::build(&report.sources, client, &config.name).await {
+    let sources = match source::declared::build(&report.sources, client, &config.name).await {
         Ok(sources) => sources,
         Err(err) => {
             pool.shutdown(Instant::now()).await;

@@ -10,6 +10,7 @@
 //! intake.
 
 pub mod core;
+pub mod declared;
 pub mod jetstream;
 pub mod replay;
 pub mod spec;
@@ -54,23 +55,4 @@ pub trait Source: Send + Sync {
     /// Subscribes or binds on the VM thread this is called on; resolves once the
     /// server confirmed, with the future that forwards events until `stop`.
     fn open(self: Arc<Self>, link: Link) -> LocalBoxFuture<'static, Result<Forwarding, String>>;
-}
-
-/// Builds the sources a script declared: subscriptions as they are, consumers
-/// after making them ready on the server (`client` is the process's connection).
-pub async fn build(
-    specs: &[SourceSpec],
-    client: &async_nats::Client,
-    worker_name: &str,
-) -> Result<Vec<Arc<dyn Source>>, jetstream::SetupError> {
-    let mut sources: Vec<Arc<dyn Source>> = Vec::with_capacity(specs.len());
-    for spec in specs {
-        match spec {
-            SourceSpec::Subscribe(spec) => sources.push(Arc::new(core::CoreSource::new(spec.clone(), worker_name))),
-            SourceSpec::Consume(spec) => {
-                sources.push(Arc::new(jetstream::JetStreamSource::prepare(client, spec.clone()).await?))
-            }
-        }
-    }
-    Ok(sources)
 }
