@@ -151,3 +151,26 @@ async fn shutdown_kills_a_running_command() {
     assert!(stopping.elapsed() < Duration::from_secs(8), "grace was not 300 ms: {:?}", stopping.elapsed());
     assert_killed(&pid_file);
 }
+
+#[tokio::test]
+async fn the_command_does_not_inherit_the_workers_secrets() {
+    let server = server();
+    let scripts = Scripts::new();
+    let script = scripts.write("app.lua", APP);
+    let url = server.url();
+    let args = ["run", script.to_str().unwrap(), "--nats-url", &url, "--workers", "1", "--unsafe-lua"];
+    let env = [
+        ("OTEL_EXPORTER_OTLP_HEADERS", "api-key=collector-key"),
+        ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "authorization=Bearer trace-token"),
+        ("APP_SETTING", "visible"),
+    ];
+    let worker = Worker::spawn_with_env(&args, &env);
+    worker.expect_ready();
+    let setup = Running { client: client(&server).await, server, scripts, worker };
+    let result = exec(&setup, "env | grep -E '^(OTEL_|APP_SETTING=)'", serde_json::json!({})).await;
+    let stdout = result["stdout"].as_str().unwrap();
+    assert!(stdout.contains("APP_SETTING=visible"), "{stdout}");
+    for (name, _) in &env[..2] {
+        assert!(!stdout.contains(name), "{name} reached the command:\n{stdout}");
+    }
+}
