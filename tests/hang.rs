@@ -182,12 +182,22 @@ async fn a_vm_stuck_past_its_deadline_fails_the_liveness_probe() {
     let server = server();
     let scripts = Scripts::new();
     let script = scripts.write("app.lua", APP);
-    let addr = format!("127.0.0.1:{}", free_port());
     let url = server.url();
     let script = script.to_str().unwrap();
-    let args =
-        ["run", script, "--nats-url", &url, "--metrics-addr", &addr, "--workers", "1", "--handler-timeout", "1s"];
-    let worker = Worker::spawn(&args);
+    let (worker, addr) = with_probes(|addr| {
+        Worker::spawn(&[
+            "run",
+            script,
+            "--nats-url",
+            &url,
+            "--metrics-addr",
+            addr,
+            "--workers",
+            "1",
+            "--handler-timeout",
+            "1s",
+        ])
+    });
     worker.expect_ready();
     assert_eq!(http_get(&addr, "/healthz").unwrap().0, 200);
     let client = client(&server).await;

@@ -218,9 +218,9 @@ async fn probes_report_liveness_and_readiness() {
     let url = server.url();
     server.stop();
     let (_scripts, script) = app();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut worker = Worker::spawn(&["run", script.to_str().unwrap(), "--nats-url", &url, "--metrics-addr", &addr]);
-    assert!(worker.stderr.wait_for("probes at /healthz", PATIENCE));
+    let (mut worker, addr) = with_probes(|addr| {
+        Worker::spawn(&["run", script.to_str().unwrap(), "--nats-url", &url, "--metrics-addr", addr])
+    });
     assert_eq!(http_get(&addr, "/healthz").unwrap().0, 200);
     let (status, reason) = http_get(&addr, "/readyz").unwrap();
     assert_eq!((status, reason.trim()), (503, "not ready: not connected to NATS yet"));
@@ -241,8 +241,11 @@ async fn probes_report_liveness_and_readiness() {
 async fn readiness_fails_while_draining() {
     let server = server();
     let (_scripts, script) = app();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut worker = Worker::run(&server, &script, &["--metrics-addr", &addr, "--grace", "30s"]);
+    let url = server.url();
+    let (mut worker, addr) = with_probes(|addr| {
+        Worker::spawn(&["run", script.to_str().unwrap(), "--nats-url", &url, "--metrics-addr", addr, "--grace", "30s"])
+    });
+    worker.expect_ready();
     let client = client(&server).await;
     let mut gate = client.subscribe("gate").await.unwrap();
     assert_eq!(http_get(&addr, "/readyz").unwrap().0, 200);
@@ -266,11 +269,12 @@ async fn settings_come_from_the_environment() {
     let server = server();
     let (_scripts, script) = app();
     let url = server.url();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let worker = Worker::spawn_with_env(
-        &["run", script.to_str().unwrap()],
-        &[("NATS_URL", url.as_str()), ("AGENT_BLOCK_METRICS_ADDR", addr.as_str()), ("AGENT_BLOCK_WORKERS", "3")],
-    );
+    let (worker, addr) = with_probes(|addr| {
+        Worker::spawn_with_env(
+            &["run", script.to_str().unwrap()],
+            &[("NATS_URL", url.as_str()), ("AGENT_BLOCK_METRICS_ADDR", addr), ("AGENT_BLOCK_WORKERS", "3")],
+        )
+    });
     worker.expect_ready();
     assert!(worker.stderr.text().contains("\"workers\":3"), "{}", worker.stderr.text());
     assert_eq!(http_get(&addr, "/readyz").unwrap().0, 200);

@@ -332,8 +332,11 @@ bus.on("fail", function(ev) error({ code = 422, message = "bad order" }) end)
 bus.on("jobs.bad", function(ev) error("cannot do it") end)
 "#,
     );
-    let addr = format!("127.0.0.1:{}", free_port());
-    let _worker = Worker::run(&server, &script, &["--metrics-addr", &addr, "--workers", "2"]);
+    let url = server.url();
+    let (worker, addr) = with_probes(|addr| {
+        Worker::spawn(&["run", script.to_str().unwrap(), "--nats-url", &url, "--metrics-addr", addr, "--workers", "2"])
+    });
+    worker.expect_ready();
     let client = client(&server).await;
     for _ in 0..3 {
         request(&client, "orders", "{}").await;

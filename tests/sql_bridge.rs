@@ -73,7 +73,7 @@ async fn count(setup: &Setup, name: &str) -> i64 {
 }
 
 async fn postgres_app(extra: &[&str]) -> (Postgres, Setup) {
-    let pg = Postgres::start();
+    let pg = Postgres::start(free_port);
     let url = pg.url();
     let mut args = vec!["--sql-url", url.as_str()];
     args.extend_from_slice(extra);

@@ -170,12 +170,12 @@ impl Worker {
         if let Some(format) = format {
             command.args(["--log-format", format]);
         }
+        hermetic(&mut command);
         command
             .env("RUST_LOG", "info,async_nats=warn,agent_block::event=off")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        hermetic(&mut command);
         for (name, value) in env {
             command.env(name, value);
         }
@@ -235,6 +235,25 @@ impl Drop for Worker {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Starts a worker through `start` (given the `HOST:PORT` for `--metrics-addr` or
+/// `AGENT_BLOCK_METRICS_ADDR`) and waits until its probes listen. A port of this
+/// process's range may still be taken by a program outside the convention: the
+/// worker then exits saying so, and another port is tried, as for servers.
+pub fn with_probes(start: impl Fn(&str) -> Worker) -> (Worker, String) {
+    let mut last_log = String::new();
+    for _ in 0..5 {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let worker = start(&addr);
+        let settled = |log: &str| log.contains("probes at /healthz") || log.contains("cannot listen on");
+        assert!(worker.stderr.wait_until(settled, PATIENCE), "no probes; its log:\n{}", worker.stderr.text());
+        if worker.stderr.text().contains("probes at /healthz") {
+            return (worker, addr);
+        }
+        last_log = worker.stderr.text();
+    }
+    panic!("no free port for the probes; last log:\n{last_log}")
 }
 
 /// Runs `agent-block ARGS` to completion: (exit code, stdout, stderr).
@@ -344,13 +363,19 @@ fn dechunk(mut rest: &str) -> String {
     body
 }
 
-/// Clears every setting the developer's shell could pass to the worker
-/// (`AGENT_BLOCK_*`, `NATS_*`), keeping `NATS_SERVER_BIN`, which picks the
-/// server binary for `dev`.
+/// Clears every variable of the developer's shell the worker or its libraries
+/// read: its settings (`AGENT_BLOCK_*`, `NATS_*`), the OpenTelemetry SDK's
+/// (`OTEL_*`), `RUST_LOG`, PostgreSQL's client defaults (`PG*`), HTTP proxies and
+/// extra TLS roots. Keeps `NATS_SERVER_BIN`, which picks the server for `dev`.
 pub fn hermetic(command: &mut Command) {
+    const PREFIXES: &[&str] = &["AGENT_BLOCK_", "NATS_", "OTEL_", "PG"];
+    const NAMES: &[&str] =
+        &["RUST_LOG", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR"];
     for (name, _) in std::env::vars_os() {
         let Some(name) = name.to_str() else { continue };
-        if (name.starts_with("AGENT_BLOCK_") || name.starts_with("NATS_")) && name != "NATS_SERVER_BIN" {
+        let read_by_worker = PREFIXES.iter().any(|prefix| name.starts_with(prefix))
+            || NAMES.iter().any(|known| name.eq_ignore_ascii_case(known));
+        if read_by_worker && name != "NATS_SERVER_BIN" {
             command.env_remove(name);
         }
     }
