@@ -44,6 +44,14 @@ bus.on("order.slow", function(ev)
   nats.publish("seen", ev.id)
   return true
 end)
+bus.on("order.held", function(ev)
+  -- The server's own count of unacknowledged messages, read at this delivery.
+  local info = nats.request("$JS.API.CONSUMER.INFO.ORDERS.work", "")
+  nats.publish("held", tostring(info.payload.num_ack_pending))
+  time.sleep("1s")
+  nats.publish("seen", ev.id)
+  return true
+end)
 bus.on("order.later", function(ev)
   if ev.meta.delivered == 1 then return bus.nak({ delay = "300ms" }) end
   nats.publish("seen", ev.id .. "@" .. ev.meta.delivered)
@@ -224,20 +232,20 @@ async fn pulls_never_exceed_free_handler_slots() {
     let server = server();
     let (_scripts, script) = app();
     let _worker = Worker::run(&server, &script, &["--workers", "2", "--concurrency", "3"]);
-    let (_client, js, mut seen) = watching(&server, "seen").await;
+    let (client, js, mut seen) = watching(&server, "seen").await;
+    let mut held = client.subscribe("held").await.unwrap();
+    client.flush().await.unwrap();
     for _ in 0..12 {
-        publish(&js, "orders.slow", "").await;
+        publish(&js, "orders.held", "").await;
     }
-    // 2 VMs x 3 slots: the first 6 messages run for 5 s; no more may be held.
-    let mut consumer = consumer(&js).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
-    let mut most = 0;
-    while tokio::time::Instant::now() < deadline {
-        let info = consumer.info().await.unwrap();
-        most = most.max(info.num_ack_pending);
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    // 2 VMs x 3 slots: each handler reads the server's count of unacknowledged
+    // messages when it is delivered, so a pull past the free slots shows up at once.
+    let mut counts = Vec::new();
+    for _ in 0..12 {
+        counts.push(body(&next(&mut held).await).parse::<u64>().unwrap());
     }
-    assert_eq!(most, 6, "messages held by the worker never exceed its 6 slots, and fill them");
+    assert!(counts.iter().all(|&count| count <= 6), "more held than the 6 slots: {counts:?}");
+    assert_eq!(counts.iter().max(), Some(&6), "the slots are filled: {counts:?}");
     collect(&mut seen, |s| s.len() == 12).await;
     let info = drained(&js).await;
     assert_eq!(info.num_redelivered, 0);
@@ -426,21 +434,66 @@ async fn sigterm_finishes_in_flight_and_hands_back_the_rest_at_once() {
     assert_eq!(info.num_ack_pending, 0);
 }
 
+/// Handlers held until the file GATE exists, each recording its message's id in
+/// HANDLED once through: a fault can strike while a known number is in flight.
+const GATED: &str = r#"
+bus.consume({
+  stream = "JOBS", consumer = "work", subject = "jobs.>", ack_wait = "2s",
+  create_stream = { subjects = { "jobs.>" } },
+})
+bus.on("jobs.run", function(ev)
+  while true do
+    local gate = io.open("GATE")
+    if gate then gate:close() break end
+    time.sleep("20ms")
+  end
+  local handled = assert(io.open("HANDLED", "a"))
+  handled:write(ev.id, "\n")
+  handled:close()
+  return true
+end)
+"#;
+
+/// Ids recorded by [`GATED`] handlers in `path`.
+fn handled_ids(path: &std::path::Path) -> HashSet<String> {
+    std::fs::read_to_string(path).unwrap_or_default().lines().map(str::to_string).collect()
+}
+
+/// Waits until the consumer holds exactly `in_flight` unacknowledged messages.
+async fn held(consumer: &mut PullConsumer, in_flight: usize) -> async_nats::jetstream::consumer::Info {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let info = consumer.info().await.expect("consumer info").clone();
+        if info.num_ack_pending == in_flight {
+            return info;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never {in_flight} in flight: {info:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_killed_mid_stream_loses_no_message() {
     let mut server = server();
     let scripts = Scripts::new();
-    let script = steady(&scripts, "2s", "20ms");
-    let _worker = Worker::run(&server, &script, &["--workers", "2", "--concurrency", "8"]);
-    let client = client(&server).await;
-    let mut done = client.subscribe("done").await.unwrap();
-    client.flush().await.unwrap();
-    let js = jetstream::new(client.clone());
-    publish_jobs(&js, 1000).await;
-    collect(&mut done, |s| s.len() >= 150).await;
-    // kill -9 and a restart on the same port and store, in the middle of the stream.
+    let (gate, handled) = (scripts.path().join("gate"), scripts.path().join("handled"));
+    let source = GATED.replace("GATE", gate.to_str().unwrap()).replace("HANDLED", handled.to_str().unwrap());
+    let script = scripts.write("gated.lua", &source);
+    let args = ["--workers", "2", "--concurrency", "4", "--unsafe-lua"];
+    let _worker = Worker::run(&server, &script, &args);
+    let js = jetstream::new(client(&server).await);
+    let total = 40;
+    publish_jobs(&js, total).await;
+    // 2 VMs x 4 slots, every handler held at the gate: 8 in flight, 32 waiting.
+    let info = held(&mut consumer_of(&js, "JOBS").await, 8).await;
+    assert_eq!(info.num_pending, 32, "{info:?}");
+    assert!(handled_ids(&handled).is_empty(), "nothing finished before the kill");
+    // kill -9 and a restart on the same port and store, with 8 messages unacked.
     server.restart().expect("restart nats-server");
+    std::fs::write(&gate, "").unwrap();
     let js = jetstream::new(common::client(&server).await);
     let info = drained_on(&js, "JOBS").await;
-    assert_eq!(info.ack_floor.stream_sequence, 1000, "every message was acked after the restart: {info:?}");
+    assert_eq!(info.ack_floor.stream_sequence, total as u64, "every message was acked after the restart: {info:?}");
+    let ids = handled_ids(&handled);
+    assert!(all_jobs(total)(&ids), "every message was handled after the restart: {ids:?}");
 }
