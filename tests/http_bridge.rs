@@ -94,8 +94,17 @@ async fn transport_failures_raise_502_or_504_without_credentials() {
 #[tokio::test]
 async fn deadline_cancels_the_request_and_closes_its_connection() {
     let web = HttpServer::start();
-    let setup = start(&["--handler-timeout", "500ms"]).await;
-    let reply = request(&setup.client, "hang", &serde_json::json!({ "url": web.url("/slow") }).to_string()).await;
+    // 2 s: time for the request to reach the server on a loaded machine.
+    let setup = start(&["--handler-timeout", "2s"]).await;
+    let client = setup.client.clone();
+    let payload = serde_json::json!({ "url": web.url("/slow") }).to_string();
+    let pending = tokio::spawn(async move { request(&client, "hang", &payload).await });
+    let deadline = Instant::now() + PATIENCE;
+    while web.slow_in_flight() == 0 {
+        assert!(Instant::now() < deadline, "the slow request never reached the server");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let reply = pending.await.unwrap();
     let (code, _) = error_of(&reply).expect("the handler times out");
     assert_eq!(code, 504);
     // The server sees the connection close and drops its handler; generous bound
