@@ -438,6 +438,7 @@ async fn discovery_answers_ping_info_and_stats_for_the_process() {
     // Every instance answers a plain PING; one process is one instance.
     let reply_to = client.new_inbox();
     let mut inbox = client.subscribe(reply_to.clone()).await.unwrap();
+    let ping_inbox = reply_to.clone();
     client.publish_with_reply("$SRV.PING", reply_to, "".into()).await.unwrap();
     let ping = json(&next(&mut inbox).await);
     assert_eq!(ping["type"], "io.nats.micro.v1.ping_response");
@@ -447,6 +448,9 @@ async fn discovery_answers_ping_info_and_stats_for_the_process() {
         tokio::time::timeout(Duration::from_millis(300), futures::StreamExt::next(&mut inbox)).await.is_err(),
         "a second answer would mean one instance per VM"
     );
+    // A marker to the same inbox comes next: no second answer was on its way.
+    client.publish(ping_inbox.clone(), "marker".into()).await.unwrap();
+    assert_eq!(body(&next(&mut inbox).await), "marker", "a second answer came before the marker");
 
     let info = json(&request(&client, "$SRV.INFO.shop", "").await);
     assert_eq!(info["type"], "io.nats.micro.v1.info_response");
