@@ -201,3 +201,79 @@ fn every_setting_marked_secret_is_hidden_from_env_get_and_os_getenv() {
         assert_eq!(seen[name]["os"], *value, "os {name}");
     }
 }
+
+/// Each probe run in a handler through `replay`: whether it raised.
+const HOST_ACCESS: &str = r#"
+local dir = DIR
+local probes = {
+  os_remove = function() return os.remove(dir .. "/victim.txt") end,
+  os_rename = function() return os.rename(dir .. "/renamed.txt", dir .. "/moved.txt") end,
+  os_tmpname = function() return os.tmpname() end,
+  os_execute = function() return os.execute("true") end,
+  os_exit = function() return os.exit end,
+  io_open = function() return io.open(dir .. "/module.lua") end,
+  dofile = function() return dofile(dir .. "/module.lua") end,
+  loadfile = function() return loadfile(dir .. "/module.lua")() end,
+  debug = function() return debug.getinfo(1) end,
+  loadlib = function() return package.loadlib(dir .. "/cmod.so", "luaopen_cmod") end,
+  c_module = function() return require("cmod") end,
+  binary_chunk = function() return load(string.dump(function() return 1 end))() end,
+}
+bus.on("probe", function()
+  local allowed = {}
+  for name, probe in pairs(probes) do
+    local ok, result = pcall(probe)
+    allowed[name] = ok and result ~= nil
+  end
+  allowed.init_module = require("pkg").name == "pkg/init.lua"
+  return allowed
+end)
+"#;
+
+#[test]
+fn the_sandbox_keeps_scripts_from_the_host_and_unsafe_lua_lifts_it() {
+    let scripts = Scripts::new();
+    let dir = scripts.path().to_str().unwrap();
+    scripts.write("victim.txt", "still here");
+    scripts.write("renamed.txt", "still here");
+    scripts.write("module.lua", "return 'loaded from a file'");
+    // Not a loadable library: the sandbox must refuse before trying to load it.
+    scripts.write("cmod.so", "not a shared object");
+    scripts.write("pkg/init.lua", "return { name = 'pkg/init.lua' }");
+    let script = scripts.write("probe.lua", &HOST_ACCESS.replace("DIR", &format!("{dir:?}")));
+    let run = |extra: &[&str]| {
+        let mut args = vec!["replay", script.to_str().unwrap(), "--events", "-"];
+        args.extend_from_slice(extra);
+        let (code, stdout, stderr) = run_command(&args, Some(r#"{"subject":"probe"}"#));
+        assert_eq!(code, 0, "{stderr}");
+        serde_json::from_str::<serde_json::Value>(stdout.trim()).unwrap()["payload"].clone()
+    };
+    let sandboxed = run(&[]);
+    for name in [
+        "os_remove",
+        "os_rename",
+        "os_tmpname",
+        "os_execute",
+        "os_exit",
+        "io_open",
+        "dofile",
+        "loadfile",
+        "debug",
+        "loadlib",
+        "c_module",
+        "binary_chunk",
+    ] {
+        assert_eq!(sandboxed[name], false, "{name} is reachable in the sandbox: {sandboxed}");
+    }
+    assert_eq!(sandboxed["init_module"], true, "name/init.lua modules load: {sandboxed}");
+    assert_eq!(std::fs::read_to_string(scripts.path().join("victim.txt")).unwrap(), "still here");
+    assert!(scripts.path().join("renamed.txt").exists());
+
+    let lifted = run(&["--unsafe-lua"]);
+    let unsafe_allows =
+        ["os_remove", "os_rename", "os_tmpname", "os_execute", "os_exit", "io_open", "dofile", "loadfile", "debug"];
+    for name in unsafe_allows.into_iter().chain(["binary_chunk"]) {
+        assert_eq!(lifted[name], true, "{name} with --unsafe-lua: {lifted}");
+    }
+    assert!(!scripts.path().join("victim.txt").exists(), "os.remove works with --unsafe-lua");
+}
