@@ -16,8 +16,9 @@ bus.on("exec", function(ev)
   local r = sh.exec(p.command, p.opts)
   -- large output is only measured: a reply has to fit in a NATS message
   local stdout = #r.stdout < 4096 and r.stdout or nil
-  return { ok = r.ok, code = r.code, stdout = stdout, stderr = r.stderr,
-           out_len = #r.stdout, truncated = r.truncated, timed_out = r.timed_out }
+  local stderr = #r.stderr < 4096 and r.stderr or nil
+  return { ok = r.ok, code = r.code, stdout = stdout, stderr = stderr,
+           out_len = #r.stdout, err_len = #r.stderr, truncated = r.truncated, timed_out = r.timed_out }
 end)
 bus.subscribe("refused")
 bus.on("refused", function(ev)
@@ -173,4 +174,23 @@ async fn the_command_does_not_inherit_the_workers_secrets() {
     for (name, _) in &env[..2] {
         assert!(!stdout.contains(name), "{name} reached the command:\n{stdout}");
     }
+}
+
+#[tokio::test]
+async fn signals_the_stderr_cap_and_background_children() {
+    let setup = start(&["--unsafe-lua"]).await;
+    let killed = exec(&setup, "kill -9 $$", serde_json::json!({})).await;
+    assert_eq!(killed["code"], 128 + 9, "128 + the signal: {killed}");
+    assert_eq!(killed["ok"], false);
+
+    let noisy = exec(&setup, "head -c 3000000 /dev/zero >&2", serde_json::json!({})).await;
+    assert_eq!(noisy["err_len"], 1 << 20, "stderr keeps its first 1 MiB: {noisy}");
+    assert_eq!(noisy["truncated"], true);
+
+    // A child left running in the background dies when the call returns.
+    let pid_file = setup.scripts.path().join("background.pid");
+    let command = format!("sleep 60 >/dev/null 2>&1 & echo $! > {}", pid_file.display());
+    let returned = exec(&setup, &command, serde_json::json!({})).await;
+    assert_eq!(returned["ok"], true, "{returned}");
+    assert_killed(&pid_file);
 }
