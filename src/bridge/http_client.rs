@@ -18,7 +18,8 @@ pub fn build(config: &BridgeConfig) -> Result<reqwest::Client, String> {
     let tls = tls_config(config)?;
     let allow = config.http_allow.clone();
     let redirects = reqwest::redirect::Policy::custom(move |attempt| {
-        if attempt.previous().len() >= 10 {
+        // `previous` holds every URL requested so far: 10 redirects are followed.
+        if attempt.previous().len() > 10 {
             attempt.error("too many redirects")
         } else if !allowed(&allow, attempt.url()) {
             attempt.error("redirect to a host outside --http-allow")
