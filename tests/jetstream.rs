@@ -5,7 +5,7 @@
 mod common;
 
 use std::collections::HashSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::PullConsumer};
 use common::*;
@@ -48,7 +48,7 @@ bus.on("order.held", function(ev)
   -- The server's own count of unacknowledged messages, read at this delivery.
   local info = nats.request("$JS.API.CONSUMER.INFO.ORDERS.work", "")
   nats.publish("held", tostring(info.payload.num_ack_pending))
-  time.sleep("1s")
+  time.sleep("2s")
   nats.publish("seen", ev.id)
   return true
 end)
@@ -239,13 +239,17 @@ async fn pulls_never_exceed_free_handler_slots() {
         publish(&js, "orders.held", "").await;
     }
     // 2 VMs x 3 slots: each handler reads the server's count of unacknowledged
-    // messages when it is delivered, so a pull past the free slots shows up at once.
+    // messages when it is delivered, so a pull past the free slots shows up at
+    // once. The first six hold their slots for 2 s: no ack is on its way, and
+    // the server's count is exactly what the worker took.
     let mut counts = Vec::new();
-    for _ in 0..12 {
+    for _ in 0..6 {
         counts.push(body(&next(&mut held).await).parse::<u64>().unwrap());
     }
     assert!(counts.iter().all(|&count| count <= 6), "more held than the 6 slots: {counts:?}");
     assert_eq!(counts.iter().max(), Some(&6), "the slots are filled: {counts:?}");
+    let info = consumer(&js).await.info().await.unwrap().clone();
+    assert_eq!((info.num_ack_pending, info.num_pending), (6, 6), "six taken, six left on the server: {info:?}");
     collect(&mut seen, |s| s.len() == 12).await;
     let info = drained(&js).await;
     assert_eq!(info.num_redelivered, 0);
@@ -496,4 +500,137 @@ async fn a_server_killed_mid_stream_loses_no_message() {
     assert_eq!(info.ack_floor.stream_sequence, total as u64, "every message was acked after the restart: {info:?}");
     let ids = handled_ids(&handled);
     assert!(all_jobs(total)(&ids), "every message was handled after the restart: {ids:?}");
+}
+
+/// Failures of three kinds on one consumer whose `backoff` the worker applies:
+/// a raised error, a handler past its deadline, and a kind without a handler.
+const LIVE: &str = r#"
+bus.consume({
+  stream = "LIVE", consumer = "work", subject = "live.>", kind = "{{wildcard(1)}}",
+  ack_wait = "10s", max_deliver = 3, backoff = { "400ms", "800ms" }, timeout = "300ms",
+  dead_letter = "dead.live", create_stream = { subjects = { "live.>" } },
+})
+bus.on("fail", function(ev)
+  nats.publish("attempt", ev.kind .. ":" .. ev.meta.delivered)
+  error("failed on purpose")
+end)
+bus.on("slow", function(ev)
+  nats.publish("attempt", ev.kind .. ":" .. ev.meta.delivered)
+  time.sleep("5s")
+end)
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_deadlines_and_missing_handlers_are_nakd_with_the_backoff_live() {
+    let server = server();
+    let scripts = Scripts::new();
+    let script = scripts.write("live.lua", LIVE);
+    let _worker = Worker::run(&server, &script, &["--workers", "1"]);
+    let (client, js, mut attempts) = watching(&server, "attempt").await;
+    let mut dead = client.subscribe("dead.live").await.unwrap();
+    client.flush().await.unwrap();
+    let published = Instant::now();
+    for kind in ["fail", "slow", "none"] {
+        publish(&js, &format!("live.{kind}"), kind).await;
+    }
+    // When each delivery reached its handler, by kind and the server's count.
+    let mut seen: std::collections::HashMap<String, Instant> = Default::default();
+    while seen.len() < 6 {
+        seen.insert(body(&next(&mut attempts).await), Instant::now());
+    }
+    let mut letters: std::collections::HashMap<String, (Instant, async_nats::HeaderMap)> = Default::default();
+    while letters.len() < 3 {
+        let letter = next(&mut dead).await;
+        letters.insert(body(&letter), (Instant::now(), letter.headers.expect("dead letter headers")));
+    }
+    // Server-side delays are at least the backoff (less a little clock slack)
+    // and far below the 10 s `ack_wait` a missing nak would fall back to.
+    let gap = |kind: &str, from: u32, to: u32| seen[&format!("{kind}:{to}")] - seen[&format!("{kind}:{from}")];
+    for (kind, handler_time) in [("fail", Duration::ZERO), ("slow", Duration::from_millis(300))] {
+        for (from, backoff) in [(1, 400), (2, 800)] {
+            let waited = gap(kind, from, from + 1);
+            let least = handler_time + Duration::from_millis(backoff - 50);
+            assert!(waited >= least && waited < Duration::from_secs(5), "{kind}: {waited:?} after delivery {from}");
+        }
+    }
+    for (kind, error) in [("fail", "failed on purpose"), ("slow", "timed out"), ("none", "no handler")] {
+        let (at, headers) = &letters[kind];
+        assert_eq!(headers.get("Agent-Block-Delivered").unwrap().as_str(), "3", "{kind}");
+        let message = headers.get("Agent-Block-Error").unwrap().as_str();
+        assert!(message.contains(error), "{kind}: {message}");
+        // A kind with no handler waits out both delays too before its last delivery.
+        assert!(*at - published >= Duration::from_millis(1150), "{kind} dead-lettered after {:?}", *at - published);
+    }
+    let info = drained_on(&js, "LIVE").await;
+    assert_eq!(info.num_redelivered, 0, "every message was terminated: {info:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_ack_pending_caps_what_the_server_hands_out() {
+    let server = server();
+    let scripts = Scripts::new();
+    let script = scripts.write(
+        "capped.lua",
+        r#"
+bus.consume({ stream = "CAPPED", consumer = "work", subject = "capped.>", max_ack_pending = 2,
+  create_stream = { subjects = { "capped.>" } } })
+bus.on("capped.run", function(ev)
+  local info = nats.request("$JS.API.CONSUMER.INFO.CAPPED.work", "")
+  nats.publish("held", tostring(info.payload.num_ack_pending))
+  time.sleep("300ms")
+  return true
+end)
+"#,
+    );
+    // 2 VMs x 4 slots would take 8; the consumer's max_ack_pending allows 2.
+    let _worker = Worker::run(&server, &script, &["--workers", "2", "--concurrency", "4"]);
+    let (_client, js, mut held) = watching(&server, "held").await;
+    for _ in 0..8 {
+        publish(&js, "capped.run", "").await;
+    }
+    let mut counts = Vec::new();
+    for _ in 0..8 {
+        counts.push(body(&next(&mut held).await).parse::<u64>().unwrap());
+    }
+    assert!(counts.iter().all(|&count| count <= 2), "more than max_ack_pending held: {counts:?}");
+    assert_eq!(counts.iter().max(), Some(&2), "{counts:?}");
+    let info = drained_on(&js, "CAPPED").await;
+    assert_eq!(info.config.max_ack_pending, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_the_server_will_not_change_is_a_startup_error() {
+    let server = server();
+    let js = jetstream::new(client(&server).await);
+    let stream = js
+        .create_stream(jetstream::stream::Config {
+            name: "PUSHED".into(),
+            subjects: vec!["pushed.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // A push consumer of that name: `bus.consume` cannot turn it into a pull one.
+    stream
+        .create_consumer(jetstream::consumer::push::Config {
+            durable_name: Some("work".into()),
+            deliver_subject: "deliver.here".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let scripts = Scripts::new();
+    let script = scripts.write(
+        "app.lua",
+        "bus.consume({ stream = 'PUSHED', consumer = 'work', subject = 'pushed.>' })\n\
+         bus.on('pushed.x', function() return true end)\n",
+    );
+    let url = server.url();
+    let mut worker = Worker::spawn(&["run", script.to_str().unwrap(), "--nats-url", &url]);
+    let status = worker.wait_exit(PATIENCE).expect("the worker stops");
+    let log = worker.stderr.text();
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(log.contains("PUSHED") && log.contains("work"), "the error names the stream and consumer: {log}");
+    let info = stream.get_consumer::<jetstream::consumer::push::Config>("work").await.unwrap().cached_info().clone();
+    assert_eq!(info.config.deliver_subject.as_deref(), Some("deliver.here"), "the consumer is unchanged");
 }
