@@ -358,3 +358,13 @@ fn a_server_certificate_the_worker_does_not_trust_exits_1_naming_tls() {
     let lower = log.to_lowercase();
     assert!(lower.contains("certificate") || lower.contains("tls"), "the error names TLS: {log}");
 }
+
+#[test]
+fn a_tls_ca_requires_tls_from_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    // A server without TLS: with --tls-ca the worker must not talk to it in plain text.
+    let server = server();
+    let log = refused(&server.url(), &["--tls-ca", pki.ca.to_str().unwrap()], "no secret in this case");
+    assert!(log.to_lowercase().contains("tls"), "the error names TLS: {log}");
+}
