@@ -634,3 +634,33 @@ async fn a_consumer_the_server_will_not_change_is_a_startup_error() {
     let info = stream.get_consumer::<jetstream::consumer::push::Config>("work").await.unwrap().cached_info().clone();
     assert_eq!(info.config.deliver_subject.as_deref(), Some("deliver.here"), "the consumer is unchanged");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_cut_at_the_end_of_grace_is_nakd_for_another_worker() {
+    let server = server();
+    let scripts = Scripts::new();
+    // ack_wait far beyond the test's patience: only a nak brings the message back in time.
+    let script = scripts.write(
+        "grace.lua",
+        r#"
+bus.consume({ stream = "JOBS", consumer = "work", subject = "jobs.>", ack_wait = "5m",
+  create_stream = { subjects = { "jobs.>" } } })
+bus.on("jobs.run", function(ev)
+  nats.publish("attempt", tostring(ev.meta.delivered))
+  if ev.meta.delivered == 1 then time.sleep(60) end
+  return true
+end)
+"#,
+    );
+    let (client, js, mut attempts) = watching(&server, "attempt").await;
+    let mut stopping = Worker::run(&server, &script, &["--workers", "1", "--grace", "500ms"]);
+    publish_jobs(&js, 1).await;
+    assert_eq!(body(&next(&mut attempts).await), "1");
+    let _other = Worker::run(&server, &script, &["--workers", "1"]);
+    stopping.terminate();
+    stopping.wait_exit(PATIENCE).expect("the worker exits after its grace");
+    assert_eq!(body(&next(&mut attempts).await), "2", "redelivered at once to the other worker");
+    let info = drained_on(&js, "JOBS").await;
+    assert_eq!(info.ack_floor.stream_sequence, 1, "{info:?}");
+    drop(client);
+}

@@ -104,24 +104,33 @@ impl Scripts {
 
 /// Output of a child process, collected line by line as it arrives.
 #[derive(Clone, Default)]
-pub struct Output(Arc<(Mutex<String>, Condvar)>);
+pub struct Output(Arc<(Mutex<Collected>, Condvar)>);
+
+#[derive(Default)]
+struct Collected {
+    text: String,
+    /// The stream reached its end.
+    closed: bool,
+}
 
 impl Output {
     fn collect(&self, stream: impl Read + Send + 'static) {
         let output = self.clone();
         std::thread::spawn(move || {
+            let (collected, changed) = &*output.0;
             for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                let (text, changed) = &*output.0;
-                let mut text = text.lock().unwrap();
-                text.push_str(&line);
-                text.push('\n');
+                let mut collected = collected.lock().unwrap();
+                collected.text.push_str(&line);
+                collected.text.push('\n');
                 changed.notify_all();
             }
+            collected.lock().unwrap().closed = true;
+            changed.notify_all();
         });
     }
 
     pub fn text(&self) -> String {
-        self.0.0.lock().unwrap().clone()
+        self.0.0.lock().unwrap().text.clone()
     }
 
     /// Waits until the output contains `needle`.
@@ -131,15 +140,24 @@ impl Output {
 
     /// Waits until `done` holds for the output so far.
     pub fn wait_until(&self, done: impl Fn(&str) -> bool, timeout: Duration) -> bool {
+        self.wait_for_state(|collected| done(&collected.text), timeout)
+    }
+
+    /// Waits until the stream has ended, so [`Output::text`] holds all of it.
+    fn wait_closed(&self, timeout: Duration) -> bool {
+        self.wait_for_state(|collected| collected.closed, timeout)
+    }
+
+    fn wait_for_state(&self, done: impl Fn(&Collected) -> bool, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
-        let (text, changed) = &*self.0;
-        let mut text = text.lock().unwrap();
-        while !done(&text) {
+        let (collected, changed) = &*self.0;
+        let mut collected = collected.lock().unwrap();
+        while !done(&collected) {
             let now = Instant::now();
             if now >= deadline {
                 return false;
             }
-            text = changed.wait_timeout(text, deadline - now).unwrap().0;
+            collected = changed.wait_timeout(collected, deadline - now).unwrap().0;
         }
         true
     }
@@ -215,11 +233,14 @@ impl Worker {
         assert!(status.success(), "kill -TERM failed");
     }
 
-    /// Waits for the process to exit.
+    /// Waits for the process to exit, and for the rest of its output (a child it
+    /// left behind may hold the pipes: that wait is short).
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().expect("poll child") {
+                self.stdout.wait_closed(Duration::from_secs(5));
+                self.stderr.wait_closed(Duration::from_secs(5));
                 return Some(status);
             }
             if Instant::now() >= deadline {
