@@ -664,3 +664,53 @@ end)
     assert_eq!(info.ack_floor.stream_sequence, 1, "{info:?}");
     drop(client);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_the_server_refuses_leaves_the_message_nakd() {
+    let server = server();
+    let (client, js, mut attempts) = watching(&server, "attempt").await;
+    // The stream that captures the dead letters is full and refuses new ones.
+    let dead = js
+        .create_stream(jetstream::stream::Config {
+            name: "DEAD".into(),
+            subjects: vec!["dead.full".into()],
+            max_messages: 1,
+            discard: jetstream::stream::DiscardPolicy::New,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    publish(&js, "dead.full", "occupant").await;
+    let scripts = Scripts::new();
+    let script = scripts.write(
+        "dead.lua",
+        r#"
+bus.consume({ stream = "WORK", consumer = "work", subject = "work.>",
+  dead_letter = "dead.full", create_stream = { subjects = { "work.>" } } })
+bus.on("work.run", function(ev)
+  nats.publish("attempt", tostring(ev.meta.delivered))
+  return ev.payload
+end)
+"#,
+    );
+    let _worker = Worker::run(&server, &script, &["--workers", "1"]);
+    // Not JSON: dead-lettered on its first delivery; the refused publish naks it.
+    publish(&js, "work.run", "not json").await;
+    assert_eq!(body(&next(&mut attempts).await), "1");
+    assert_eq!(body(&next(&mut attempts).await), "2", "the message came back: nak'ed, not terminated");
+    // With room in the stream, the dead letter is stored and the message ends.
+    dead.purge().await.unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let stored = js.get_stream("DEAD").await.unwrap().info().await.unwrap().state.messages;
+        if stored == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the dead letter never reached the stream");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let letter = js.get_stream("DEAD").await.unwrap().get_last_raw_message_by_subject("dead.full").await.unwrap();
+    assert_eq!(letter.payload.as_ref(), b"not json");
+    drained_on(&js, "WORK").await;
+    drop(client);
+}
