@@ -346,3 +346,24 @@ fn the_readme_flag_table_matches_the_flags() {
         assert_eq!(cell, default, "README's default of {flag}");
     }
 }
+
+#[test]
+fn dev_and_check_print_no_secret() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/lua/examples/echo.lua");
+    let secrets = [("AGENT_BLOCK_PASSWORD", "dev-pa55-91e"), ("OTEL_EXPORTER_OTLP_HEADERS", "api-key=dev-k3y-5c")];
+    let mut env = secrets.to_vec();
+    env.push(("AGENT_BLOCK_USER", "alice"));
+    env.push(("RUST_LOG", "trace"));
+    // The private server has no authorization: it takes the credentials and ignores them.
+    let mut dev = Worker::spawn_with_env(&["dev", example, "--workers", "1"], &env);
+    dev.expect_ready();
+    dev.terminate();
+    assert_eq!(dev.wait_exit(PATIENCE).and_then(|s| s.code()), Some(0), "{}", dev.stderr.text());
+    let (code, stdout, stderr) = run_command_with_env(&["check", example], &env, None);
+    assert_eq!(code, 0, "{stderr}");
+    let output = format!("{}{}{stdout}{stderr}", dev.stdout.text(), dev.stderr.text());
+    assert!(output.contains("TRACE") || output.contains("DEBUG"), "a trace log, else the search proves little");
+    for (name, secret) in secrets {
+        assert!(!output.contains(secret), "{name}'s value was printed:\n{output}");
+    }
+}
