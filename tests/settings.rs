@@ -335,3 +335,21 @@ fn a_script_that_cannot_be_read_exits_2_naming_it() {
         assert!(stderr.contains(name) && stderr.contains(why), "{name}: {stderr}");
     }
 }
+
+#[test]
+fn defaults_without_flags_are_the_ones_the_readme_states() {
+    let server = server();
+    let scripts = Scripts::new();
+    let script = scripts.write("app.lua", APP);
+    let worker = Worker::run(&server, &script, &[]);
+    let log = worker.stderr.text();
+    let ready: serde_json::Value = log
+        .lines()
+        .find(|l| l.contains("worker ready"))
+        .and_then(|l| serde_json::from_str(l).ok())
+        .expect("ready line");
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    assert_eq!(ready["name"], "agent-block", "--name defaults to agent-block");
+    assert_eq!(ready["workers"], cpus, "--workers defaults to the number of CPUs");
+    assert!(!log.contains("probes at"), "no HTTP listener without --metrics-addr: {log}");
+}
