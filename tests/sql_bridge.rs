@@ -316,3 +316,21 @@ fn a_missing_database_exits_1_at_once() {
     assert_gave_up_soon(started);
     assert!(stderr.contains("no_such_db"), "the error names the database: {stderr}");
 }
+
+#[test]
+fn a_wrong_database_password_exits_1_at_once_without_the_password() {
+    let pg = Postgres::start_with(free_port, Some("right-pw-3c"));
+    let scripts = Scripts::new();
+    let script = scripts.write("app.lua", "bus.subscribe('x')");
+    let server = server();
+    let url = server.url();
+    let wrong = pg.url().replace("postgres@", "postgres:wrong-pw-8d@");
+    // No --connect-timeout: only a failure that is not retried ends the worker.
+    let started = Instant::now();
+    let (code, _, stderr) =
+        run_command(&["run", script.to_str().unwrap(), "--nats-url", &url, "--sql-url", &wrong], None);
+    assert_eq!(code, 1, "{stderr}");
+    assert_gave_up_soon(started);
+    assert!(stderr.contains("password"), "the error says why: {stderr}");
+    assert!(!stderr.contains("wrong-pw-8d"), "{stderr}");
+}

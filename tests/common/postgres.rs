@@ -24,6 +24,12 @@ pub struct Postgres {
 impl Postgres {
     /// Starts a cluster on a port from `ports` (the test helper's `free_port`).
     pub fn start(ports: impl Fn() -> u16) -> Self {
+        Self::start_with(ports, None)
+    }
+
+    /// A cluster whose user `postgres` must give `password` (SCRAM), or trusted
+    /// without one.
+    pub fn start_with(ports: impl Fn() -> u16, password: Option<&str>) -> Self {
         let bin = binaries();
         let dir = tempfile::tempdir().expect("create a cluster folder");
         let data = dir.path().join("data");
@@ -32,11 +38,19 @@ impl Postgres {
             std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).expect("hand the cluster folder to postgres");
         }
         let mut initdb = Command::new(bin.join("initdb"));
-        initdb
-            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync", "-D"])
-            .arg(&data)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        initdb.args(["-U", "postgres", "-E", "UTF8", "--no-sync"]);
+        match password {
+            None => initdb.arg("--auth=trust"),
+            Some(password) => {
+                let file = dir.path().join("password");
+                std::fs::write(&file, password).expect("write the password file");
+                if let Some((uid, gid)) = owner {
+                    std::os::unix::fs::chown(&file, Some(uid), Some(gid)).expect("hand the password file over");
+                }
+                initdb.arg("--auth=scram-sha-256").arg(format!("--pwfile={}", file.display()))
+            }
+        };
+        initdb.arg("-D").arg(&data).stdout(Stdio::null()).stderr(Stdio::piped());
         as_owner(&mut initdb, owner);
         let output = initdb.output().unwrap_or_else(|err| panic!("cannot run initdb from {}: {err}", bin.display()));
         assert!(output.status.success(), "initdb failed: {}", String::from_utf8_lossy(&output.stderr));
