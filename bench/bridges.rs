@@ -45,7 +45,9 @@ fn run() -> Result<(), String> {
 
     let nats = NatsServer::start()?;
     let web = start_http_server()?;
-    let pg = postgres::Postgres::start();
+    let pg = postgres::Postgres::start(|| {
+        std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
+    });
     let url = format!("http://{web}/ping");
     let worker = Worker::start(&nats.url(), &pg.url())?;
 

@@ -1,10 +1,16 @@
 //! The command line. Every flag also reads `AGENT_BLOCK_<FLAG>` from the environment;
 //! `NATS_URL` and `NATS_CREDS` work too. [`crate::config`] turns these into settings.
+//!
+//! A setting that can carry a secret is marked where it is defined here:
+//! `hide_env_values = true` (the whole value is secret: a password, token, key or
+//! the path of one), plus `value_hint = ValueHint::Url` when it is a URL, secret
+//! only when it carries credentials. [`secret_settings`] reads the marks, and the
+//! worker hides those variables from scripts and from the commands they run.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum, ValueHint};
 
 use crate::duration::{parse_duration, parse_size};
 
@@ -95,19 +101,19 @@ pub enum Command {
 pub struct ConnectionArgs {
     /// NATS server URL(s), comma-separated for a cluster [env: NATS_URL]
     /// [default: nats://127.0.0.1:4222]
-    #[arg(long, env = "AGENT_BLOCK_NATS_URL")]
+    #[arg(long, env = "AGENT_BLOCK_NATS_URL", hide_env_values = true, value_hint = ValueHint::Url)]
     pub nats_url: Option<String>,
     /// Credentials file (JWT + NKey seed) [env: NATS_CREDS]
-    #[arg(long, env = "AGENT_BLOCK_CREDS")]
+    #[arg(long, env = "AGENT_BLOCK_CREDS", hide_env_values = true)]
     pub creds: Option<PathBuf>,
     /// NKey seed
-    #[arg(long, env = "AGENT_BLOCK_NKEY")]
+    #[arg(long, env = "AGENT_BLOCK_NKEY", hide_env_values = true)]
     pub nkey: Option<String>,
-    #[arg(long, env = "AGENT_BLOCK_USER")]
+    #[arg(long, env = "AGENT_BLOCK_USER", hide_env_values = true)]
     pub user: Option<String>,
-    #[arg(long, env = "AGENT_BLOCK_PASSWORD")]
+    #[arg(long, env = "AGENT_BLOCK_PASSWORD", hide_env_values = true)]
     pub password: Option<String>,
-    #[arg(long, env = "AGENT_BLOCK_TOKEN")]
+    #[arg(long, env = "AGENT_BLOCK_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// CA certificate (PEM) to verify the server
     #[arg(long, env = "AGENT_BLOCK_TLS_CA")]
@@ -116,7 +122,7 @@ pub struct ConnectionArgs {
     #[arg(long, env = "AGENT_BLOCK_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
     /// Client key (PEM) for mutual TLS
-    #[arg(long, env = "AGENT_BLOCK_TLS_KEY")]
+    #[arg(long, env = "AGENT_BLOCK_TLS_KEY", hide_env_values = true)]
     pub tls_key: Option<PathBuf>,
     /// Give up connecting at start after this long (exit 1); 0 keeps trying
     #[arg(long, env = "AGENT_BLOCK_CONNECT_TIMEOUT", value_parser = parse_duration)]
@@ -182,9 +188,83 @@ pub struct BridgeArgs {
     #[arg(long, env = "AGENT_BLOCK_HTTP_CA")]
     pub http_ca: Option<PathBuf>,
     /// Default database for `sql.*`: postgres://... or sqlite://path
-    #[arg(long, env = "AGENT_BLOCK_SQL_URL")]
+    #[arg(long, env = "AGENT_BLOCK_SQL_URL", hide_env_values = true, value_hint = ValueHint::Url)]
     pub sql_url: Option<String>,
     /// A named database `NAME=URL` reached as `sql.db(NAME)`; repeat for more
-    #[arg(long = "sql", value_name = "NAME=URL")]
+    #[arg(long = "sql", value_name = "NAME=URL", hide_env_values = true, value_hint = ValueHint::Url)]
     pub sql: Vec<String>,
+}
+
+/// Variables that set a flag besides its `AGENT_BLOCK_*` one: (flag id, variable).
+pub const ENV_ALIASES: &[(&str, &str)] = &[("nats_url", "NATS_URL"), ("creds", "NATS_CREDS")];
+
+/// The alias variable of the flag `id`, if it has one.
+pub fn env_alias(id: &str) -> Option<&'static str> {
+    ENV_ALIASES.iter().find(|(flag, _)| *flag == id).map(|(_, variable)| *variable)
+}
+
+/// A flag marked as carrying a secret, with the variables that set it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretSetting {
+    /// The flag's id (its field name).
+    pub id: String,
+    /// Whether its value is secret only when it is a URL with credentials.
+    pub url: bool,
+    /// `AGENT_BLOCK_*` variable and alias, where the flag has them.
+    pub variables: Vec<String>,
+}
+
+/// Every flag of every command marked as carrying a secret (see the module docs).
+pub fn secret_settings() -> Vec<SecretSetting> {
+    let mut found: Vec<SecretSetting> = Vec::new();
+    let mut pending = vec![Cli::command()];
+    while let Some(command) = pending.pop() {
+        for arg in command.get_arguments().filter(|arg| arg.is_hide_env_values_set()) {
+            let id = arg.get_id().as_str();
+            if found.iter().any(|setting| setting.id == id) {
+                continue;
+            }
+            let variables = arg
+                .get_env()
+                .map(|name| name.to_string_lossy().into_owned())
+                .into_iter()
+                .chain(env_alias(id).map(str::to_string))
+                .collect();
+            found.push(SecretSetting { id: id.to_string(), url: arg.get_value_hint() == ValueHint::Url, variables });
+        }
+        pending.extend(command.get_subcommands().cloned());
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A flag added later whose name says it holds a secret must carry the mark.
+    #[test]
+    fn every_flag_named_like_a_secret_is_marked() {
+        let marked: Vec<String> = secret_settings().into_iter().map(|setting| setting.id).collect();
+        let mut pending = vec![Cli::command()];
+        while let Some(command) = pending.pop() {
+            for arg in command.get_arguments() {
+                let id = arg.get_id().as_str();
+                let secret_like = ["password", "token", "nkey", "creds", "key", "secret", "user", "url", "sql"]
+                    .iter()
+                    .any(|word| id.contains(word));
+                assert!(!secret_like || marked.iter().any(|m| m == id), "--{id} looks secret but is not marked");
+            }
+            pending.extend(command.get_subcommands().cloned());
+        }
+    }
+
+    #[test]
+    fn urls_are_secret_only_with_credentials_and_aliases_are_included() {
+        let settings = secret_settings();
+        let nats_url = settings.iter().find(|s| s.id == "nats_url").expect("nats_url is marked");
+        assert!(nats_url.url);
+        assert_eq!(nats_url.variables, ["AGENT_BLOCK_NATS_URL", "NATS_URL"]);
+        let password = settings.iter().find(|s| s.id == "password").expect("password is marked");
+        assert!(!password.url);
+    }
 }

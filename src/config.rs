@@ -14,6 +14,54 @@ pub const DEFAULT_BUS_CAPACITY: usize = 1024;
 pub const DEFAULT_HANDLER_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 
+/// What of a variable's value is secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Secret {
+    /// The whole value: a password, token, key, header list or the path of a key file.
+    Value,
+    /// A URL, secret when it carries credentials (`user:password@`, `token@`, a
+    /// `password=` parameter).
+    Url,
+}
+
+/// An environment variable that can carry one of the worker's secrets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretVariable {
+    pub name: String,
+    pub secret: Secret,
+}
+
+/// Every variable of a setting marked secret where it is defined: the flags of
+/// [`crate::cli`] (their `AGENT_BLOCK_*` variables and aliases) and the OTLP
+/// variables of [`crate::telemetry::trace`].
+pub fn secret_variables() -> &'static [SecretVariable] {
+    static VARIABLES: std::sync::OnceLock<Vec<SecretVariable>> = std::sync::OnceLock::new();
+    VARIABLES.get_or_init(|| {
+        let flags = crate::cli::secret_settings().into_iter().flat_map(|setting| {
+            let secret = if setting.url { Secret::Url } else { Secret::Value };
+            setting.variables.into_iter().map(move |name| SecretVariable { name, secret })
+        });
+        let otlp = crate::telemetry::trace::SECRET_VARIABLES.iter().map(|(name, url)| SecretVariable {
+            name: name.to_string(),
+            secret: if *url { Secret::Url } else { Secret::Value },
+        });
+        flags.chain(otlp).collect()
+    })
+}
+
+/// Whether the variable `name`, set to `value`, carries one of the worker's
+/// secrets: scripts read it as nil and commands they run do not inherit it.
+pub fn is_secret_variable(name: &str, value: &str) -> bool {
+    secret_variables().iter().filter(|variable| variable.name == name).any(|variable| match variable.secret {
+        Secret::Value => true,
+        Secret::Url => url_carries_credentials(value),
+    })
+}
+
+fn url_carries_credentials(urls: &str) -> bool {
+    crate::nats_url::redact(urls) != urls || urls.to_ascii_lowercase().contains("password=")
+}
+
 /// How to connect to NATS. Its `Debug` form hides every secret.
 #[derive(Clone)]
 pub struct ConnectionConfig {
@@ -53,10 +101,11 @@ impl std::fmt::Debug for ConnectionConfig {
 
 impl ConnectionConfig {
     pub fn from_args(args: &ConnectionArgs, client_name: &str) -> Self {
-        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let alias =
+            |id: &str| crate::cli::env_alias(id).and_then(|name| std::env::var(name).ok()).filter(|v| !v.is_empty());
         ConnectionConfig {
-            url: args.nats_url.clone().or_else(|| env("NATS_URL")).unwrap_or_else(|| DEFAULT_NATS_URL.to_string()),
-            creds: args.creds.clone().or_else(|| env("NATS_CREDS").map(PathBuf::from)),
+            url: args.nats_url.clone().or_else(|| alias("nats_url")).unwrap_or_else(|| DEFAULT_NATS_URL.to_string()),
+            creds: args.creds.clone().or_else(|| alias("creds").map(PathBuf::from)),
             nkey: args.nkey.clone(),
             user: args.user.clone(),
             password: args.password.clone(),

@@ -315,3 +315,56 @@ async fn mutual_tls_with_a_private_ca_connects_and_the_key_stays_out_of_the_log(
     assert_eq!(refused.wait_exit(PATIENCE).and_then(|s| s.code()), Some(1), "{}", refused.stderr.text());
     assert_gave_up_soon(started);
 }
+
+/// Runs the app with `args` until it gives up at a 2 s `--connect-timeout`:
+/// exit 1, soon, and a log (at trace level) without `secret`. Returns the log.
+fn refused(url: &str, args: &[&str], secret: &str) -> String {
+    let case = app();
+    let script = case.script.to_str().unwrap();
+    let mut all = vec!["run", script, "--nats-url", url, "--connect-timeout", "2s"];
+    all.extend_from_slice(args);
+    let started = Instant::now();
+    let mut worker = Worker::spawn_with_env(&all, &[("RUST_LOG", TRACE_ALL)]);
+    let status = worker.wait_exit(PATIENCE).expect("the worker gives up at --connect-timeout");
+    assert_eq!(status.code(), Some(1), "{}", worker.stderr.text());
+    assert_gave_up_soon(started);
+    assert_no_secret(&worker, &[secret]);
+    worker.stderr.text()
+}
+
+#[test]
+fn a_wrong_token_or_nkey_seed_exits_1_naming_the_cause_without_the_secret() {
+    let server = token_server();
+    let log = refused(&server.url(), &["--token", "wrong-t0ken-51"], "wrong-t0ken-51");
+    assert!(log.contains("refused the credentials"), "{log}");
+
+    let allowed = nkeys::KeyPair::new_user();
+    let server = server_with_config(&format!("authorization {{ users = [ {{ nkey: {} }} ] }}", allowed.public_key()));
+    let stranger = nkeys::KeyPair::new_user().seed().unwrap();
+    let log = refused(&server.url(), &["--nkey", &stranger], &stranger);
+    assert!(log.contains("refused the credentials"), "{log}");
+}
+
+#[test]
+fn a_server_certificate_the_worker_does_not_trust_exits_1_naming_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let server =
+        server_with_config(&format!("tls {{ cert_file: {:?}\n key_file: {:?} }}", pki.server_cert, pki.server_key));
+    // The system's roots do not know the private CA.
+    let url = server.url().replace("nats://", "tls://");
+    let key_text = std::fs::read_to_string(&pki.server_key).unwrap();
+    let log = refused(&url, &[], key_text.lines().nth(1).unwrap());
+    let lower = log.to_lowercase();
+    assert!(lower.contains("certificate") || lower.contains("tls"), "the error names TLS: {log}");
+}
+
+#[test]
+fn a_tls_ca_requires_tls_from_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    // A server without TLS: with --tls-ca the worker must not talk to it in plain text.
+    let server = server();
+    let log = refused(&server.url(), &["--tls-ca", pki.ca.to_str().unwrap()], "no secret in this case");
+    assert!(log.to_lowercase().contains("tls"), "the error names TLS: {log}");
+}

@@ -11,6 +11,7 @@ bus.subscribe("ask.nobody")
 bus.subscribe("ask.slow")
 bus.subscribe("ask.failing")
 bus.subscribe("misc")
+bus.subscribe("ask.default")
 bus.subscribe("logs")
 
 bus.on("pub", function(ev)
@@ -27,6 +28,11 @@ bus.on("ask.slow", function(ev) return nats.request("backend.silent", "", { time
 bus.on("ask.failing", function(ev)
   local ok, err = pcall(nats.request, "backend.failing", "")
   return { ok = ok, code = err.code, message = err.message }
+end)
+bus.on("ask.default", function(ev)
+  local started = time.now()
+  local ok, err = pcall(nats.request, "backend.silent", "")
+  return { ok = ok, code = err.code, elapsed = time.now() - started }
 end)
 bus.on("misc", function(ev)
   local decoded = json.decode('{"a":[1,2,{"b":null}]}')
@@ -151,4 +157,18 @@ async fn logs_carry_the_event_and_fields() {
     assert_eq!(entry["id"], "log-1");
     assert_eq!(entry["trace_id"], "0af7651916cd43dd8448eb211c80319c");
     assert_eq!(entry["fields"], r#"{"amount":12}"#);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_without_a_timeout_gives_up_after_5_s() {
+    let (server, _scripts, _worker) = start();
+    let client = client(&server).await;
+    // A responder that never answers, so the request waits rather than failing at once.
+    let _silent = client.subscribe("backend.silent").await.unwrap();
+    client.flush().await.unwrap();
+    let result = json(&request(&client, "ask.default", "").await);
+    assert_eq!((result["ok"].as_bool(), result["code"].as_u64()), (Some(false), Some(504)), "{result}");
+    let elapsed = result["elapsed"].as_f64().unwrap();
+    // 5 s, not the 30 s handler deadline; the upper bound is generous for a loaded machine.
+    assert!((4.9..10.0).contains(&elapsed), "gave up after {elapsed} s");
 }

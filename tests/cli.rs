@@ -258,3 +258,112 @@ async fn the_request_command_gives_up_at_its_timeout() {
     // The handler sleeps 20 s; ending well before it shows --timeout was used.
     assert!(started.elapsed() < std::time::Duration::from_secs(10), "took {:?}", started.elapsed());
 }
+
+#[test]
+fn print_is_an_info_line_and_a_replaced_handler_is_logged() {
+    let scripts = Scripts::new();
+    let script = scripts.write(
+        "app.lua",
+        r#"
+        bus.on("probe", function(ev) return "first" end)
+        bus.on("probe", function(ev) print("printed", 42) return "second" end)
+        "#,
+    );
+    let args = ["replay", script.to_str().unwrap(), "--events", "-", "--log-format", "json"];
+    let (code, stdout, stderr) = run_command_with_env(&args, &[("RUST_LOG", "info")], Some(r#"{"subject":"probe"}"#));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains(r#""data":"second""#), "the last registration wins: {stdout}");
+    let lines: Vec<serde_json::Value> = stderr.lines().filter_map(|line| serde_json::from_str(line).ok()).collect();
+    let replaced = lines.iter().find(|l| l["message"].as_str().is_some_and(|m| m.contains("replacing the handler")));
+    let replaced = replaced.unwrap_or_else(|| panic!("re-registering a kind is logged: {stderr}"));
+    assert_eq!(replaced["kind"], "probe");
+    let printed = lines.iter().find(|l| l["message"] == "printed\t42").unwrap_or_else(|| panic!("{stderr}"));
+    assert_eq!(printed["level"], "INFO");
+    assert_eq!(printed["kind"], "probe");
+}
+
+/// The README's flag table: every `AGENT_BLOCK_*` variable it lists sets that
+/// flag, and each default it states is the one the settings apply.
+#[test]
+fn the_readme_flag_table_matches_the_flags() {
+    use clap::CommandFactory;
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let cli = agent_block::cli::Cli::command();
+    let run = cli.find_subcommand("run").expect("run");
+    let mut rows = 0;
+    for row in readme.lines().filter(|line| line.starts_with("| `--")) {
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        let (flags, variables) = (cells[1], cells[2]);
+        let flags: Vec<&str> = flags.split(", ").map(|f| f.split(' ').next().unwrap().trim_matches('`')).collect();
+        let variables: Vec<&str> =
+            variables.split(", ").map(|v| v.split(' ').next().unwrap().trim_matches('`')).collect();
+        for (index, flag) in flags.iter().enumerate() {
+            let long = flag.trim_start_matches("--");
+            let arg = run
+                .get_arguments()
+                .chain(cli.get_arguments())
+                .find(|arg| arg.get_long() == Some(long))
+                .unwrap_or_else(|| panic!("README lists {flag}, which `run` does not take"));
+            let env = arg.get_env().map(|e| e.to_str().unwrap().to_string());
+            // "AGENT_BLOCK_NKEY, ..." lists the first flag's variable and elides the others.
+            let listed = match variables.get(index) {
+                Some(&"...") | None if index > 0 => format!("AGENT_BLOCK_{}", long.to_uppercase().replace('-', "_")),
+                Some(variable) if !variable.is_empty() => variable.to_string(),
+                _ => {
+                    assert_eq!(env, None, "{flag} reads a variable the README does not list");
+                    continue;
+                }
+            };
+            assert_eq!(env.as_deref(), Some(listed.as_str()), "{flag}: README lists {listed}");
+        }
+        // Further variables of a one-flag row: an alias, or a hidden flag's variable.
+        if flags.len() == 1 {
+            let id = flags[0].trim_start_matches("--").replace('-', "_");
+            for variable in variables.iter().skip(1) {
+                let hidden = run.get_arguments().any(|arg| arg.get_env().is_some_and(|e| e == *variable));
+                let alias = agent_block::cli::env_alias(&id) == Some(*variable);
+                assert!(hidden || alias, "README lists {variable} for {}, which does not read it", flags[0]);
+            }
+        }
+        rows += 1;
+    }
+    assert!(rows >= 20, "the flag table was found ({rows} rows)");
+
+    use agent_block::config as c;
+    let defaults = [
+        ("--nats-url", c::DEFAULT_NATS_URL.to_string()),
+        ("--name", c::DEFAULT_NAME.to_string()),
+        ("--concurrency", c::DEFAULT_CONCURRENCY.to_string()),
+        ("--bus-capacity", c::DEFAULT_BUS_CAPACITY.to_string()),
+        ("--handler-timeout", format!("{}s", c::DEFAULT_HANDLER_TIMEOUT.as_secs())),
+        ("--grace", format!("{}s", c::DEFAULT_GRACE.as_secs())),
+        ("--http-max-body", format!("{}MiB", agent_block::bridge::DEFAULT_HTTP_MAX_BODY >> 20)),
+        ("--lua-memory-limit", format!("{}MiB", c::DEFAULT_LUA_MEMORY_LIMIT >> 20)),
+    ];
+    for (flag, default) in defaults {
+        let row = readme.lines().find(|line| line.starts_with(&format!("| `{flag}`"))).expect(flag);
+        let cell = row.split('|').nth(3).unwrap().trim().trim_matches('`');
+        assert_eq!(cell, default, "README's default of {flag}");
+    }
+}
+
+#[test]
+fn dev_and_check_print_no_secret() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/lua/examples/echo.lua");
+    let secrets = [("AGENT_BLOCK_PASSWORD", "dev-pa55-91e"), ("OTEL_EXPORTER_OTLP_HEADERS", "api-key=dev-k3y-5c")];
+    let mut env = secrets.to_vec();
+    env.push(("AGENT_BLOCK_USER", "alice"));
+    env.push(("RUST_LOG", "trace"));
+    // The private server has no authorization: it takes the credentials and ignores them.
+    let mut dev = Worker::spawn_with_env(&["dev", example, "--workers", "1"], &env);
+    dev.expect_ready();
+    dev.terminate();
+    assert_eq!(dev.wait_exit(PATIENCE).and_then(|s| s.code()), Some(0), "{}", dev.stderr.text());
+    let (code, stdout, stderr) = run_command_with_env(&["check", example], &env, None);
+    assert_eq!(code, 0, "{stderr}");
+    let output = format!("{}{}{stdout}{stderr}", dev.stdout.text(), dev.stderr.text());
+    assert!(output.contains("TRACE") || output.contains("DEBUG"), "a trace log, else the search proves little");
+    for (name, secret) in secrets {
+        assert!(!output.contains(secret), "{name}'s value was printed:\n{output}");
+    }
+}

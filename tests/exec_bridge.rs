@@ -16,8 +16,9 @@ bus.on("exec", function(ev)
   local r = sh.exec(p.command, p.opts)
   -- large output is only measured: a reply has to fit in a NATS message
   local stdout = #r.stdout < 4096 and r.stdout or nil
-  return { ok = r.ok, code = r.code, stdout = stdout, stderr = r.stderr,
-           out_len = #r.stdout, truncated = r.truncated, timed_out = r.timed_out }
+  local stderr = #r.stderr < 4096 and r.stderr or nil
+  return { ok = r.ok, code = r.code, stdout = stdout, stderr = stderr,
+           out_len = #r.stdout, err_len = #r.stderr, truncated = r.truncated, timed_out = r.timed_out }
 end)
 bus.subscribe("refused")
 bus.on("refused", function(ev)
@@ -149,5 +150,47 @@ async fn shutdown_kills_a_running_command() {
     assert!(worker.wait_exit(PATIENCE).is_some(), "the worker did not exit");
     // A 10 s default grace would show here; 300 ms plus exit work stays far below.
     assert!(stopping.elapsed() < Duration::from_secs(8), "grace was not 300 ms: {:?}", stopping.elapsed());
+    assert_killed(&pid_file);
+}
+
+#[tokio::test]
+async fn the_command_does_not_inherit_the_workers_secrets() {
+    let server = server();
+    let scripts = Scripts::new();
+    let script = scripts.write("app.lua", APP);
+    let url = server.url();
+    let args = ["run", script.to_str().unwrap(), "--nats-url", &url, "--workers", "1", "--unsafe-lua"];
+    let env = [
+        ("OTEL_EXPORTER_OTLP_HEADERS", "api-key=collector-key"),
+        ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "authorization=Bearer trace-token"),
+        ("APP_SETTING", "visible"),
+    ];
+    let worker = Worker::spawn_with_env(&args, &env);
+    worker.expect_ready();
+    let setup = Running { client: client(&server).await, server, scripts, worker };
+    let result = exec(&setup, "env | grep -E '^(OTEL_|APP_SETTING=)'", serde_json::json!({})).await;
+    let stdout = result["stdout"].as_str().unwrap();
+    assert!(stdout.contains("APP_SETTING=visible"), "{stdout}");
+    for (name, _) in &env[..2] {
+        assert!(!stdout.contains(name), "{name} reached the command:\n{stdout}");
+    }
+}
+
+#[tokio::test]
+async fn signals_the_stderr_cap_and_background_children() {
+    let setup = start(&["--unsafe-lua"]).await;
+    let killed = exec(&setup, "kill -9 $$", serde_json::json!({})).await;
+    assert_eq!(killed["code"], 128 + 9, "128 + the signal: {killed}");
+    assert_eq!(killed["ok"], false);
+
+    let noisy = exec(&setup, "head -c 3000000 /dev/zero >&2", serde_json::json!({})).await;
+    assert_eq!(noisy["err_len"], 1 << 20, "stderr keeps its first 1 MiB: {noisy}");
+    assert_eq!(noisy["truncated"], true);
+
+    // A child left running in the background dies when the call returns.
+    let pid_file = setup.scripts.path().join("background.pid");
+    let command = format!("sleep 60 >/dev/null 2>&1 & echo $! > {}", pid_file.display());
+    let returned = exec(&setup, &command, serde_json::json!({})).await;
+    assert_eq!(returned["ok"], true, "{returned}");
     assert_killed(&pid_file);
 }

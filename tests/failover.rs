@@ -1,6 +1,6 @@
 //! A 3-node JetStream cluster on loopback: the node a worker is connected to dies
-//! in the middle of a stream; the worker fails over to the others and the stream
-//! is drained with no message lost.
+//! while a known number of messages are in its handlers; the worker fails over to
+//! the others and every message is handled, none lost.
 
 mod common;
 
@@ -101,14 +101,29 @@ async fn connect_all(urls: &[String]) -> async_nats::Client {
     async_nats::connect(servers).await.expect("connect to the cluster")
 }
 
+/// Handlers held until the file GATE exists, each recording its message's id in
+/// HANDLED once through, so the node dies while a known number is in flight.
 const APP: &str = r#"
 bus.consume({ stream = "JOBS", consumer = "work", subject = "jobs.>", ack_wait = "3s" })
 bus.on("jobs.run", function(ev)
-  time.sleep("5ms")
-  nats.publish("done", ev.id)
+  while true do
+    local gate = io.open("GATE")
+    if gate then gate:close() break end
+    time.sleep("20ms")
+  end
+  local handled = assert(io.open("HANDLED", "a"))
+  handled:write(ev.id, "\n")
+  handled:close()
   return true
 end)
 "#;
+
+/// The consumer's state, read from whichever node answers.
+async fn consumer_info(js: &jetstream::Context) -> Option<jetstream::consumer::Info> {
+    let stream = js.get_stream("JOBS").await.ok()?;
+    let mut consumer = stream.get_consumer::<jetstream::consumer::pull::Config>("work").await.ok()?;
+    consumer.info().await.ok().cloned()
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_fails_over_when_its_cluster_node_dies() {
@@ -132,42 +147,44 @@ async fn a_worker_fails_over_when_its_cluster_node_dies() {
     }
 
     let scripts = Scripts::new();
-    let script = scripts.write("app.lua", APP);
+    let (gate, handled) = (scripts.path().join("gate"), scripts.path().join("handled"));
+    let source = APP.replace("GATE", gate.to_str().unwrap()).replace("HANDLED", handled.to_str().unwrap());
+    let script = scripts.write("app.lua", &source);
     let url_list = urls.join(",");
-    let _worker = Worker::spawn(&["run", script.to_str().unwrap(), "--nats-url", &url_list, "--workers", "2"]);
-    _worker.expect_ready();
-    let mut done = client.subscribe("done").await.unwrap();
-    client.flush().await.unwrap();
-    let total = 1500;
+    let args = ["run", script.to_str().unwrap(), "--nats-url", &url_list, "--workers", "2", "--concurrency", "4"];
+    let worker = Worker::spawn(&[&args[..], &["--unsafe-lua"]].concat());
+    worker.expect_ready();
+    let total: u64 = 40;
     for n in 0..total {
         js.publish("jobs.run", n.to_string().into()).await.unwrap().await.unwrap();
     }
-
-    let mut seen = HashSet::new();
-    while seen.len() < 100 {
-        seen.insert(body(&next(&mut done).await));
+    // 2 VMs x 4 slots, every handler held at the gate: 8 in flight, 32 waiting.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let info = consumer_info(&js).await;
+        if let Some(info) = &info
+            && info.num_ack_pending == 8
+        {
+            assert_eq!(info.num_pending, total - 8, "{info:?}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never 8 in flight: {info:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert!(std::fs::read_to_string(&handled).is_err(), "nothing finished before the node died");
+
     // Kill the node holding most of the worker's connections (not the test's).
     let victim = (0..nodes.len()).max_by_key(|&i| nodes[i].worker_connections()).unwrap();
     assert!(nodes[victim].worker_connections() > 0, "the worker is connected somewhere");
     nodes.remove(victim);
+    std::fs::write(&gate, "").unwrap();
     let survivors: Vec<String> = nodes.iter().map(Node::url).collect();
-    let client = connect_all(&survivors).await;
-    let mut done_again = client.subscribe("done").await.unwrap();
-    client.flush().await.unwrap();
-    let js = jetstream::new(client.clone());
+    let js = jetstream::new(connect_all(&survivors).await);
 
-    // Messages finished around the failure may be reported on either connection;
-    // the consumer's state is the proof that none was lost.
+    // The consumer's state and the handlers' record prove that none was lost.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let info = match js.get_stream("JOBS").await {
-            Ok(stream) => match stream.get_consumer::<jetstream::consumer::pull::Config>("work").await {
-                Ok(mut consumer) => consumer.info().await.ok().cloned(),
-                Err(_) => None,
-            },
-            Err(_) => None,
-        };
+        let info = consumer_info(&js).await;
         if let Some(info) = &info
             && info.num_pending == 0
             && info.num_ack_pending == 0
@@ -176,6 +193,9 @@ async fn a_worker_fails_over_when_its_cluster_node_dies() {
             break;
         }
         assert!(tokio::time::Instant::now() < deadline, "the stream was not drained after fail-over: {info:?}");
-        let _ = tokio::time::timeout(Duration::from_millis(200), next(&mut done_again)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let ids: HashSet<String> = std::fs::read_to_string(&handled).unwrap().lines().map(str::to_string).collect();
+    let missing: Vec<u64> = (1..=total).filter(|n| !ids.contains(&format!("JOBS:{n}"))).collect();
+    assert!(missing.is_empty(), "messages never handled after fail-over: {missing:?}");
 }

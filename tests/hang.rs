@@ -22,11 +22,13 @@ bus.on("gc_spin", function(ev)
   collectgarbage()
   return "finalizer returned"
 end)
+local planted_ran = false
 bus.on("gc_plant", function(ev)
   -- a finalizer that runs during some later handler's allocations
-  setmetatable({}, { __gc = spin })
+  setmetatable({}, { __gc = function() planted_ran = true; spin() end })
   return "planted"
 end)
+bus.on("gc_ran", function(ev) return tostring(planted_ran) end)
 bus.on("alloc", function(ev)
   local t = {}
   for i = 1, 200000 do t[i] = { i } end
@@ -107,12 +109,20 @@ async fn a_looping_finalizer_is_interrupted() {
 
     // Planted in one handler, run by the collector during another's allocations.
     assert_eq!(body(&request(&client, "hang.gc_plant", "").await), "planted");
-    for _ in 0..5 {
+    assert_eq!(body(&request(&client, "hang.gc_ran", "").await), "false");
+    // Allocate until the collector runs the finalizer: the handler it spins in
+    // is the one interrupted.
+    let mut interrupted = 0;
+    for _ in 0..20 {
         let reply = request(&client, "hang.alloc", "").await;
         if let Some((code, message)) = error_of(&reply) {
             assert_eq!(code, 504, "{message}");
+            interrupted += 1;
+            break;
         }
     }
+    assert_eq!(interrupted, 1, "the planted finalizer never spun in a handler");
+    assert_eq!(body(&request(&client, "hang.gc_ran", "").await), "true", "the planted finalizer ran");
     assert_eq!(body(&request(&client, "hang.ok", "").await), "still serving");
 
     worker.terminate();
@@ -182,12 +192,22 @@ async fn a_vm_stuck_past_its_deadline_fails_the_liveness_probe() {
     let server = server();
     let scripts = Scripts::new();
     let script = scripts.write("app.lua", APP);
-    let addr = format!("127.0.0.1:{}", free_port());
     let url = server.url();
     let script = script.to_str().unwrap();
-    let args =
-        ["run", script, "--nats-url", &url, "--metrics-addr", &addr, "--workers", "1", "--handler-timeout", "1s"];
-    let worker = Worker::spawn(&args);
+    let (worker, addr) = with_probes(|addr| {
+        Worker::spawn(&[
+            "run",
+            script,
+            "--nats-url",
+            &url,
+            "--metrics-addr",
+            addr,
+            "--workers",
+            "1",
+            "--handler-timeout",
+            "1s",
+        ])
+    });
     worker.expect_ready();
     assert_eq!(http_get(&addr, "/healthz").unwrap().0, 200);
     let client = client(&server).await;

@@ -1,6 +1,8 @@
-//! The `http` bridge against a server the test starts: methods, bodies, headers,
-//! error statuses, timeouts, refused connections, size cap, private CA,
-//! `--http-allow`, trace propagation and concurrency on one VM.
+//! The `http` bridge against a server the test starts: methods, bodies, headers
+//! (repeated ones joined), `json` on a body that is not JSON, error statuses,
+//! timeouts, the call ending before the handler's deadline, refused connections,
+//! DNS failures, redirects, size cap, private CA, `--http-allow`, trace
+//! propagation and concurrency on one VM.
 
 mod common;
 #[path = "common/http_server.rs"]
@@ -28,6 +30,19 @@ bus.subscribe("post")
 bus.on("post", function(ev) return http.post(ev.payload.url, { n = 1 }).json end)
 bus.subscribe("hang")
 bus.on("hang", function(ev) return http.get(ev.payload.url).body end)
+bus.subscribe("details")
+bus.on("details", function(ev)
+  local response = http.get(ev.payload.url)
+  local ok, err = pcall(function() return response.json end)
+  return { multi = response.headers["x-multi"], json_ok = ok, json_error = tostring(err) }
+end)
+bus.subscribe("bounded")
+bus.on("bounded", function(ev)
+  local started = time.now()
+  local ok, err = pcall(http.get, ev.payload.url)
+  nats.publish("ended", { ok = ok, error = tostring(err), elapsed = time.now() - started })
+  return "caught"
+end)
 "#;
 
 type Setup = Running;
@@ -94,8 +109,17 @@ async fn transport_failures_raise_502_or_504_without_credentials() {
 #[tokio::test]
 async fn deadline_cancels_the_request_and_closes_its_connection() {
     let web = HttpServer::start();
-    let setup = start(&["--handler-timeout", "500ms"]).await;
-    let reply = request(&setup.client, "hang", &serde_json::json!({ "url": web.url("/slow") }).to_string()).await;
+    // 2 s: time for the request to reach the server on a loaded machine.
+    let setup = start(&["--handler-timeout", "2s"]).await;
+    let client = setup.client.clone();
+    let payload = serde_json::json!({ "url": web.url("/slow") }).to_string();
+    let pending = tokio::spawn(async move { request(&client, "hang", &payload).await });
+    let deadline = Instant::now() + PATIENCE;
+    while web.slow_in_flight() == 0 {
+        assert!(Instant::now() < deadline, "the slow request never reached the server");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let reply = pending.await.unwrap();
     let (code, _) = error_of(&reply).expect("the handler times out");
     assert_eq!(code, 504);
     // The server sees the connection close and drops its handler; generous bound
@@ -207,4 +231,54 @@ fn an_unreadable_ca_file_stops_the_worker_at_start() {
     let (code, _, stderr) = run_command(&args, None);
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("--http-ca"), "{stderr}");
+}
+
+#[tokio::test]
+async fn repeated_headers_json_on_a_text_body_redirects_and_dns() {
+    let web = HttpServer::start();
+    let setup = start(&[]).await;
+    let details = call(&setup, "details", serde_json::json!({ "url": web.url("/repeated") })).await;
+    assert_eq!(details["multi"], "a, b", "repeated response headers are joined: {details}");
+    assert_eq!(details["json_ok"], false, "json raises on a body that is not JSON: {details}");
+
+    let ten = call(&setup, "call", serde_json::json!({ "url": web.url("/redirect/10") })).await;
+    assert_eq!((ten["status"].clone(), ten["body"].clone()), (200.into(), "landed".into()), "{ten}");
+    let eleven = call(&setup, "call", serde_json::json!({ "url": web.url("/redirect/11") })).await;
+    assert_eq!(eleven["code"], 502, "an eleventh redirect fails: {eleven}");
+    assert!(eleven["message"].as_str().unwrap().contains("redirect"), "{eleven}");
+
+    let unknown = call(&setup, "call", serde_json::json!({ "url": "http://no-such-host.invalid/" })).await;
+    assert_eq!(unknown["code"], 502, "a DNS failure: {unknown}");
+}
+
+#[tokio::test]
+async fn a_redirect_must_stay_within_the_allow_list() {
+    let web = HttpServer::start();
+    let port = web.addr.port();
+    let setup = start(&["--http-allow", &format!("127.0.0.1:{port}")]).await;
+    let within = call(&setup, "call", serde_json::json!({ "url": web.url("/redirect/2") })).await;
+    assert_eq!(within["body"], "landed", "{within}");
+    let away = call(&setup, "call", serde_json::json!({ "url": web.url(&format!("/away/{port}")) })).await;
+    assert_eq!(away["failed"], true, "a redirect to localhost is outside the list: {away}");
+    assert!(away["message"].as_str().unwrap().contains("--http-allow"), "{away}");
+}
+
+#[tokio::test]
+async fn a_call_ends_before_the_handlers_deadline() {
+    let web = HttpServer::start();
+    let setup = start(&["--handler-timeout", "1s"]).await;
+    let mut ended = setup.client.subscribe("ended").await.unwrap();
+    setup.client.flush().await.unwrap();
+    // Without a timeout of its own the call ends 20 ms before the deadline,
+    // raising the timeout, and the handler sees it end.
+    let reply = request(&setup.client, "bounded", &serde_json::json!({ "url": web.url("/slow") }).to_string()).await;
+    let bounded = json(&next(&mut ended).await);
+    assert_eq!(bounded["ok"], false, "{bounded}");
+    assert!(bounded["error"].as_str().unwrap().contains("timed out"), "{bounded}");
+    let elapsed = bounded["elapsed"].as_f64().unwrap();
+    // Before the deadline is the promise; the lower bound only shows the call
+    // waited (generous: the handler may start late on a loaded machine).
+    assert!((0.5..1.0).contains(&elapsed), "ended {elapsed} s into a 1 s deadline");
+    // What the requester gets depends on whether the handler returned in those 20 ms.
+    assert!(body(&reply) == "caught" || error_of(&reply).is_some_and(|e| e.0 == 504), "{:?}", body(&reply));
 }

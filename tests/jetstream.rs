@@ -5,7 +5,7 @@
 mod common;
 
 use std::collections::HashSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::PullConsumer};
 use common::*;
@@ -41,6 +41,14 @@ bus.on("order.meta", function(ev)
 end)
 bus.on("order.slow", function(ev)
   time.sleep("5s")
+  nats.publish("seen", ev.id)
+  return true
+end)
+bus.on("order.held", function(ev)
+  -- The server's own count of unacknowledged messages, read at this delivery.
+  local info = nats.request("$JS.API.CONSUMER.INFO.ORDERS.work", "")
+  nats.publish("held", tostring(info.payload.num_ack_pending))
+  time.sleep("2s")
   nats.publish("seen", ev.id)
   return true
 end)
@@ -224,20 +232,24 @@ async fn pulls_never_exceed_free_handler_slots() {
     let server = server();
     let (_scripts, script) = app();
     let _worker = Worker::run(&server, &script, &["--workers", "2", "--concurrency", "3"]);
-    let (_client, js, mut seen) = watching(&server, "seen").await;
+    let (client, js, mut seen) = watching(&server, "seen").await;
+    let mut held = client.subscribe("held").await.unwrap();
+    client.flush().await.unwrap();
     for _ in 0..12 {
-        publish(&js, "orders.slow", "").await;
+        publish(&js, "orders.held", "").await;
     }
-    // 2 VMs x 3 slots: the first 6 messages run for 5 s; no more may be held.
-    let mut consumer = consumer(&js).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
-    let mut most = 0;
-    while tokio::time::Instant::now() < deadline {
-        let info = consumer.info().await.unwrap();
-        most = most.max(info.num_ack_pending);
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    // 2 VMs x 3 slots: each handler reads the server's count of unacknowledged
+    // messages when it is delivered, so a pull past the free slots shows up at
+    // once. The first six hold their slots for 2 s: no ack is on its way, and
+    // the server's count is exactly what the worker took.
+    let mut counts = Vec::new();
+    for _ in 0..6 {
+        counts.push(body(&next(&mut held).await).parse::<u64>().unwrap());
     }
-    assert_eq!(most, 6, "messages held by the worker never exceed its 6 slots, and fill them");
+    assert!(counts.iter().all(|&count| count <= 6), "more held than the 6 slots: {counts:?}");
+    assert_eq!(counts.iter().max(), Some(&6), "the slots are filled: {counts:?}");
+    let info = consumer(&js).await.info().await.unwrap().clone();
+    assert_eq!((info.num_ack_pending, info.num_pending), (6, 6), "six taken, six left on the server: {info:?}");
     collect(&mut seen, |s| s.len() == 12).await;
     let info = drained(&js).await;
     assert_eq!(info.num_redelivered, 0);
@@ -426,21 +438,279 @@ async fn sigterm_finishes_in_flight_and_hands_back_the_rest_at_once() {
     assert_eq!(info.num_ack_pending, 0);
 }
 
+/// Handlers held until the file GATE exists, each recording its message's id in
+/// HANDLED once through: a fault can strike while a known number is in flight.
+const GATED: &str = r#"
+bus.consume({
+  stream = "JOBS", consumer = "work", subject = "jobs.>", ack_wait = "2s",
+  create_stream = { subjects = { "jobs.>" } },
+})
+bus.on("jobs.run", function(ev)
+  while true do
+    local gate = io.open("GATE")
+    if gate then gate:close() break end
+    time.sleep("20ms")
+  end
+  local handled = assert(io.open("HANDLED", "a"))
+  handled:write(ev.id, "\n")
+  handled:close()
+  return true
+end)
+"#;
+
+/// Ids recorded by [`GATED`] handlers in `path`.
+fn handled_ids(path: &std::path::Path) -> HashSet<String> {
+    std::fs::read_to_string(path).unwrap_or_default().lines().map(str::to_string).collect()
+}
+
+/// Waits until the consumer holds exactly `in_flight` unacknowledged messages.
+async fn held(consumer: &mut PullConsumer, in_flight: usize) -> async_nats::jetstream::consumer::Info {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let info = consumer.info().await.expect("consumer info").clone();
+        if info.num_ack_pending == in_flight {
+            return info;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never {in_flight} in flight: {info:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_killed_mid_stream_loses_no_message() {
     let mut server = server();
     let scripts = Scripts::new();
-    let script = steady(&scripts, "2s", "20ms");
-    let _worker = Worker::run(&server, &script, &["--workers", "2", "--concurrency", "8"]);
-    let client = client(&server).await;
-    let mut done = client.subscribe("done").await.unwrap();
-    client.flush().await.unwrap();
-    let js = jetstream::new(client.clone());
-    publish_jobs(&js, 1000).await;
-    collect(&mut done, |s| s.len() >= 150).await;
-    // kill -9 and a restart on the same port and store, in the middle of the stream.
+    let (gate, handled) = (scripts.path().join("gate"), scripts.path().join("handled"));
+    let source = GATED.replace("GATE", gate.to_str().unwrap()).replace("HANDLED", handled.to_str().unwrap());
+    let script = scripts.write("gated.lua", &source);
+    let args = ["--workers", "2", "--concurrency", "4", "--unsafe-lua"];
+    let _worker = Worker::run(&server, &script, &args);
+    let js = jetstream::new(client(&server).await);
+    let total = 40;
+    publish_jobs(&js, total).await;
+    // 2 VMs x 4 slots, every handler held at the gate: 8 in flight, 32 waiting.
+    let info = held(&mut consumer_of(&js, "JOBS").await, 8).await;
+    assert_eq!(info.num_pending, 32, "{info:?}");
+    assert!(handled_ids(&handled).is_empty(), "nothing finished before the kill");
+    // kill -9 and a restart on the same port and store, with 8 messages unacked.
     server.restart().expect("restart nats-server");
+    std::fs::write(&gate, "").unwrap();
     let js = jetstream::new(common::client(&server).await);
     let info = drained_on(&js, "JOBS").await;
-    assert_eq!(info.ack_floor.stream_sequence, 1000, "every message was acked after the restart: {info:?}");
+    assert_eq!(info.ack_floor.stream_sequence, total as u64, "every message was acked after the restart: {info:?}");
+    let ids = handled_ids(&handled);
+    assert!(all_jobs(total)(&ids), "every message was handled after the restart: {ids:?}");
+}
+
+/// Failures of three kinds on one consumer whose `backoff` the worker applies:
+/// a raised error, a handler past its deadline, and a kind without a handler.
+const LIVE: &str = r#"
+bus.consume({
+  stream = "LIVE", consumer = "work", subject = "live.>", kind = "{{wildcard(1)}}",
+  ack_wait = "10s", max_deliver = 3, backoff = { "400ms", "800ms" }, timeout = "300ms",
+  dead_letter = "dead.live", create_stream = { subjects = { "live.>" } },
+})
+bus.on("fail", function(ev)
+  nats.publish("attempt", ev.kind .. ":" .. ev.meta.delivered)
+  error("failed on purpose")
+end)
+bus.on("slow", function(ev)
+  nats.publish("attempt", ev.kind .. ":" .. ev.meta.delivered)
+  time.sleep("5s")
+end)
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_deadlines_and_missing_handlers_are_nakd_with_the_backoff_live() {
+    let server = server();
+    let scripts = Scripts::new();
+    let script = scripts.write("live.lua", LIVE);
+    let _worker = Worker::run(&server, &script, &["--workers", "1"]);
+    let (client, js, mut attempts) = watching(&server, "attempt").await;
+    let mut dead = client.subscribe("dead.live").await.unwrap();
+    client.flush().await.unwrap();
+    let published = Instant::now();
+    for kind in ["fail", "slow", "none"] {
+        publish(&js, &format!("live.{kind}"), kind).await;
+    }
+    // When each delivery reached its handler, by kind and the server's count.
+    let mut seen: std::collections::HashMap<String, Instant> = Default::default();
+    while seen.len() < 6 {
+        seen.insert(body(&next(&mut attempts).await), Instant::now());
+    }
+    let mut letters: std::collections::HashMap<String, (Instant, async_nats::HeaderMap)> = Default::default();
+    while letters.len() < 3 {
+        let letter = next(&mut dead).await;
+        letters.insert(body(&letter), (Instant::now(), letter.headers.expect("dead letter headers")));
+    }
+    // Server-side delays are at least the backoff (less a little clock slack)
+    // and far below the 10 s `ack_wait` a missing nak would fall back to.
+    let gap = |kind: &str, from: u32, to: u32| seen[&format!("{kind}:{to}")] - seen[&format!("{kind}:{from}")];
+    for (kind, handler_time) in [("fail", Duration::ZERO), ("slow", Duration::from_millis(300))] {
+        for (from, backoff) in [(1, 400), (2, 800)] {
+            let waited = gap(kind, from, from + 1);
+            let least = handler_time + Duration::from_millis(backoff - 50);
+            assert!(waited >= least && waited < Duration::from_secs(5), "{kind}: {waited:?} after delivery {from}");
+        }
+    }
+    for (kind, error) in [("fail", "failed on purpose"), ("slow", "timed out"), ("none", "no handler")] {
+        let (at, headers) = &letters[kind];
+        assert_eq!(headers.get("Agent-Block-Delivered").unwrap().as_str(), "3", "{kind}");
+        let message = headers.get("Agent-Block-Error").unwrap().as_str();
+        assert!(message.contains(error), "{kind}: {message}");
+        // A kind with no handler waits out both delays too before its last delivery.
+        assert!(*at - published >= Duration::from_millis(1150), "{kind} dead-lettered after {:?}", *at - published);
+    }
+    let info = drained_on(&js, "LIVE").await;
+    assert_eq!(info.num_redelivered, 0, "every message was terminated: {info:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_ack_pending_caps_what_the_server_hands_out() {
+    let server = server();
+    let scripts = Scripts::new();
+    let script = scripts.write(
+        "capped.lua",
+        r#"
+bus.consume({ stream = "CAPPED", consumer = "work", subject = "capped.>", max_ack_pending = 2,
+  create_stream = { subjects = { "capped.>" } } })
+bus.on("capped.run", function(ev)
+  local info = nats.request("$JS.API.CONSUMER.INFO.CAPPED.work", "")
+  nats.publish("held", tostring(info.payload.num_ack_pending))
+  time.sleep("300ms")
+  return true
+end)
+"#,
+    );
+    // 2 VMs x 4 slots would take 8; the consumer's max_ack_pending allows 2.
+    let _worker = Worker::run(&server, &script, &["--workers", "2", "--concurrency", "4"]);
+    let (_client, js, mut held) = watching(&server, "held").await;
+    for _ in 0..8 {
+        publish(&js, "capped.run", "").await;
+    }
+    let mut counts = Vec::new();
+    for _ in 0..8 {
+        counts.push(body(&next(&mut held).await).parse::<u64>().unwrap());
+    }
+    assert!(counts.iter().all(|&count| count <= 2), "more than max_ack_pending held: {counts:?}");
+    assert_eq!(counts.iter().max(), Some(&2), "{counts:?}");
+    let info = drained_on(&js, "CAPPED").await;
+    assert_eq!(info.config.max_ack_pending, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_the_server_will_not_change_is_a_startup_error() {
+    let server = server();
+    let js = jetstream::new(client(&server).await);
+    let stream = js
+        .create_stream(jetstream::stream::Config {
+            name: "PUSHED".into(),
+            subjects: vec!["pushed.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // A push consumer of that name: `bus.consume` cannot turn it into a pull one.
+    stream
+        .create_consumer(jetstream::consumer::push::Config {
+            durable_name: Some("work".into()),
+            deliver_subject: "deliver.here".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let scripts = Scripts::new();
+    let script = scripts.write(
+        "app.lua",
+        "bus.consume({ stream = 'PUSHED', consumer = 'work', subject = 'pushed.>' })\n\
+         bus.on('pushed.x', function() return true end)\n",
+    );
+    let url = server.url();
+    let mut worker = Worker::spawn(&["run", script.to_str().unwrap(), "--nats-url", &url]);
+    let status = worker.wait_exit(PATIENCE).expect("the worker stops");
+    let log = worker.stderr.text();
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(log.contains("PUSHED") && log.contains("work"), "the error names the stream and consumer: {log}");
+    let info = stream.get_consumer::<jetstream::consumer::push::Config>("work").await.unwrap().cached_info().clone();
+    assert_eq!(info.config.deliver_subject.as_deref(), Some("deliver.here"), "the consumer is unchanged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_cut_at_the_end_of_grace_is_nakd_for_another_worker() {
+    let server = server();
+    let scripts = Scripts::new();
+    // ack_wait far beyond the test's patience: only a nak brings the message back in time.
+    let script = scripts.write(
+        "grace.lua",
+        r#"
+bus.consume({ stream = "JOBS", consumer = "work", subject = "jobs.>", ack_wait = "5m",
+  create_stream = { subjects = { "jobs.>" } } })
+bus.on("jobs.run", function(ev)
+  nats.publish("attempt", tostring(ev.meta.delivered))
+  if ev.meta.delivered == 1 then time.sleep(60) end
+  return true
+end)
+"#,
+    );
+    let (client, js, mut attempts) = watching(&server, "attempt").await;
+    let mut stopping = Worker::run(&server, &script, &["--workers", "1", "--grace", "500ms"]);
+    publish_jobs(&js, 1).await;
+    assert_eq!(body(&next(&mut attempts).await), "1");
+    let _other = Worker::run(&server, &script, &["--workers", "1"]);
+    stopping.terminate();
+    stopping.wait_exit(PATIENCE).expect("the worker exits after its grace");
+    assert_eq!(body(&next(&mut attempts).await), "2", "redelivered at once to the other worker");
+    let info = drained_on(&js, "JOBS").await;
+    assert_eq!(info.ack_floor.stream_sequence, 1, "{info:?}");
+    drop(client);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_the_server_refuses_leaves_the_message_nakd() {
+    let server = server();
+    let (client, js, mut attempts) = watching(&server, "attempt").await;
+    // The stream that captures the dead letters is full and refuses new ones.
+    let dead = js
+        .create_stream(jetstream::stream::Config {
+            name: "DEAD".into(),
+            subjects: vec!["dead.full".into()],
+            max_messages: 1,
+            discard: jetstream::stream::DiscardPolicy::New,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    publish(&js, "dead.full", "occupant").await;
+    let scripts = Scripts::new();
+    let script = scripts.write(
+        "dead.lua",
+        r#"
+bus.consume({ stream = "WORK", consumer = "work", subject = "work.>",
+  dead_letter = "dead.full", create_stream = { subjects = { "work.>" } } })
+bus.on("work.run", function(ev)
+  nats.publish("attempt", tostring(ev.meta.delivered))
+  return ev.payload
+end)
+"#,
+    );
+    let _worker = Worker::run(&server, &script, &["--workers", "1"]);
+    // Not JSON: dead-lettered on its first delivery; the refused publish naks it.
+    publish(&js, "work.run", "not json").await;
+    assert_eq!(body(&next(&mut attempts).await), "1");
+    assert_eq!(body(&next(&mut attempts).await), "2", "the message came back: nak'ed, not terminated");
+    // With room in the stream, the dead letter is stored and the message ends.
+    dead.purge().await.unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let stored = js.get_stream("DEAD").await.unwrap().info().await.unwrap().state.messages;
+        if stored == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the dead letter never reached the stream");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let letter = js.get_stream("DEAD").await.unwrap().get_last_raw_message_by_subject("dead.full").await.unwrap();
+    assert_eq!(letter.payload.as_ref(), b"not json");
+    drained_on(&js, "WORK").await;
+    drop(client);
 }

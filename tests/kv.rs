@@ -22,6 +22,9 @@ end)
 bus.on("kv.delete", function(ev) kv.delete("state", ev.payload.key) return {} end)
 bus.on("kv.keys", function(ev) return kv.keys("state", ev.payload.prefix) end)
 bus.on("kv.missing", function(ev) return kv.get("nope", "k") end)
+bus.on("kv.bucket", function(ev)
+  return { created = kv.bucket(ev.payload.name, { history = ev.payload.history, ttl = ev.payload.ttl }) }
+end)
 bus.on("kv.count", function(ev)
   -- an optimistic counter: read, then compare-and-set, retrying on conflict
   while true do
@@ -104,4 +107,22 @@ async fn a_counter_shared_by_two_workers_counts_every_request() {
     counts.sort();
     assert_eq!(counts, (1..=40).collect::<Vec<_>>(), "compare-and-set gave every request its own count");
     assert!(call(&client, "kv.created", json!({})).await["created"].is_boolean());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_is_created_once_with_its_history_and_ttl() {
+    let server = server();
+    let scripts = Scripts::new();
+    let script = scripts.write("app.lua", APP);
+    let _worker = Worker::run(&server, &script, &["--workers", "2"]);
+    let client = client(&server).await;
+    let settings = json!({ "name": "sessions", "history": 3, "ttl": "1h" });
+    assert_eq!(call(&client, "kv.bucket", settings.clone()).await["created"], true, "created when missing");
+    assert_eq!(call(&client, "kv.bucket", settings).await["created"], false, "false when it exists");
+    // The server's own record of the bucket: a stream keeping 3 values per key for an hour.
+    let js = async_nats::jetstream::new(client.clone());
+    let mut stream = js.get_stream("KV_sessions").await.expect("the bucket's stream");
+    let config = stream.info().await.unwrap().config.clone();
+    assert_eq!(config.max_messages_per_subject, 3, "history");
+    assert_eq!(config.max_age, std::time::Duration::from_secs(3600), "ttl");
 }

@@ -27,7 +27,7 @@ bus.on("stuck", function(ev)
   while true do end
 end)
 bus.on("ping", function(ev)
-  nats.publish("handled", tostring(env.get("WORKER_TAG")))
+  nats.publish("handled", tostring(env.get("WORKER_TAG")), { headers = { ["Request"] = ev.data } })
   return "pong"
 end)
 bus.on("gated", function(ev)
@@ -35,7 +35,9 @@ bus.on("gated", function(ev)
   nats.request("gate", "", { timeout = "30s" })
   return "released"
 end)
-bus.on("fanout", function(ev) nats.publish("fanned", tostring(env.get("WORKER_TAG"))) end)
+bus.on("fanout", function(ev)
+  nats.publish("fanned", tostring(env.get("WORKER_TAG")), { headers = { ["Request"] = ev.data } })
+end)
 
 bus.serve()
 log.info("cleanup ran")
@@ -187,22 +189,30 @@ async fn a_queue_group_answers_each_request_once() {
     client.flush().await.unwrap();
 
     const REQUESTS: usize = 60;
-    for _ in 0..REQUESTS {
-        assert_eq!(body(&request(&client, "ping", "").await), "pong");
+    for n in 0..REQUESTS {
+        assert_eq!(body(&request(&client, "ping", &n.to_string()).await), "pong");
     }
     let mut by = std::collections::HashMap::new();
+    let mut requests = std::collections::HashSet::new();
     for _ in 0..REQUESTS {
-        *by.entry(body(&next(&mut handled).await)).or_insert(0) += 1;
+        let message = next(&mut handled).await;
+        assert!(requests.insert(request_of(&message)), "request {} handled twice", request_of(&message));
+        *by.entry(body(&message)).or_insert(0) += 1;
     }
+    assert_eq!(by.len(), 2, "both workers share the load: {by:?}");
+    // A bounded look for a late second handling, then a marker through the same
+    // path that must come next.
     client.flush().await.unwrap();
     assert!(
         tokio::time::timeout(Duration::from_millis(300), handled.next()).await.is_err(),
         "no request is handled twice"
     );
-    assert_eq!(by.len(), 2, "both workers share the load: {by:?}");
+    assert_eq!(body(&request(&client, "ping", "marker").await), "pong");
+    assert_eq!(request_of(&next(&mut handled).await), "marker", "nothing came before the marker");
 
-    client.publish("fanout", "".into()).await.unwrap();
-    let mut tags = vec![body(&next(&mut fanned).await), body(&next(&mut fanned).await)];
+    client.publish("fanout", "1".into()).await.unwrap();
+    let first = [next(&mut fanned).await, next(&mut fanned).await];
+    let mut tags: Vec<String> = first.iter().map(body).collect();
     tags.sort();
     assert_eq!(tags, ["a", "b"], "queue = false delivers to every worker");
     client.flush().await.unwrap();
@@ -210,6 +220,17 @@ async fn a_queue_group_answers_each_request_once() {
         tokio::time::timeout(Duration::from_millis(500), fanned.next()).await.is_err(),
         "queue = false delivers to each process once, not once per VM"
     );
+    // The next round's copies come next, with no third copy of the first before them.
+    client.publish("fanout", "2".into()).await.unwrap();
+    for _ in 0..2 {
+        assert_eq!(request_of(&next(&mut fanned).await), "2", "a first-round copy came late");
+    }
+}
+
+/// The request a `handled` or `fanned` announcement is about.
+fn request_of(message: &async_nats::Message) -> String {
+    let headers = message.headers.as_ref().expect("Request header");
+    headers.get("Request").map(|value| value.to_string()).unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -218,9 +239,9 @@ async fn probes_report_liveness_and_readiness() {
     let url = server.url();
     server.stop();
     let (_scripts, script) = app();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut worker = Worker::spawn(&["run", script.to_str().unwrap(), "--nats-url", &url, "--metrics-addr", &addr]);
-    assert!(worker.stderr.wait_for("probes at /healthz", PATIENCE));
+    let (mut worker, addr) = with_probes(|addr| {
+        Worker::spawn(&["run", script.to_str().unwrap(), "--nats-url", &url, "--metrics-addr", addr])
+    });
     assert_eq!(http_get(&addr, "/healthz").unwrap().0, 200);
     let (status, reason) = http_get(&addr, "/readyz").unwrap();
     assert_eq!((status, reason.trim()), (503, "not ready: not connected to NATS yet"));
@@ -241,8 +262,11 @@ async fn probes_report_liveness_and_readiness() {
 async fn readiness_fails_while_draining() {
     let server = server();
     let (_scripts, script) = app();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut worker = Worker::run(&server, &script, &["--metrics-addr", &addr, "--grace", "30s"]);
+    let url = server.url();
+    let (mut worker, addr) = with_probes(|addr| {
+        Worker::spawn(&["run", script.to_str().unwrap(), "--nats-url", &url, "--metrics-addr", addr, "--grace", "30s"])
+    });
+    worker.expect_ready();
     let client = client(&server).await;
     let mut gate = client.subscribe("gate").await.unwrap();
     assert_eq!(http_get(&addr, "/readyz").unwrap().0, 200);
@@ -266,11 +290,12 @@ async fn settings_come_from_the_environment() {
     let server = server();
     let (_scripts, script) = app();
     let url = server.url();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let worker = Worker::spawn_with_env(
-        &["run", script.to_str().unwrap()],
-        &[("NATS_URL", url.as_str()), ("AGENT_BLOCK_METRICS_ADDR", addr.as_str()), ("AGENT_BLOCK_WORKERS", "3")],
-    );
+    let (worker, addr) = with_probes(|addr| {
+        Worker::spawn_with_env(
+            &["run", script.to_str().unwrap()],
+            &[("NATS_URL", url.as_str()), ("AGENT_BLOCK_METRICS_ADDR", addr), ("AGENT_BLOCK_WORKERS", "3")],
+        )
+    });
     worker.expect_ready();
     assert!(worker.stderr.text().contains("\"workers\":3"), "{}", worker.stderr.text());
     assert_eq!(http_get(&addr, "/readyz").unwrap().0, 200);

@@ -266,22 +266,63 @@ async fn grpc_export_flushes_the_last_spans_at_shutdown() {
     assert_eq!(stock.span.parent_span_id, Vec::<u8>::new(), "no incoming trace: a root span");
 }
 
+/// A collector that accepts connections and never answers, counting them; the
+/// connections stay open for the life of the test.
+struct SilentCollector {
+    endpoint: String,
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl SilentCollector {
+    fn start() -> Self {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", free_port())).expect("bind the silent collector");
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = accepted.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for stream in listener.incoming().map_while(Result::ok) {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                held.push(stream);
+            }
+        });
+        SilentCollector { endpoint, accepted }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 #[tokio::test]
-async fn an_unreachable_collector_neither_fails_nor_holds_up_the_worker() {
+async fn a_collector_that_never_answers_neither_fails_nor_slows_the_worker() {
+    let collector = SilentCollector::start();
     let server = server();
     let scripts = Scripts::new();
     let script = scripts.write("app.lua", APP);
-    let closed = format!("http://127.0.0.1:{}", free_port());
-    let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", closed.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "50")];
+    let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "50")];
     let mut worker = run_traced(&server, &script, &env, &[]);
     let client = client(&server).await;
-    for _ in 0..50 {
+    // Requests until an export hangs on the collector.
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while collector.accepted() == 0 {
+        assert!(std::time::Instant::now() < deadline, "no export was attempted");
         assert_eq!(json(&request(&client, "stock", "{}").await)["count"], 7);
     }
+    // While it hangs (the exporter waits 10 s for an answer), requests are
+    // answered as fast as ever: a request takes milliseconds; 1 s only catches
+    // one waiting on the export.
+    let mut slowest = Duration::ZERO;
+    for _ in 0..200 {
+        let started = std::time::Instant::now();
+        assert_eq!(json(&request(&client, "stock", "{}").await)["count"], 7);
+        slowest = slowest.max(started.elapsed());
+    }
+    assert!(slowest < Duration::from_secs(1), "a request took {slowest:?} while the export hung");
     worker.terminate();
     // The exporter gives up after its bounded shutdown wait (3 s); PATIENCE is
     // far above it.
-    let status = worker.wait_exit(PATIENCE).expect("the worker exits although the collector is down");
+    let status = worker.wait_exit(PATIENCE).expect("the worker exits although the collector never answers");
     assert!(status.success(), "log:\n{}", worker.stderr.text());
 }
 
@@ -332,8 +373,11 @@ bus.on("fail", function(ev) error({ code = 422, message = "bad order" }) end)
 bus.on("jobs.bad", function(ev) error("cannot do it") end)
 "#,
     );
-    let addr = format!("127.0.0.1:{}", free_port());
-    let _worker = Worker::run(&server, &script, &["--metrics-addr", &addr, "--workers", "2"]);
+    let url = server.url();
+    let (worker, addr) = with_probes(|addr| {
+        Worker::spawn(&["run", script.to_str().unwrap(), "--nats-url", &url, "--metrics-addr", addr, "--workers", "2"])
+    });
+    worker.expect_ready();
     let client = client(&server).await;
     for _ in 0..3 {
         request(&client, "orders", "{}").await;
@@ -394,6 +438,7 @@ async fn discovery_answers_ping_info_and_stats_for_the_process() {
     // Every instance answers a plain PING; one process is one instance.
     let reply_to = client.new_inbox();
     let mut inbox = client.subscribe(reply_to.clone()).await.unwrap();
+    let ping_inbox = reply_to.clone();
     client.publish_with_reply("$SRV.PING", reply_to, "".into()).await.unwrap();
     let ping = json(&next(&mut inbox).await);
     assert_eq!(ping["type"], "io.nats.micro.v1.ping_response");
@@ -403,6 +448,9 @@ async fn discovery_answers_ping_info_and_stats_for_the_process() {
         tokio::time::timeout(Duration::from_millis(300), futures::StreamExt::next(&mut inbox)).await.is_err(),
         "a second answer would mean one instance per VM"
     );
+    // A marker to the same inbox comes next: no second answer was on its way.
+    client.publish(ping_inbox.clone(), "marker".into()).await.unwrap();
+    assert_eq!(body(&next(&mut inbox).await), "marker", "a second answer came before the marker");
 
     let info = json(&request(&client, "$SRV.INFO.shop", "").await);
     assert_eq!(info["type"], "io.nats.micro.v1.info_response");
@@ -438,10 +486,25 @@ async fn export_settings_are_checked_at_start() {
     assert_eq!(status.code(), Some(2));
     assert!(refused.stderr.text().contains("OTEL_EXPORTER_OTLP_PROTOCOL=\"http/json\" is not supported"));
 
-    let disabled = Worker::spawn_with_env(
+    // Disabled, nothing reaches the collector, not even the spans a shutdown
+    // would flush (enabled, the test above sees the same collector contacted).
+    let collector = SilentCollector::start();
+    let mut disabled = Worker::spawn_with_env(
         &args,
-        &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318"), ("OTEL_SDK_DISABLED", "true")],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+            ("OTEL_SDK_DISABLED", "true"),
+        ],
     );
     disabled.expect_ready();
+    let client = client(&server).await;
+    for _ in 0..20 {
+        assert_eq!(json(&request(&client, "stock", "{}").await)["count"], 7);
+    }
+    disabled.terminate();
+    let status = disabled.wait_exit(PATIENCE).expect("the worker exits");
+    assert!(status.success(), "log:\n{}", disabled.stderr.text());
+    assert_eq!(collector.accepted(), 0, "OTEL_SDK_DISABLED=true: no export is attempted");
     assert!(!disabled.stderr.text().contains("exporting event spans"), "OTEL_SDK_DISABLED=true turns export off");
 }

@@ -30,11 +30,13 @@ bus.on("loop.resume", function(ev)
   return "swallowed"
 end)
 bus.on("gate.hold", function(ev)
-  nats.publish("started", "")
+  nats.publish("started", ev.data)
   nats.request("gate.open", "", { timeout = "30s" })
   return "released"
 end)
-bus.on("copy", function(ev) nats.publish("copied", env.get("WORKER_TAG") or "?") end)
+bus.on("copy", function(ev)
+  nats.publish("copied", env.get("WORKER_TAG") or "?", { headers = { ["Copy-Of"] = ev.data } })
+end)
 "#;
 
 fn app() -> (Scripts, std::path::PathBuf) {
@@ -84,20 +86,23 @@ fn the_top_level_is_bounded_by_the_handler_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrency_is_an_upper_bound_per_vm() {
     let mut gated = Gated::start(&["--concurrency", "2"]).await;
-    let pending: Vec<_> = (0..3).map(|_| gated.hold()).collect();
-    next(&mut gated.started).await;
-    next(&mut gated.started).await;
+    let pending: Vec<_> = ["a", "b", "c"].into_iter().map(|tag| gated.hold_as(tag)).collect();
+    let mut first = vec![body(&next(&mut gated.started).await), body(&next(&mut gated.started).await)];
+    first.sort();
     // The third waits for a slot: nothing may start while both hold theirs. A
-    // bounded look for something that must not happen.
+    // bounded look for something that must not happen...
     let third = tokio::time::timeout(Duration::from_millis(700), next(&mut gated.started)).await;
     assert!(third.is_err(), "a third handler started with --concurrency 2");
+    // ...then one slot is freed, and the next start is the waiting request's,
+    // with nothing before it.
+    let held = next(&mut gated.gate).await;
+    gated.open(held).await;
+    let waiting = ["a", "b", "c"].into_iter().find(|tag| !first.contains(&tag.to_string())).unwrap();
+    assert_eq!(body(&next(&mut gated.started).await), waiting, "started before: {first:?}");
     for _ in 0..2 {
         let held = next(&mut gated.gate).await;
         gated.open(held).await;
     }
-    next(&mut gated.started).await;
-    let held = next(&mut gated.gate).await;
-    gated.open(held).await;
     for reply in pending {
         assert_eq!(body(&reply.await.unwrap()), "released");
     }
@@ -123,8 +128,14 @@ impl Gated {
 
     /// Requests `gate.hold` in the background.
     fn hold(&self) -> tokio::task::JoinHandle<async_nats::Message> {
+        self.hold_as("")
+    }
+
+    /// Requests `gate.hold` in the background; its handler announces `tag` on `started`.
+    fn hold_as(&self, tag: &str) -> tokio::task::JoinHandle<async_nats::Message> {
         let client = self.running.client.clone();
-        tokio::spawn(async move { request(&client, "gate.hold", "").await })
+        let tag = tag.to_string();
+        tokio::spawn(async move { request(&client, "gate.hold", &tag).await })
     }
 
     /// Lets the handler waiting on the gate request `held` go on.
@@ -248,16 +259,28 @@ async fn each_worker_name_gets_its_own_copy_and_a_named_queue_is_shared() {
     };
     drop((_a, _b));
     let (_c, _d) = (spawn_named("gamma"), spawn_named("delta"));
-    for _ in 0..10 {
-        client.publish("copy", "".into()).await.unwrap();
+    for n in 0..10 {
+        client.publish("copy", n.to_string().into()).await.unwrap();
     }
+    // Ten messages in one shared group: ten copies, one of each, not twenty.
+    let mut copies = Vec::new();
     for _ in 0..10 {
-        next(&mut copied).await;
+        copies.push(copy_of(&next(&mut copied).await));
     }
-    // Ten messages in one shared group: ten copies, not twenty. A bounded look
-    // for an eleventh.
+    copies.sort_by_key(|n| n.parse::<u32>().unwrap());
+    assert_eq!(copies, (0..10).map(|n| n.to_string()).collect::<Vec<_>>(), "queue = \"x\" is shared");
+    // A bounded look for a late second copy, then a marker through the same
+    // path that must come next.
     let extra = tokio::time::timeout(Duration::from_millis(700), next(&mut copied)).await;
     assert!(extra.is_err(), "queue = \"x\" is shared across worker names");
+    client.publish("copy", "marker".into()).await.unwrap();
+    assert_eq!(copy_of(&next(&mut copied).await), "marker", "nothing came before the marker");
+}
+
+/// The message a `copied` announcement is a copy of.
+fn copy_of(message: &async_nats::Message) -> String {
+    let headers = message.headers.as_ref().expect("Copy-Of header");
+    headers.get("Copy-Of").map(|value| value.to_string()).unwrap_or_default()
 }
 
 #[test]

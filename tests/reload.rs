@@ -34,8 +34,9 @@ async fn reloads_answer_every_request_exactly_once_and_switch_behaviour() {
     client.flush().await.unwrap();
 
     let answers: Arc<std::sync::Mutex<BTreeMap<u64, Vec<String>>>> = Default::default();
+    let arrivals: Arc<std::sync::Mutex<Vec<u64>>> = Default::default();
     let collector = {
-        let answers = answers.clone();
+        let (answers, arrivals) = (answers.clone(), arrivals.clone());
         tokio::spawn(async move {
             while let Some(message) = replies.next().await {
                 let n: u64 = message.subject.rsplit('.').next().unwrap().parse().unwrap();
@@ -44,6 +45,7 @@ async fn reloads_answer_every_request_exactly_once_and_switch_behaviour() {
                     None => body(&message),
                 };
                 answers.lock().unwrap().entry(n).or_default().push(answer);
+                arrivals.lock().unwrap().push(n);
             }
         })
     };
@@ -93,9 +95,18 @@ async fn reloads_answer_every_request_exactly_once_and_switch_behaviour() {
     while (answers.lock().unwrap().len() as u64) < sent && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // A quiet moment in which a second answer to any request would show up.
+    // A quiet moment in which a second answer to any request would show up,
+    // then a marker request through the same path: its answer must come last.
     tokio::time::sleep(Duration::from_millis(300)).await;
+    client.publish_with_reply("version", format!("_INBOX.reload.{sent}"), "".into()).await.unwrap();
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !answers.lock().unwrap().contains_key(&sent) {
+        assert!(std::time::Instant::now() < deadline, "the marker request was not answered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     collector.abort();
+    assert_eq!(arrivals.lock().unwrap().last(), Some(&sent), "answers came after the marker's");
+    answers.lock().unwrap().remove(&sent);
 
     let answers = answers.lock().unwrap();
     let missing: Vec<u64> = (0..sent).filter(|n| !answers.contains_key(n)).collect();

@@ -288,3 +288,68 @@ fn credentials_in_the_url_and_in_flags_are_refused_without_showing_either() {
     assert!(log.contains("give them in one place"), "{log}");
     assert!(!log.contains("url-pw-81") && !log.contains("flag-tok-82"), "{log}");
 }
+
+#[test]
+fn a_bad_setting_exits_2_naming_its_flag_before_connecting() {
+    let scripts = Scripts::new();
+    let script = scripts.write("app.lua", APP);
+    let cases: &[(&[&str], &str)] = &[
+        (&["--concurrency", "0"], "--concurrency"),
+        (&["--concurrency", "many"], "--concurrency"),
+        (&["--bus-capacity", "0"], "--bus-capacity"),
+        (&["--bus-capacity=-1"], "--bus-capacity"),
+        (&["--workers", "0"], "--workers"),
+        (&["--metrics-addr", "nowhere"], "--metrics-addr"),
+        (&["--log-format", "xml"], "--log-format"),
+        (&["--http-allow", "http://api.example.com/v1"], "--http-allow"),
+        (&["--http-allow", "api.example.com:https"], "--http-allow"),
+        (&["--name", "orders.eu"], "--name"),
+        (&["--name", ""], "--name"),
+    ];
+    for (args, flag) in cases {
+        // Without the check the worker would give up on the server after 1 s: exit 1.
+        let all = [*args, &["--connect-timeout", "1s"][..]].concat();
+        let (code, stderr) = run_against_nowhere(&script, &all);
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(flag), "{args:?}: the message names {flag}: {stderr}");
+    }
+}
+
+#[test]
+fn a_script_that_cannot_be_read_exits_2_naming_it() {
+    let scripts = Scripts::new();
+    let folder = scripts.path().join("folder.lua");
+    std::fs::create_dir(&folder).unwrap();
+    let missing = scripts.path().join("missing.lua");
+    let mut unreadable = vec![(folder, "is a directory"), (missing, "no such file")];
+    // Root reads any file: a mode of 000 only shows something to other users.
+    if unsafe { libc::geteuid() } != 0 {
+        let locked = scripts.write("locked.lua", APP);
+        std::fs::set_permissions(&locked, std::os::unix::fs::PermissionsExt::from_mode(0o000)).unwrap();
+        unreadable.push((locked, "permission denied"));
+    }
+    for (script, why) in unreadable {
+        let (code, stderr) = run_against_nowhere(&script, &["--connect-timeout", "1s"]);
+        assert_eq!(code, Some(2), "{}: {stderr}", script.display());
+        let name = script.file_name().unwrap().to_str().unwrap();
+        assert!(stderr.contains(name) && stderr.contains(why), "{name}: {stderr}");
+    }
+}
+
+#[test]
+fn defaults_without_flags_are_the_ones_the_readme_states() {
+    let server = server();
+    let scripts = Scripts::new();
+    let script = scripts.write("app.lua", APP);
+    let worker = Worker::run(&server, &script, &[]);
+    let log = worker.stderr.text();
+    let ready: serde_json::Value = log
+        .lines()
+        .find(|l| l.contains("worker ready"))
+        .and_then(|l| serde_json::from_str(l).ok())
+        .expect("ready line");
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    assert_eq!(ready["name"], "agent-block", "--name defaults to agent-block");
+    assert_eq!(ready["workers"], cpus, "--workers defaults to the number of CPUs");
+    assert!(!log.contains("probes at"), "no HTTP listener without --metrics-addr: {log}");
+}

@@ -21,6 +21,11 @@ bus.on("sql.failing", function(ev)
   local ok, err = pcall(sql.query, ev.payload.sql)
   return { ok = ok, code = err.code, message = err.message }
 end)
+bus.on("sql.bytes", function(ev)
+  -- not UTF-8: bound as bytea
+  local raw = string.char(255, 0, 1)
+  return sql.query("select octet_length($1) as n, $1 = '\\xff0001'::bytea as same", { raw })[1]
+end)
 bus.on("sql.types", function(ev)
   local r = sql.query(ev.payload.sql)[1]
   local by = {}
@@ -73,7 +78,7 @@ async fn count(setup: &Setup, name: &str) -> i64 {
 }
 
 async fn postgres_app(extra: &[&str]) -> (Postgres, Setup) {
-    let pg = Postgres::start();
+    let pg = Postgres::start(free_port);
     let url = pg.url();
     let mut args = vec!["--sql-url", url.as_str()];
     args.extend_from_slice(extra);
@@ -274,4 +279,58 @@ fn an_unreachable_database_is_retried_until_a_signal_stops_the_worker() {
     worker.terminate();
     let status = worker.wait_exit(PATIENCE).expect("the worker exits on SIGTERM while waiting for the database");
     assert_eq!(status.code(), Some(0), "{}", worker.stderr.text());
+}
+
+#[tokio::test]
+async fn sqlstate_bytea_and_the_pool_bound() {
+    let (_pg, setup) = postgres_app(&["--concurrency", "8"]).await;
+    let failed = call(&setup, "sql.failing", json!({ "sql": "select * from nowhere" })).await;
+    assert!(failed["message"].as_str().unwrap().contains("42P01"), "the SQLSTATE: {failed}");
+
+    let bytes = call(&setup, "sql.bytes", json!({})).await;
+    assert_eq!((bytes["n"].as_i64(), bytes["same"].as_bool()), (Some(3), Some(true)), "{bytes}");
+
+    // Eight statements at once on one VM: each counts the ones running beside it.
+    let sql = "select (select count(*) from pg_stat_activity where query like 'select (select count(*)%' \
+               and state = 'active') as running, pg_sleep(0.5)::text as slept";
+    let calls = (0..8).map(|_| rows(&setup, sql, json!([])));
+    let running: Vec<i64> =
+        futures::future::join_all(calls).await.iter().map(|r| r[0]["running"].as_i64().unwrap()).collect();
+    assert!(running.iter().all(|&n| n <= 4), "more than 4 connections of one VM at once: {running:?}");
+    assert_eq!(running.iter().max(), Some(&4), "{running:?}");
+}
+
+#[test]
+fn a_missing_database_exits_1_at_once() {
+    let pg = Postgres::start(free_port);
+    let scripts = Scripts::new();
+    let script = scripts.write("app.lua", "bus.subscribe('x')");
+    let server = server();
+    let url = server.url();
+    let missing = pg.url().replace("/postgres", "/no_such_db");
+    // No --connect-timeout: only a failure that is not retried ends the worker.
+    let started = Instant::now();
+    let (code, _, stderr) =
+        run_command(&["run", script.to_str().unwrap(), "--nats-url", &url, "--sql-url", &missing], None);
+    assert_eq!(code, 1, "{stderr}");
+    assert_gave_up_soon(started);
+    assert!(stderr.contains("no_such_db"), "the error names the database: {stderr}");
+}
+
+#[test]
+fn a_wrong_database_password_exits_1_at_once_without_the_password() {
+    let pg = Postgres::start_with(free_port, Some("right-pw-3c"));
+    let scripts = Scripts::new();
+    let script = scripts.write("app.lua", "bus.subscribe('x')");
+    let server = server();
+    let url = server.url();
+    let wrong = pg.url().replace("postgres@", "postgres:wrong-pw-8d@");
+    // No --connect-timeout: only a failure that is not retried ends the worker.
+    let started = Instant::now();
+    let (code, _, stderr) =
+        run_command(&["run", script.to_str().unwrap(), "--nats-url", &url, "--sql-url", &wrong], None);
+    assert_eq!(code, 1, "{stderr}");
+    assert_gave_up_soon(started);
+    assert!(stderr.contains("password"), "the error says why: {stderr}");
+    assert!(!stderr.contains("wrong-pw-8d"), "{stderr}");
 }

@@ -12,17 +12,6 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 /// Bytes kept of each of stdout and stderr; the rest is read and dropped.
 pub const OUTPUT_CAP: usize = 1 << 20;
 
-/// The worker's own secrets, kept out of the child's environment.
-const CREDENTIAL_VARIABLES: &[&str] = &[
-    "NATS_CREDS",
-    "AGENT_BLOCK_CREDS",
-    "AGENT_BLOCK_NKEY",
-    "AGENT_BLOCK_USER",
-    "AGENT_BLOCK_PASSWORD",
-    "AGENT_BLOCK_TOKEN",
-    "AGENT_BLOCK_SQL_URL",
-];
-
 #[derive(Debug, Default)]
 pub struct ExecRequest {
     pub command: String,
@@ -81,8 +70,12 @@ pub async fn run(request: ExecRequest) -> std::io::Result<ExecResult> {
         .stdin(if request.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    for name in CREDENTIAL_VARIABLES {
-        command.env_remove(name);
+    // The worker's own secrets stay out of the child's environment.
+    for (name, value) in std::env::vars_os() {
+        let (Some(name), value) = (name.to_str(), value.to_string_lossy()) else { continue };
+        if crate::config::is_secret_variable(name, &value) {
+            command.env_remove(name);
+        }
     }
     command.envs(request.env.iter().map(|(k, v)| (k, v)));
     if let Some(cwd) = &request.cwd {

@@ -18,7 +18,8 @@ pub fn build(config: &BridgeConfig) -> Result<reqwest::Client, String> {
     let tls = tls_config(config)?;
     let allow = config.http_allow.clone();
     let redirects = reqwest::redirect::Policy::custom(move |attempt| {
-        if attempt.previous().len() >= 10 {
+        // `previous` holds every URL requested so far: 10 redirects are followed.
+        if attempt.previous().len() > 10 {
             attempt.error("too many redirects")
         } else if !allowed(&allow, attempt.url()) {
             attempt.error("redirect to a host outside --http-allow")
@@ -82,6 +83,30 @@ pub fn allowed(allow: &[String], url: &reqwest::Url) -> bool {
     })
 }
 
+/// Why an `--http-allow` entry is not `host` or `host:port`, if it is not.
+pub fn check_allow_entry(entry: &str) -> Result<(), &'static str> {
+    if entry.contains("://") {
+        return Err("a URL, not a host");
+    }
+    if entry.contains(['/', '@', '?', '#', ' ', '\t']) {
+        return Err("not a host name");
+    }
+    let has_port = entry.strip_prefix('[').map_or_else(
+        || entry.rsplit_once(':').filter(|(host, _)| !host.contains(':')).map(|(_, port)| port),
+        |rest| rest.split_once(']').and_then(|(_, after)| after.strip_prefix(':')),
+    );
+    if let Some(port) = has_port
+        && port.parse::<u16>().is_err()
+    {
+        return Err("the port is not a number from 0 to 65535");
+    }
+    let (host, _) = split_host_port(entry);
+    if host.is_empty() {
+        return Err("the host is empty");
+    }
+    Ok(())
+}
+
 fn split_host_port(entry: &str) -> (&str, Option<u16>) {
     if let Some(rest) = entry.strip_prefix('[') {
         // [v6]:port
@@ -100,6 +125,16 @@ fn split_host_port(entry: &str) -> (&str, Option<u16>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn allow_entries_are_hosts_with_optional_ports() {
+        for good in ["api.example.com", "localhost:8080", "127.0.0.1", "[::1]:443", "[::1]"] {
+            assert_eq!(check_allow_entry(good), Ok(()), "{good}");
+        }
+        for bad in ["http://x/y", "x/y", "user@x", "x:http", ":80", "x:99999"] {
+            assert!(check_allow_entry(bad).is_err(), "{bad}");
+        }
+    }
 
     fn check(allow: &[&str], url: &str) -> bool {
         let allow: Vec<String> = allow.iter().map(|s| s.to_string()).collect();

@@ -60,6 +60,10 @@ impl BridgeConfig {
         }
         let http_allow: Vec<String> =
             args.http_allow.iter().map(|h| h.trim().to_ascii_lowercase()).filter(|h| !h.is_empty()).collect();
+        for entry in &http_allow {
+            http_client::check_allow_entry(entry)
+                .map_err(|why| format!("invalid --http-allow {entry:?}: {why}; expected host or host:port"))?;
+        }
         Ok(BridgeConfig {
             http_allow,
             http_max_body: args.http_max_body.unwrap_or(DEFAULT_HTTP_MAX_BODY),

@@ -1,30 +1,15 @@
 //! The `env` global (`env.get(name)`) and `os.getenv`, which see the worker's
 //! environment except its own credentials: a script must not be able to read the
 //! password, token or seed the worker connects with (nor the paths of its creds
-//! file and TLS key) unless the operator lifts the sandbox with `--unsafe-lua`.
+//! file and TLS key, its database URL with a password or its OTLP headers) unless
+//! the operator lifts the sandbox with `--unsafe-lua`. Which variables those are
+//! follows from the settings marked secret ([`crate::config::secret_variables`]).
 
 use mlua::{Lua, Table};
 
-/// Variables that hold the worker's credentials or point at them.
-const CREDENTIAL_VARIABLES: &[&str] = &[
-    "AGENT_BLOCK_USER",
-    "AGENT_BLOCK_PASSWORD",
-    "AGENT_BLOCK_TOKEN",
-    "AGENT_BLOCK_NKEY",
-    "AGENT_BLOCK_CREDS",
-    "NATS_CREDS",
-    "AGENT_BLOCK_TLS_KEY",
-];
-
-/// Variables holding NATS URLs, hidden when a URL carries `user:password@`.
-const URL_VARIABLES: &[&str] = &["NATS_URL", "AGENT_BLOCK_NATS_URL"];
-
 /// Whether a script may read `name` (whose value is `value`) from the environment.
 pub fn visible_to_scripts(name: &str, value: &str) -> bool {
-    if CREDENTIAL_VARIABLES.contains(&name) {
-        return false;
-    }
-    !(URL_VARIABLES.contains(&name) && crate::nats_url::redact(value) != value)
+    !crate::config::is_secret_variable(name, value)
 }
 
 /// Installs `env.get` and replaces `os.getenv`; with `hide_credentials` both
@@ -55,5 +40,10 @@ mod tests {
         assert!(visible_to_scripts("NATS_URL", "nats://nats:4222"));
         assert!(visible_to_scripts("AGENT_BLOCK_TLS_CA", "/etc/ca.pem"));
         assert!(visible_to_scripts("HOME", "/root"));
+        assert!(!visible_to_scripts("AGENT_BLOCK_SQL_URL", "postgres://u:pgpass@h/db"));
+        assert!(!visible_to_scripts("AGENT_BLOCK_SQL_URL", "postgres://h/db?user=u&password=pgpass"));
+        assert!(visible_to_scripts("AGENT_BLOCK_SQL_URL", "sqlite://app.db"));
+        assert!(!visible_to_scripts("OTEL_EXPORTER_OTLP_HEADERS", "api-key=k"));
+        assert!(!visible_to_scripts("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "authorization=Bearer t"));
     }
 }

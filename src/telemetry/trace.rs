@@ -26,6 +26,20 @@ use crate::telemetry::carrier::HeaderExtractor;
 
 static TRACER: OnceLock<SdkTracer> = OnceLock::new();
 
+/// The `OTEL_*` variables that can carry a secret: headers (where collectors' API
+/// keys and bearer tokens go) are secret whole, endpoints when they carry
+/// credentials (`true`: a URL). Scripts and the commands they run never see them.
+pub const SECRET_VARIABLES: &[(&str, bool)] = &[
+    ("OTEL_EXPORTER_OTLP_HEADERS", false),
+    ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", false),
+    ("OTEL_EXPORTER_OTLP_METRICS_HEADERS", false),
+    ("OTEL_EXPORTER_OTLP_LOGS_HEADERS", false),
+    ("OTEL_EXPORTER_OTLP_ENDPOINT", true),
+    ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", true),
+    ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", true),
+    ("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", true),
+];
+
 /// How long shutdown waits for the last spans to reach the collector.
 const SHUTDOWN_LIMIT: Duration = Duration::from_secs(3);
 

@@ -2,7 +2,9 @@
 //! runtime (the tests block on the worker process meanwhile). Routes:
 //! `/hello`, `/echo` (the request as JSON), `/status/{code}`, `/slow` (never
 //! answers; counts requests in flight so a test sees the bridge hang up),
-//! `/wait` (answers after 200 ms), `/big` (2 MiB). Stopped on drop.
+//! `/wait` (answers after 200 ms), `/big` (2 MiB), `/repeated` (a header sent
+//! twice), `/redirect/{n}` (n redirects, then `landed`), `/away/{port}` (a
+//! redirect to `localhost:{port}`). Stopped on drop.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -56,6 +58,14 @@ impl HttpServer {
                         }),
                     )
                     .route("/big", get(|| async { vec![b'x'; 2 << 20] }))
+                    .route("/repeated", get(repeated))
+                    .route("/redirect/{n}", get(redirect))
+                    .route(
+                        "/away/{port}",
+                        get(|Path(port): Path<u16>| async move {
+                            axum::response::Redirect::temporary(&format!("http://localhost:{port}/hello"))
+                        }),
+                    )
                     .with_state(state);
                 let _ = axum::serve(listener, app)
                     .with_graceful_shutdown(async {
@@ -97,6 +107,21 @@ async fn echo(method: Method, headers: HeaderMap, body: Bytes) -> ([(&'static st
         "body": String::from_utf8_lossy(&body),
     });
     ([("content-type", "application/json")], reply.to_string())
+}
+
+async fn repeated() -> (HeaderMap, &'static str) {
+    let mut headers = HeaderMap::new();
+    headers.append("x-multi", "a".parse().expect("header value"));
+    headers.append("x-multi", "b".parse().expect("header value"));
+    (headers, "repeated")
+}
+
+async fn redirect(Path(n): Path<u32>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match n {
+        0 => "landed".into_response(),
+        n => axum::response::Redirect::temporary(&format!("/redirect/{}", n - 1)).into_response(),
+    }
 }
 
 async fn status(Path(code): Path<u16>) -> (StatusCode, String) {

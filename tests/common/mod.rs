@@ -104,24 +104,33 @@ impl Scripts {
 
 /// Output of a child process, collected line by line as it arrives.
 #[derive(Clone, Default)]
-pub struct Output(Arc<(Mutex<String>, Condvar)>);
+pub struct Output(Arc<(Mutex<Collected>, Condvar)>);
+
+#[derive(Default)]
+struct Collected {
+    text: String,
+    /// The stream reached its end.
+    closed: bool,
+}
 
 impl Output {
     fn collect(&self, stream: impl Read + Send + 'static) {
         let output = self.clone();
         std::thread::spawn(move || {
+            let (collected, changed) = &*output.0;
             for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                let (text, changed) = &*output.0;
-                let mut text = text.lock().unwrap();
-                text.push_str(&line);
-                text.push('\n');
+                let mut collected = collected.lock().unwrap();
+                collected.text.push_str(&line);
+                collected.text.push('\n');
                 changed.notify_all();
             }
+            collected.lock().unwrap().closed = true;
+            changed.notify_all();
         });
     }
 
     pub fn text(&self) -> String {
-        self.0.0.lock().unwrap().clone()
+        self.0.0.lock().unwrap().text.clone()
     }
 
     /// Waits until the output contains `needle`.
@@ -131,15 +140,24 @@ impl Output {
 
     /// Waits until `done` holds for the output so far.
     pub fn wait_until(&self, done: impl Fn(&str) -> bool, timeout: Duration) -> bool {
+        self.wait_for_state(|collected| done(&collected.text), timeout)
+    }
+
+    /// Waits until the stream has ended, so [`Output::text`] holds all of it.
+    fn wait_closed(&self, timeout: Duration) -> bool {
+        self.wait_for_state(|collected| collected.closed, timeout)
+    }
+
+    fn wait_for_state(&self, done: impl Fn(&Collected) -> bool, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
-        let (text, changed) = &*self.0;
-        let mut text = text.lock().unwrap();
-        while !done(&text) {
+        let (collected, changed) = &*self.0;
+        let mut collected = collected.lock().unwrap();
+        while !done(&collected) {
             let now = Instant::now();
             if now >= deadline {
                 return false;
             }
-            text = changed.wait_timeout(text, deadline - now).unwrap().0;
+            collected = changed.wait_timeout(collected, deadline - now).unwrap().0;
         }
         true
     }
@@ -170,12 +188,12 @@ impl Worker {
         if let Some(format) = format {
             command.args(["--log-format", format]);
         }
+        hermetic(&mut command);
         command
             .env("RUST_LOG", "info,async_nats=warn,agent_block::event=off")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        hermetic(&mut command);
         for (name, value) in env {
             command.env(name, value);
         }
@@ -215,11 +233,14 @@ impl Worker {
         assert!(status.success(), "kill -TERM failed");
     }
 
-    /// Waits for the process to exit.
+    /// Waits for the process to exit, and for the rest of its output (a child it
+    /// left behind may hold the pipes: that wait is short).
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().expect("poll child") {
+                self.stdout.wait_closed(Duration::from_secs(5));
+                self.stderr.wait_closed(Duration::from_secs(5));
                 return Some(status);
             }
             if Instant::now() >= deadline {
@@ -235,6 +256,25 @@ impl Drop for Worker {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Starts a worker through `start` (given the `HOST:PORT` for `--metrics-addr` or
+/// `AGENT_BLOCK_METRICS_ADDR`) and waits until its probes listen. A port of this
+/// process's range may still be taken by a program outside the convention: the
+/// worker then exits saying so, and another port is tried, as for servers.
+pub fn with_probes(start: impl Fn(&str) -> Worker) -> (Worker, String) {
+    let mut last_log = String::new();
+    for _ in 0..5 {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let worker = start(&addr);
+        let settled = |log: &str| log.contains("probes at /healthz") || log.contains("cannot listen on");
+        assert!(worker.stderr.wait_until(settled, PATIENCE), "no probes; its log:\n{}", worker.stderr.text());
+        if worker.stderr.text().contains("probes at /healthz") {
+            return (worker, addr);
+        }
+        last_log = worker.stderr.text();
+    }
+    panic!("no free port for the probes; last log:\n{last_log}")
 }
 
 /// Runs `agent-block ARGS` to completion: (exit code, stdout, stderr).
@@ -344,13 +384,19 @@ fn dechunk(mut rest: &str) -> String {
     body
 }
 
-/// Clears every setting the developer's shell could pass to the worker
-/// (`AGENT_BLOCK_*`, `NATS_*`), keeping `NATS_SERVER_BIN`, which picks the
-/// server binary for `dev`.
+/// Clears every variable of the developer's shell the worker or its libraries
+/// read: its settings (`AGENT_BLOCK_*`, `NATS_*`), the OpenTelemetry SDK's
+/// (`OTEL_*`), `RUST_LOG`, PostgreSQL's client defaults (`PG*`), HTTP proxies and
+/// extra TLS roots. Keeps `NATS_SERVER_BIN`, which picks the server for `dev`.
 pub fn hermetic(command: &mut Command) {
+    const PREFIXES: &[&str] = &["AGENT_BLOCK_", "NATS_", "OTEL_", "PG"];
+    const NAMES: &[&str] =
+        &["RUST_LOG", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR"];
     for (name, _) in std::env::vars_os() {
         let Some(name) = name.to_str() else { continue };
-        if (name.starts_with("AGENT_BLOCK_") || name.starts_with("NATS_")) && name != "NATS_SERVER_BIN" {
+        let read_by_worker = PREFIXES.iter().any(|prefix| name.starts_with(prefix))
+            || NAMES.iter().any(|known| name.eq_ignore_ascii_case(known));
+        if read_by_worker && name != "NATS_SERVER_BIN" {
             command.env_remove(name);
         }
     }

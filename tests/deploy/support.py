@@ -135,18 +135,14 @@ def free_port() -> int:
 
 
 def need_tool(name: str, install: str) -> str:
-    """The path of a tool a check cannot run without. Missing, the check fails
-    under CI (where tests/run installs every tool, so a skip would hide a broken
-    install) and is skipped with the install hint elsewhere."""
+    """The path of a tool a check cannot run without. Missing, the check fails:
+    tests/run installs every tool, so a skip would hide a broken install."""
     import pytest
 
     path = tool(name)
     if path:
         return path
-    message = f"{name} not installed ({install}); tests/run installs it"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
+    pytest.fail(f"{name} not installed ({install}); tests/run installs it")
 
 
 def http_status(port: int, path: str) -> int | None:
