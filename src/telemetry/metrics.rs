@@ -221,6 +221,14 @@ impl VmRecorder {
         self.shared.started.add(1);
     }
 
+    /// A handler that could run waited `waited` for the VM.
+    pub fn waited(&self, waited: Duration) {
+        let _ = waited;
+    }
+
+    /// A handler was suspended at the end of its time slice, behind others.
+    pub fn preempted(&self) {}
+
     /// A handler for `event` ended with `outcome` after `elapsed`.
     pub fn finished(&self, event: &Event, outcome: &Outcome, elapsed: Duration) {
         self.shared.finished.add(1);

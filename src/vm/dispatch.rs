@@ -32,6 +32,7 @@ use crate::vm::context::{Interrupt, Scoped, TaskContext};
 pub async fn process(vm: &Rc<Vm>, event: Event, slot: Slot) {
     let mut span = trace::start(&event, || consumer_group(&event));
     let context = Rc::new(task_context(vm, &event, span.as_ref()));
+    vm.scheduler.attach(&context);
     vm.metrics.started();
     let started = Instant::now();
     let outcome = {
@@ -85,6 +86,7 @@ fn consumer_group(event: &Event) -> Option<String> {
 fn task_context(vm: &Vm, event: &Event, span: Option<&EventSpan>) -> TaskContext {
     let mut context = TaskContext::new(None, Some(vm.cancel.clone()));
     context.drop_when_interrupted = true;
+    context.preemptible = true;
     context.kind = Some(event.kind.clone());
     context.id = Some(event.id.clone());
     match span {

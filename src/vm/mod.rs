@@ -9,6 +9,7 @@
 pub mod context;
 mod dispatch;
 pub mod sandbox;
+mod scheduler;
 pub mod state;
 mod thread;
 pub mod watchdog;
