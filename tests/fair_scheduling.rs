@@ -52,3 +52,59 @@ async fn quick_handlers_are_answered_beside_cpu_bound_ones() {
     }
     eprintln!("slowest quick reply: {worst:?}");
 }
+
+/// `heavy` holds the VM well past the deadlines of the others: with time
+/// slicing off, nothing suspends it.
+const LATE: &str = r#"
+bus.subscribe("late.heavy", { kind = "heavy", timeout = "400ms" })
+bus.subscribe("late.waiter", { kind = "waiter", timeout = "150ms" })
+bus.subscribe("late.computer", { kind = "computer", timeout = "150ms" })
+bus.on("heavy", function(ev) while true do end end)
+bus.on("waiter", function(ev)
+  time.sleep("20ms")
+  return "resumed " .. ev.data
+end)
+bus.on("computer", function(ev)
+  time.sleep("20ms")
+  while true do end
+end)
+"#;
+
+/// Sends `subject` requests now and `heavy` 5 ms later; returns the replies to
+/// the first ones and the heavy one.
+async fn behind_heavy(app: &Running, subject: &str, count: usize) -> (Vec<async_nats::Message>, async_nats::Message) {
+    let mut waiting = Vec::new();
+    for i in 0..count {
+        let client = app.client.clone();
+        let subject = subject.to_string();
+        waiting.push(tokio::spawn(async move { request(&client, &subject, &i.to_string()).await }));
+    }
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let heavy = request(&app.client, "late.heavy", "").await;
+    let mut replies = Vec::new();
+    for task in waiting {
+        replies.push(task.await.unwrap());
+    }
+    (replies, heavy)
+}
+
+#[tokio::test]
+async fn a_handler_whose_wait_ended_before_its_deadline_is_resumed_not_failed() {
+    let app = start_app(LATE, &[]).await;
+    let (replies, heavy) = behind_heavy(&app, "late.waiter", 3).await;
+    assert_eq!(error_of(&heavy), Some((504, "handler timed out after 400ms".to_string())));
+    for (i, reply) in replies.iter().enumerate() {
+        assert_eq!(error_of(reply), None, "waiter {i}");
+        assert_eq!(body(reply), format!("resumed {i}"));
+    }
+}
+
+#[tokio::test]
+async fn a_handler_resumed_after_its_deadline_ends_when_it_computes() {
+    let app = start_app(LATE, &[]).await;
+    let (replies, heavy) = behind_heavy(&app, "late.computer", 2).await;
+    assert_eq!(error_of(&heavy), Some((504, "handler timed out after 400ms".to_string())));
+    for reply in &replies {
+        assert_eq!(error_of(reply), Some((504, "handler timed out after 150ms".to_string())));
+    }
+}

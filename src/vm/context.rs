@@ -43,8 +43,8 @@ pub struct TaskContext {
     /// Whether the watchdog may suspend this task's code at the end of its time
     /// slice (handlers; see [`crate::vm::scheduler`]).
     pub preemptible: bool,
-    /// Set when the watchdog suspended the task for its slice, until the
-    /// scheduler placed it.
+    /// Set when the watchdog suspended the task for its slice, until its next
+    /// poll starts.
     preempted: Cell<bool>,
     pub kind: Option<async_nats::Subject>,
     pub id: Option<EventId>,

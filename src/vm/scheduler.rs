@@ -316,7 +316,7 @@ impl Scheduler {
         let Some(task) = tasks.get(id) else { return false };
         task.future = Some(future);
         // A task woken during its own poll has its wake queued: drained next.
-        let preempted = task.context.as_ref().is_some_and(|c| c.take_preempted());
+        let preempted = task.context.as_ref().is_some_and(|c| c.preempted());
         if !preempted {
             task.place = Place::Waiting;
         }
