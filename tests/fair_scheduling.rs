@@ -90,7 +90,7 @@ async fn behind_heavy(app: &Running, subject: &str, count: usize) -> (Vec<async_
 
 #[tokio::test]
 async fn a_handler_whose_wait_ended_before_its_deadline_is_resumed_not_failed() {
-    let app = start_app(LATE, &[]).await;
+    let app = start_app(LATE, &["--time-slice", "0"]).await;
     let (replies, heavy) = behind_heavy(&app, "late.waiter", 3).await;
     assert_eq!(error_of(&heavy), Some((504, "handler timed out after 400ms".to_string())));
     for (i, reply) in replies.iter().enumerate() {
@@ -101,10 +101,75 @@ async fn a_handler_whose_wait_ended_before_its_deadline_is_resumed_not_failed() 
 
 #[tokio::test]
 async fn a_handler_resumed_after_its_deadline_ends_when_it_computes() {
-    let app = start_app(LATE, &[]).await;
+    let app = start_app(LATE, &["--time-slice", "0"]).await;
     let (replies, heavy) = behind_heavy(&app, "late.computer", 2).await;
     assert_eq!(error_of(&heavy), Some((504, "handler timed out after 400ms".to_string())));
     for reply in &replies {
         assert_eq!(error_of(reply), Some((504, "handler timed out after 150ms".to_string())));
+    }
+}
+
+/// CPU-bound handlers that compete for one VM: `sum` computes its result in a
+/// `pcall`, in a coroutine of its own and around a `table.sort` whose comparator
+/// cannot yield; `spin` never ends.
+const COMPETING: &str = r#"
+bus.subscribe("compete.sum", { kind = "sum" })
+bus.subscribe("compete.spin", { kind = "spin", timeout = "300ms" })
+local function part(from, to)
+  local s = 0
+  for i = from, to do s = s + (i % 7) * 3 end
+  return s
+end
+bus.on("sum", function(ev)
+  local n = ev.payload.n
+  local ok, a = pcall(part, 1, n // 2)
+  assert(ok, a)
+  local gen = coroutine.wrap(function() coroutine.yield(part(n // 2 + 1, n)) end)
+  local b = gen()
+  local t = {}
+  for i = 1, 20000 do t[i] = (i * 7919) % 20011 end
+  table.sort(t, function(x, y) return x < y end)
+  return { sum = a + b, sorted = t[1] <= t[2] and t[19999] <= t[20000] }
+end)
+bus.on("spin", function(ev) while true do end end)
+"#;
+
+/// What `part(1, n)` computes.
+fn expected_sum(n: u64) -> u64 {
+    (1..=n).map(|i| (i % 7) * 3).sum()
+}
+
+#[tokio::test]
+async fn handlers_preempted_many_times_return_their_results_and_end_at_their_deadlines() {
+    let app = start_app(COMPETING, &[]).await;
+    let n = 10_000_000u64;
+    let started = Instant::now();
+    let mut sums = Vec::new();
+    for _ in 0..3 {
+        let client = app.client.clone();
+        sums.push(tokio::spawn(async move { request(&client, "compete.sum", &format!("{{\"n\":{n}}}")).await }));
+    }
+    let mut spins = Vec::new();
+    for _ in 0..2 {
+        let client = app.client.clone();
+        spins.push(tokio::spawn(async move {
+            let sent = Instant::now();
+            let reply = request(&client, "compete.spin", "").await;
+            (reply, sent.elapsed())
+        }));
+    }
+    for task in spins {
+        let (reply, took) = task.await.unwrap();
+        assert_eq!(error_of(&reply), Some((504, "handler timed out after 300ms".to_string())));
+        // Its deadline runs while others have the VM: were it charged only for
+        // its own slices, five handlers sharing the VM would make it 1.5 s. The
+        // bound leaves room for a loaded machine.
+        assert!(took >= Duration::from_millis(300) && took < Duration::from_millis(1200), "spin took {took:?}");
+    }
+    for task in sums {
+        let reply = task.await.unwrap();
+        eprintln!("sum answered after {:?}", started.elapsed());
+        assert_eq!(error_of(&reply), None);
+        assert_eq!(json(&reply), serde_json::json!({ "sum": expected_sum(n), "sorted": true }));
     }
 }

@@ -234,6 +234,20 @@ pub fn yield_for_interrupt(state: *mut mlua::ffi::lua_State) -> bool {
     })
 }
 
+/// Called by the hook when the running turn's slice ended: true, and the task
+/// marked preempted, when `state` is the coroutine of a handler that may be
+/// suspended; the hook then yields it. Elsewhere (a coroutine the script
+/// resumed, cleanup code) the code runs on until it is back in its handler.
+pub fn preempt_current(state: *mut mlua::ffi::lua_State) -> bool {
+    CURRENT.with(|c| match c.borrow().as_ref() {
+        Some(context) if context.preemptible && context.thread.get() == state => {
+            context.preempted.set(true);
+            true
+        }
+        _ => false,
+    })
+}
+
 /// Checks the running code's deadline and cancellation; the VM's instruction hook.
 pub fn check_current() -> HookAction {
     CURRENT.with(|c| match c.borrow().as_ref() {

@@ -9,7 +9,7 @@
 pub mod context;
 mod dispatch;
 pub mod sandbox;
-mod scheduler;
+pub mod scheduler;
 pub mod state;
 mod thread;
 pub mod watchdog;
@@ -38,6 +38,9 @@ pub struct PoolSpec {
     pub concurrency: usize,
     pub bus_capacity: usize,
     pub handler_timeout: Duration,
+    /// How long a handler runs before the VM checks whether others are ready
+    /// (see [`scheduler`]); `None` = never.
+    pub time_slice: Option<Duration>,
     pub lua: LuaConfig,
     /// Where VMs publish when they have no connection of their own.
     pub transport: Arc<dyn Transport>,

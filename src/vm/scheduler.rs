@@ -28,6 +28,7 @@ use futures::task::AtomicWaker;
 
 use crate::telemetry::metrics::VmRecorder;
 use crate::vm::context::TaskContext;
+use crate::vm::watchdog;
 
 /// A handler's whole life on the VM: its call, then the settling of its outcome.
 pub type HandlerTask = Pin<Box<dyn Future<Output = ()>>>;
@@ -293,7 +294,7 @@ impl Scheduler {
     }
 
     /// Polls task `id` once; true when the watchdog suspended it for its slice.
-    fn poll_task(&self, id: usize, _now: Instant) -> bool {
+    fn poll_task(&self, id: usize, now: Instant) -> bool {
         let (mut future, waker) = {
             let mut tasks = self.tasks.borrow_mut();
             let Some(task) = tasks.get(id) else { return false };
@@ -303,7 +304,9 @@ impl Scheduler {
             (future, task.waker.clone())
         };
         self.running.set(Some(id));
+        let watched = watchdog::begin_turn(now);
         let polled = future.as_mut().poll(&mut Context::from_waker(&waker));
+        watchdog::end_turn(watched);
         self.running.set(None);
         let mut tasks = self.tasks.borrow_mut();
         if polled.is_ready() {
