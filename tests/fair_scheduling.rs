@@ -1,11 +1,35 @@
 //! Fair scheduling on one VM: CPU-bound handlers never starve or fail the
 //! handlers beside them.
+//!
+//! Time bounds here are generous on purpose (a loaded 2-core machine runs these
+//! next to other tests): each one tells fair scheduling (tens of milliseconds)
+//! from handlers waiting behind CPU-bound ones (hundreds or more).
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream;
+use futures::StreamExt;
+
 use common::*;
+
+/// A free local address for `--metrics-addr`.
+fn metrics_addr() -> String {
+    format!("127.0.0.1:{}", free_port())
+}
+
+/// The value of the sample `name` (without labels) on the `/metrics` page.
+async fn metric(addr: &str, name: &str) -> f64 {
+    let addr = addr.to_string();
+    let (status, page) =
+        tokio::task::spawn_blocking(move || http_get(&addr, "/metrics")).await.unwrap().expect("scrape");
+    assert_eq!(status, 200);
+    page.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{page}"))
+}
 
 /// One VM, `heavy` spins until its deadline, `quick` sleeps 50 ms and replies.
 const MIX: &str = r#"
@@ -20,7 +44,8 @@ end)
 
 #[tokio::test]
 async fn quick_handlers_are_answered_beside_cpu_bound_ones() {
-    let app = start_app(MIX, &[]).await;
+    let addr = metrics_addr();
+    let app = start_app(MIX, &["--metrics-addr", &addr]).await;
     let mut worst = Duration::ZERO;
     for round in 0..6 {
         let mut quick = Vec::new();
@@ -42,6 +67,9 @@ async fn quick_handlers_are_answered_beside_cpu_bound_ones() {
             let (reply, took) = task.await.unwrap();
             assert_eq!(error_of(&reply), None, "round {round} quick {i}");
             assert_eq!(body(&reply), format!("quick {round}-{i}"));
+            // Ready after 50 ms, then a few slices at most; behind the CPU-bound
+            // handlers it would be 300 ms or more.
+            assert!(took < Duration::from_millis(250), "round {round} quick {i} took {took:?}");
             worst = worst.max(took);
         }
         for task in heavy {
@@ -51,6 +79,8 @@ async fn quick_handlers_are_answered_beside_cpu_bound_ones() {
         }
     }
     eprintln!("slowest quick reply: {worst:?}");
+    assert!(metric(&addr, "agent_block_vm_preemptions_total").await > 0.0);
+    assert!(metric(&addr, "agent_block_vm_wait_seconds_count").await > 0.0);
 }
 
 /// `heavy` holds the VM well past the deadlines of the others: with time
@@ -141,7 +171,8 @@ fn expected_sum(n: u64) -> u64 {
 
 #[tokio::test]
 async fn handlers_preempted_many_times_return_their_results_and_end_at_their_deadlines() {
-    let app = start_app(COMPETING, &[]).await;
+    let addr = metrics_addr();
+    let app = start_app(COMPETING, &["--metrics-addr", &addr]).await;
     let n = 10_000_000u64;
     let started = Instant::now();
     let mut sums = Vec::new();
@@ -172,4 +203,79 @@ async fn handlers_preempted_many_times_return_their_results_and_end_at_their_dea
         assert_eq!(error_of(&reply), None);
         assert_eq!(json(&reply), serde_json::json!({ "sum": expected_sum(n), "sorted": true }));
     }
+    // Each `sum` computes for a few hundred milliseconds beside the others.
+    let preemptions = metric(&addr, "agent_block_vm_preemptions_total").await;
+    assert!(preemptions >= 10.0, "{preemptions} preemptions");
+}
+
+#[tokio::test]
+async fn a_lone_cpu_bound_handler_is_never_preempted() {
+    let addr = metrics_addr();
+    let app = start_app(COMPETING, &["--metrics-addr", &addr]).await;
+    let n = 20_000_000u64;
+    for _ in 0..2 {
+        let reply = request(&app.client, "compete.sum", &format!("{{\"n\":{n}}}")).await;
+        assert_eq!(json(&reply), serde_json::json!({ "sum": expected_sum(n), "sorted": true }));
+    }
+    assert_eq!(metric(&addr, "agent_block_vm_preemptions_total").await, 0.0);
+}
+
+/// The JetStream mix: most messages sleep 50 ms and report, a few loop until
+/// their deadline, a few are not JSON.
+const JETSTREAM_MIX: &str = r#"
+bus.consume({ stream = "MIX", consumer = "mix", subject = "mix.>", kind = "{{wildcard(1)}}",
+  max_deliver = 3, dead_letter = "dead.mix", create_stream = { subjects = { "mix.>" } } })
+bus.on("sleep", function(ev)
+  local n = ev.payload.n
+  time.sleep("50ms")
+  nats.publish("done", tostring(n))
+end)
+bus.on("loop", function(ev) while true do end end)
+"#;
+
+#[tokio::test]
+async fn the_jetstream_mix_dead_letters_only_the_loops_and_the_bad_payloads() {
+    let (server, _scripts, _worker) = run_app(JETSTREAM_MIX, &["--workers", "2", "--handler-timeout", "300ms"]);
+    let client = client(&server).await;
+    let mut done = client.subscribe("done").await.unwrap();
+    let mut dead = client.subscribe("dead.mix").await.unwrap();
+    client.flush().await.unwrap();
+    let js = jetstream::new(client.clone());
+    let (mut sleepers, mut doomed) = (BTreeSet::new(), BTreeSet::new());
+    let mut acks = Vec::new();
+    for n in 0..600u32 {
+        let (subject, body) = match n {
+            // 2% CPU loops, 1% payloads that are not JSON
+            _ if n % 50 == 25 => ("mix.loop", format!("{{\"n\":{n}}}")),
+            _ if n % 100 == 7 => ("mix.sleep", format!("not json {n}")),
+            _ => ("mix.sleep", format!("{{\"n\":{n}}}")),
+        };
+        if subject == "mix.sleep" && body.starts_with('{') {
+            sleepers.insert(n.to_string());
+        } else {
+            doomed.insert(body.clone());
+        }
+        acks.push(js.publish(subject, body.into()).await.expect("publish"));
+    }
+    for ack in acks {
+        ack.await.expect("stored");
+    }
+    let deadline = Instant::now() + PATIENCE;
+    let (mut reported, mut dead_lettered) = (BTreeSet::new(), BTreeSet::new());
+    while reported.len() < sleepers.len() || dead_lettered.len() < doomed.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        tokio::select! {
+            Some(message) = done.next() => { reported.insert(body(&message)); }
+            Some(message) = dead.next() => { dead_lettered.insert(body(&message)); }
+            _ = tokio::time::sleep(left) => panic!(
+                "{} of {} sleepers reported, {} of {} dead letters",
+                reported.len(), sleepers.len(), dead_lettered.len(), doomed.len()
+            ),
+        }
+    }
+    assert_eq!(reported, sleepers);
+    assert_eq!(dead_lettered, doomed);
+    // Nothing else is dead-lettered later.
+    let late = tokio::time::timeout(Duration::from_millis(500), dead.next()).await;
+    assert!(late.is_err(), "unexpected dead letter: {:?}", late.ok().flatten().map(|m| body(&m)));
 }
