@@ -262,7 +262,8 @@ async fn the_jetstream_mix_dead_letters_only_the_loops_and_the_bad_payloads() {
     }
     let deadline = Instant::now() + PATIENCE;
     let (mut reported, mut dead_lettered) = (BTreeSet::new(), BTreeSet::new());
-    while reported.len() < sleepers.len() || dead_lettered.len() < doomed.len() {
+    // Every message ends reported or dead-lettered; which one is checked after.
+    while reported.len() + dead_lettered.len() < sleepers.len() + doomed.len() {
         let left = deadline.saturating_duration_since(Instant::now());
         tokio::select! {
             Some(message) = done.next() => { reported.insert(body(&message)); }
@@ -273,6 +274,8 @@ async fn the_jetstream_mix_dead_letters_only_the_loops_and_the_bad_payloads() {
             ),
         }
     }
+    let wrongly_dead: Vec<&String> = dead_lettered.difference(&doomed).collect();
+    assert!(wrongly_dead.is_empty(), "dead-lettered handlers that only sleep: {wrongly_dead:?}");
     assert_eq!(reported, sleepers);
     assert_eq!(dead_lettered, doomed);
     // Nothing else is dead-lettered later.
