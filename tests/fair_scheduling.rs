@@ -282,3 +282,35 @@ async fn the_jetstream_mix_dead_letters_only_the_loops_and_the_bad_payloads() {
     let late = tokio::time::timeout(Duration::from_millis(500), dead.next()).await;
     assert!(late.is_err(), "unexpected dead letter: {:?}", late.ok().flatten().map(|m| body(&m)));
 }
+
+#[tokio::test]
+async fn agent_block_time_slice_0_turns_slicing_off() {
+    let server = server();
+    let scripts = Scripts::new();
+    let script = scripts.write("app.lua", COMPETING);
+    let (url, addr) = (server.url(), metrics_addr());
+    let args = ["run", script.to_str().unwrap(), "--nats-url", &url, "--workers", "1", "--metrics-addr", &addr];
+    let worker = Worker::spawn_with_env(&args, &[("AGENT_BLOCK_TIME_SLICE", "0")]);
+    worker.expect_ready();
+    let client = client(&server).await;
+    let n = 5_000_000u64;
+    let sums: Vec<_> = (0..2)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { request(&client, "compete.sum", &format!("{{\"n\":{n}}}")).await })
+        })
+        .collect();
+    for task in sums {
+        assert_eq!(json(&task.await.unwrap()), serde_json::json!({ "sum": expected_sum(n), "sorted": true }));
+    }
+    assert_eq!(metric(&addr, "agent_block_vm_preemptions_total").await, 0.0);
+}
+
+#[test]
+fn a_time_slice_that_is_not_a_duration_is_a_usage_error() {
+    let scripts = Scripts::new();
+    let script = scripts.write("app.lua", MIX);
+    let (code, _, stderr) = run_command(&["run", script.to_str().unwrap(), "--time-slice", "soon"], None);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--time-slice"), "{stderr}");
+}

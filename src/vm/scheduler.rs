@@ -38,6 +38,7 @@ const TURN_BUDGET: usize = 64;
 /// A poll this long held the VM: the runtime gets the thread before the next one.
 const HELD: Duration = Duration::from_millis(1);
 
+#[derive(Default)]
 pub struct Scheduler {
     tasks: RefCell<Tasks>,
     wakes: Arc<Wakes>,
@@ -50,8 +51,6 @@ pub struct Scheduler {
     /// When the runner last started a poll; `None` while it is idle. A handler
     /// seen ready now may have become ready any time since.
     last_poll: Cell<Option<Instant>>,
-    /// Whether events wait in the VM's queue.
-    queued: Box<dyn Fn() -> bool>,
     closed: Cell<bool>,
     drained: RefCell<Vec<Woken>>,
 }
@@ -147,21 +146,6 @@ impl Wake for TaskWaker {
 }
 
 impl Scheduler {
-    /// A scheduler for one VM; `queued` tells whether events wait in its queue.
-    pub fn new(queued: Box<dyn Fn() -> bool>) -> Self {
-        Scheduler {
-            tasks: RefCell::default(),
-            wakes: Arc::default(),
-            ready: RefCell::default(),
-            line: RefCell::default(),
-            running: Cell::new(None),
-            last_poll: Cell::new(None),
-            queued,
-            closed: Cell::new(false),
-            drained: RefCell::default(),
-        }
-    }
-
     /// Puts a new handler task at the back of the line.
     pub fn spawn(&self, future: HandlerTask) {
         let since = Instant::now();
@@ -331,7 +315,9 @@ impl Scheduler {
     fn place_preempted(&self, id: usize, metrics: &VmRecorder) {
         let now = Instant::now();
         self.drain(now);
-        let others = !self.ready.borrow().is_empty() || !self.line.borrow().is_empty() || (self.queued)();
+        // Events still in the VM's queue joined the line meanwhile if a handler
+        // slot was free for them.
+        let others = !self.ready.borrow().is_empty() || !self.line.borrow().is_empty();
         let mut tasks = self.tasks.borrow_mut();
         let Some(task) = tasks.get(id) else { return };
         if others {
@@ -344,5 +330,53 @@ impl Scheduler {
             task.place = Place::Ready;
             self.ready.borrow_mut().push_front(Turn { id, since: now, counted: false });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use tokio::sync::oneshot;
+
+    /// Runs `scheduler` on a local task until `log` holds `count` entries.
+    async fn run_until(scheduler: &Rc<Scheduler>, log: &Rc<RefCell<Vec<&'static str>>>, count: usize) {
+        let (queue, _receiver) = tokio::sync::mpsc::channel(1);
+        let runner = {
+            let scheduler = scheduler.clone();
+            tokio::task::spawn_local(async move { scheduler.run(&VmRecorder::new(queue.downgrade())).await })
+        };
+        while log.borrow().len() < count {
+            tokio::task::yield_now().await;
+        }
+        scheduler.close();
+        runner.await.expect("the runner ends when closed");
+    }
+
+    #[tokio::test]
+    async fn a_handler_whose_wait_is_over_runs_before_the_next_new_one() {
+        tokio::task::LocalSet::new()
+            .run_until(async {
+                let scheduler = Rc::new(Scheduler::default());
+                let log = Rc::new(RefCell::new(Vec::new()));
+                let (wake, woken) = oneshot::channel::<()>();
+                let entry = |log: &Rc<RefCell<Vec<&'static str>>>, name| {
+                    let log = log.clone();
+                    move || log.borrow_mut().push(name)
+                };
+                let (waited, second, third) = (entry(&log, "waited"), entry(&log, "second"), entry(&log, "third"));
+                scheduler.spawn(Box::pin(async move {
+                    let _ = woken.await;
+                    waited();
+                }));
+                scheduler.spawn(Box::pin(async move {
+                    let _ = wake.send(());
+                    second();
+                }));
+                scheduler.spawn(Box::pin(async move { third() }));
+                run_until(&scheduler, &log, 3).await;
+                assert_eq!(*log.borrow(), ["second", "waited", "third"]);
+            })
+            .await;
     }
 }

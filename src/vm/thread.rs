@@ -107,7 +107,7 @@ async fn lifecycle(setup: Setup, events: mpsc::Receiver<Event>, init: oneshot::S
         None => Bridges::offline(spec.lua.unsafe_lua),
     };
     let metrics = VmRecorder::new(lane.downgrade());
-    let (vm, main_chunk) = match Vm::load(worker_id, &spec, cancel, metrics, lane.downgrade()) {
+    let (vm, main_chunk) = match Vm::load(worker_id, &spec, cancel, metrics) {
         Ok(loaded) => loaded,
         Err(err) => {
             let _ = init.send(Err(err.into()));
@@ -212,7 +212,6 @@ impl Vm {
         spec: &PoolSpec,
         cancel: CancellationToken,
         metrics: VmRecorder,
-        queue: mpsc::WeakSender<Event>,
     ) -> Result<(Vm, Function), ScriptError> {
         let script_dir = spec
             .script
@@ -264,9 +263,7 @@ impl Vm {
             slots: Slots::new(spec.concurrency),
             settling: Slots::new(spec.concurrency),
             concurrency: spec.concurrency,
-            scheduler: Scheduler::new(Box::new(move || {
-                queue.upgrade().is_some_and(|queue| queue.capacity() < queue.max_capacity())
-            })),
+            scheduler: Scheduler::default(),
         };
         Ok((vm, main_chunk))
     }
