@@ -98,6 +98,11 @@ impl TaskContext {
         self.preempted.get()
     }
 
+    /// Records that the task's code was suspended at the end of its slice.
+    pub fn mark_preempted(&self) {
+        self.preempted.set(true);
+    }
+
     /// [`TaskContext::preempted`], cleared.
     pub fn take_preempted(&self) -> bool {
         self.preempted.replace(false)
@@ -241,7 +246,7 @@ pub fn yield_for_interrupt(state: *mut mlua::ffi::lua_State) -> bool {
 pub fn preempt_current(state: *mut mlua::ffi::lua_State) -> bool {
     CURRENT.with(|c| match c.borrow().as_ref() {
         Some(context) if context.preemptible && context.thread.get() == state => {
-            context.preempted.set(true);
+            context.mark_preempted();
             true
         }
         _ => false,

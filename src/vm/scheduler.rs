@@ -91,6 +91,12 @@ struct Task {
     flag: Arc<TaskWaker>,
     context: Option<Rc<TaskContext>>,
     place: Place,
+    /// Woken while not waiting (being polled, ready or in line).
+    notified: bool,
+    /// Its last poll ended in a suspension at the end of its slice. Resuming it
+    /// continues its Lua code, which may wait again without polling what woke
+    /// it: a wake that came meanwhile then earns it another poll.
+    resuming: bool,
 }
 
 /// Tasks by id; ids of finished tasks are reused.
@@ -154,8 +160,15 @@ impl Scheduler {
         let generation = tasks.next_generation;
         tasks.next_generation += 1;
         let flag = Arc::new(TaskWaker { id, generation, queued: AtomicBool::new(true), wakes: self.wakes.clone() });
-        let task =
-            Task { future: Some(future), waker: Waker::from(flag.clone()), flag, context: None, place: Place::InLine };
+        let task = Task {
+            future: Some(future),
+            waker: Waker::from(flag.clone()),
+            flag,
+            context: None,
+            place: Place::InLine,
+            notified: false,
+            resuming: false,
+        };
         if id == tasks.slots.len() {
             tasks.slots.push(Some(task));
         } else {
@@ -258,21 +271,25 @@ impl Scheduler {
         let mut ready = self.ready.borrow_mut();
         for (id, generation) in drained.drain(..) {
             let Some(task) = tasks.get(id).filter(|task| task.flag.generation == generation) else { continue };
-            match task.place {
-                Place::Waiting => {
-                    task.place = Place::Ready;
-                    ready.push_back(Turn { id, since, counted: true });
-                }
-                Place::InLine if task.context.as_ref().is_some_and(|c| c.is_due(now)) => {
-                    task.place = Place::Ready;
-                    let mut line = self.line.borrow_mut();
-                    let waited_since = line.iter().find(|turn| turn.id == id).map_or(since, |turn| turn.since);
-                    line.retain(|turn| turn.id != id);
-                    ready.push_back(Turn { id, since: waited_since, counted: true });
-                }
-                // Other wakes of a task in line (a keep-alive timer) wait for its turn.
-                Place::InLine => task.flag.queued.store(false, Ordering::Release),
-                Place::Ready | Place::Running => {}
+            if task.place == Place::Waiting {
+                task.place = Place::Ready;
+                ready.push_back(Turn { id, since, counted: true });
+                continue;
+            }
+            task.notified = true;
+            if task.place != Place::InLine {
+                continue;
+            }
+            if task.context.as_ref().is_some_and(|c| c.is_due(now)) {
+                task.place = Place::Ready;
+                let mut line = self.line.borrow_mut();
+                let waited_since = line.iter().find(|turn| turn.id == id).map_or(since, |turn| turn.since);
+                line.retain(|turn| turn.id != id);
+                ready.push_back(Turn { id, since: waited_since, counted: true });
+            } else {
+                // Other wakes of a task in line (a keep-alive timer) wait for its
+                // turn; its deadline can still end it in line.
+                task.flag.queued.store(false, Ordering::Release);
             }
         }
     }
@@ -285,6 +302,10 @@ impl Scheduler {
             let Some(future) = task.future.take() else { return false };
             task.place = Place::Running;
             task.flag.queued.store(false, Ordering::Release);
+            if !task.resuming {
+                // This poll polls what the task waits for: earlier wakes are seen.
+                task.notified = false;
+            }
             (future, task.waker.clone())
         };
         self.running.set(Some(id));
@@ -304,10 +325,18 @@ impl Scheduler {
         task.future = Some(future);
         // A task woken during its own poll has its wake queued: drained next.
         let preempted = task.context.as_ref().is_some_and(|c| c.preempted());
-        if !preempted {
+        let resumed = std::mem::replace(&mut task.resuming, preempted);
+        if preempted {
+            return true;
+        }
+        if resumed && std::mem::take(&mut task.notified) {
+            task.place = Place::Ready;
+            drop(tasks);
+            self.ready.borrow_mut().push_back(Turn { id, since: now, counted: false });
+        } else {
             task.place = Place::Waiting;
         }
-        preempted
+        false
     }
 
     /// Puts a task suspended at the end of its slice behind whatever else is
@@ -376,6 +405,51 @@ mod tests {
                 scheduler.spawn(Box::pin(async move { third() }));
                 run_until(&scheduler, &log, 3).await;
                 assert_eq!(*log.borrow(), ["second", "waited", "third"]);
+            })
+            .await;
+    }
+
+    /// A task suspended at the end of its slice, whose wait ended while it was
+    /// suspended, and whose resumption then waits again without looking at what
+    /// woke it (as Lua code resumed inside a bridge call's wrapper does): it must
+    /// be polled once more, or it would wait forever.
+    #[tokio::test]
+    async fn a_wake_while_suspended_earns_another_poll() {
+        tokio::task::LocalSet::new()
+            .run_until(async {
+                let scheduler = Rc::new(Scheduler::default());
+                let log = Rc::new(RefCell::new(Vec::new()));
+                let context = Rc::new(TaskContext::new(None, None));
+                let task = {
+                    let (scheduler, log, context) = (scheduler.clone(), log.clone(), context.clone());
+                    let mut polls = 0;
+                    std::future::poll_fn(move |cx| {
+                        polls += 1;
+                        match polls {
+                            1 => {
+                                scheduler.attach(&context);
+                                // Its wait ends while the runner decides where it goes.
+                                let waker = cx.waker().clone();
+                                tokio::task::spawn_local(async move { waker.wake() });
+                                context.mark_preempted();
+                                cx.waker().wake_by_ref();
+                                Poll::Pending
+                            }
+                            2 => {
+                                context.take_preempted();
+                                Poll::Pending
+                            }
+                            _ => {
+                                log.borrow_mut().push("done");
+                                Poll::Ready(())
+                            }
+                        }
+                    })
+                };
+                scheduler.spawn(Box::pin(task));
+                tokio::time::timeout(Duration::from_secs(5), run_until(&scheduler, &log, 1))
+                    .await
+                    .expect("the task is polled again");
             })
             .await;
     }
