@@ -83,6 +83,33 @@ async fn quick_handlers_are_answered_beside_cpu_bound_ones() {
     assert!(metric(&addr, "agent_block_vm_wait_seconds_count").await > 0.0);
 }
 
+#[tokio::test]
+async fn events_that_arrive_while_a_lone_handler_computes_start_within_a_slice() {
+    let app = start_app(MIX, &[]).await;
+    let heavy = {
+        let client = app.client.clone();
+        tokio::spawn(async move { request(&client, "mix.heavy", "").await })
+    };
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let mut quick = Vec::new();
+    for i in 0..3 {
+        let client = app.client.clone();
+        quick.push(tokio::spawn(async move {
+            let sent = Instant::now();
+            let reply = request(&client, "mix.quick", &i.to_string()).await;
+            (reply, sent.elapsed())
+        }));
+    }
+    for (i, task) in quick.into_iter().enumerate() {
+        let (reply, took) = task.await.unwrap();
+        assert_eq!(body(&reply), format!("quick {i}"));
+        // Behind the CPU-bound handler they would start only at its deadline,
+        // 270 ms after they were sent, and answer 50 ms later.
+        assert!(took < Duration::from_millis(250), "quick {i} took {took:?}");
+    }
+    assert_eq!(error_of(&heavy.await.unwrap()).map(|e| e.0), Some(504));
+}
+
 /// `heavy` holds the VM well past the deadlines of the others: with time
 /// slicing off, nothing suspends it.
 const LATE: &str = r#"
