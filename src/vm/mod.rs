@@ -1,5 +1,7 @@
 //! The Lua VM pool: `--workers` OS threads, each with one Lua VM that loaded the
-//! script and runs up to `--concurrency` handler coroutines at once.
+//! script and runs up to `--concurrency` handler coroutines at once, in the order
+//! its [`scheduler`] picks (handlers whose wait is over first; none computes for
+//! longer than a time slice while others are ready).
 //!
 //! Invariants: a VM is touched only by its own thread; no lock is held across an
 //! `.await`; every handler call runs under a deadline and a cancel-on-drop guard
