@@ -158,6 +158,9 @@ pub struct WorkerArgs {
     /// Handler deadline [default: 30s]
     #[arg(long, env = "AGENT_BLOCK_HANDLER_TIMEOUT", value_parser = parse_duration)]
     pub handler_timeout: Option<Duration>,
+    /// Longest a handler runs on while other handlers of its VM are ready; 0 = off [default: 10ms]
+    #[arg(long, env = "AGENT_BLOCK_TIME_SLICE", value_parser = parse_duration)]
+    pub time_slice: Option<Duration>,
     /// Shutdown grace window for in-flight handlers [default: 10s]
     #[arg(long, env = "AGENT_BLOCK_GRACE", value_parser = parse_duration)]
     pub grace: Option<Duration>,

@@ -13,6 +13,10 @@ pub const DEFAULT_CONCURRENCY: usize = 256;
 pub const DEFAULT_BUS_CAPACITY: usize = 1024;
 pub const DEFAULT_HANDLER_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+/// `--time-slice` when not given: long enough that switching costs nothing
+/// measurable, short enough that a handler ready beside CPU-bound ones waits a
+/// few milliseconds.
+pub const DEFAULT_TIME_SLICE: Duration = Duration::from_millis(10);
 
 /// What of a variable's value is secret.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,6 +169,8 @@ pub struct WorkerConfig {
     pub concurrency: usize,
     pub bus_capacity: usize,
     pub handler_timeout: Duration,
+    /// `None` = handlers are never suspended for others.
+    pub time_slice: Option<Duration>,
     pub grace: Duration,
     pub metrics_addr: Option<SocketAddr>,
     pub connection: ConnectionConfig,
@@ -206,6 +212,7 @@ impl WorkerConfig {
             concurrency,
             bus_capacity,
             handler_timeout: args.handler_timeout.unwrap_or(DEFAULT_HANDLER_TIMEOUT),
+            time_slice: Some(args.time_slice.unwrap_or(DEFAULT_TIME_SLICE)).filter(|slice| !slice.is_zero()),
             grace: args.grace.or(args.task_grace_ms.map(Duration::from_millis)).unwrap_or(DEFAULT_GRACE),
             metrics_addr,
             lua: LuaConfig::from(&args.lua),

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::cli::LuaArgs;
-use crate::config::{DEFAULT_BUS_CAPACITY, DEFAULT_HANDLER_TIMEOUT, DEFAULT_NAME, LuaConfig};
+use crate::config::{DEFAULT_BUS_CAPACITY, DEFAULT_HANDLER_TIMEOUT, DEFAULT_NAME, DEFAULT_TIME_SLICE, LuaConfig};
 use std::sync::Arc;
 
 use crate::transport::Offline;
@@ -21,6 +21,7 @@ pub async fn execute(script: PathBuf, lua: &LuaArgs) -> ExitCode {
         concurrency: 1,
         bus_capacity: DEFAULT_BUS_CAPACITY,
         handler_timeout: DEFAULT_HANDLER_TIMEOUT,
+        time_slice: Some(DEFAULT_TIME_SLICE),
         lua: LuaConfig::from(lua),
         transport: Arc::new(Offline),
         connection: None,

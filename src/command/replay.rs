@@ -12,7 +12,7 @@ use tokio::io::{AsyncBufRead, BufReader};
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::LuaArgs;
-use crate::config::{DEFAULT_HANDLER_TIMEOUT, LuaConfig};
+use crate::config::{DEFAULT_HANDLER_TIMEOUT, DEFAULT_TIME_SLICE, LuaConfig};
 use crate::source::Source;
 use crate::source::replay::{ReplayOutput, ReplaySource, ReplayTransport};
 use crate::vm::{PoolSpec, VmPool};
@@ -36,6 +36,7 @@ pub async fn execute(script: PathBuf, events: PathBuf, handler_timeout: Option<D
         concurrency: 1,
         bus_capacity: 1,
         handler_timeout: handler_timeout.unwrap_or(DEFAULT_HANDLER_TIMEOUT),
+        time_slice: Some(DEFAULT_TIME_SLICE),
         lua: LuaConfig::from(lua),
         transport: Arc::new(ReplayTransport(output.clone())),
         connection: None,

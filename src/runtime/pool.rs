@@ -14,6 +14,7 @@ pub fn pool_spec(config: &WorkerConfig) -> PoolSpec {
         concurrency: config.concurrency,
         bus_capacity: config.bus_capacity,
         handler_timeout: config.handler_timeout,
+        time_slice: config.time_slice,
         lua: config.lua.clone(),
         transport: Arc::new(Offline),
         connection: Some(config.connection.clone()),

@@ -26,6 +26,11 @@ use crate::telemetry::overload::IntakeStats;
 /// Upper bounds of the handler duration histogram, in seconds.
 const DURATION_BOUNDS: [f64; 14] =
     [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+/// Upper bounds of the VM wait histogram, in seconds: from a fraction of a
+/// millisecond (a VM that keeps up) past the default time slice to whole
+/// seconds (slicing off, or code that cannot yield).
+const WAIT_BOUNDS: [f64; 14] =
+    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
 /// Upper bounds of the JetStream pull size histogram, in messages.
 const PULL_BOUNDS: [f64; 11] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
 /// Outcome labels, in the order [`VmRecorder::finished`] indexes them.
@@ -72,6 +77,10 @@ struct VmMetrics {
     kinds: Mutex<Vec<(Box<str>, Arc<KindStats>)>>,
     endpoints: Mutex<Vec<Arc<EndpointStats>>>,
     queue: Mutex<Option<WeakSender<Event>>>,
+    /// Per-bucket (not cumulative) counts of [`WAIT_BOUNDS`]; the last is `+Inf`.
+    wait_buckets: [Tally; WAIT_BOUNDS.len() + 1],
+    wait_nanos: Tally,
+    preemptions: Tally,
 }
 
 /// A JetStream consumer's figures; written by every VM that pulls from it.
@@ -221,6 +230,20 @@ impl VmRecorder {
         self.shared.started.add(1);
     }
 
+    /// A handler that could run (its event taken in, its wait over, or its
+    /// slice ended with others ready) waited `waited` for the VM.
+    pub fn waited(&self, waited: Duration) {
+        let seconds = waited.as_secs_f64();
+        let bucket = WAIT_BOUNDS.iter().position(|bound| seconds <= *bound).unwrap_or(WAIT_BOUNDS.len());
+        self.shared.wait_buckets[bucket].add(1);
+        self.shared.wait_nanos.add(waited.as_nanos() as u64);
+    }
+
+    /// A handler was suspended at the end of its time slice, behind others.
+    pub fn preempted(&self) {
+        self.shared.preemptions.add(1);
+    }
+
     /// A handler for `event` ended with `outcome` after `elapsed`.
     pub fn finished(&self, event: &Event, outcome: &Outcome, elapsed: Duration) {
         self.shared.finished.add(1);
@@ -318,7 +341,14 @@ impl Collector for Scrape {
         let vms: Vec<Arc<VmMetrics>> = lock(&metrics.vms).clone();
         let mut kinds: BTreeMap<Box<str>, KindTotals> = BTreeMap::new();
         let (mut in_flight, mut queued) = (0i64, 0i64);
+        let mut waits = [0u64; WAIT_BOUNDS.len() + 1];
+        let (mut wait_nanos, mut preemptions) = (0u64, 0u64);
         for vm in &vms {
+            for (sum, tally) in waits.iter_mut().zip(&vm.wait_buckets) {
+                *sum += tally.get();
+            }
+            wait_nanos += vm.wait_nanos.get();
+            preemptions += vm.preemptions.get();
             // `finished` first: a handler ending between the reads is then
             // counted as still running, never as a negative.
             let finished = vm.finished.get();
@@ -382,6 +412,27 @@ impl Collector for Scrape {
             "agent_block_queued_events",
             "Events waiting in the VM queues for a handler slot.",
             queued,
+        )?;
+
+        encoder
+            .encode_descriptor(
+                "agent_block_vm_wait_seconds",
+                "Time a handler that could run waited for its VM: from its event taken in, its wait over, \
+                 or its time slice ended with others ready, until it ran.",
+                None,
+                MetricType::Histogram,
+            )?
+            .encode_histogram::<NoLabelSet>(
+                wait_nanos as f64 / 1e9,
+                waits.iter().sum(),
+                &histogram_buckets(&WAIT_BOUNDS, waits.iter().copied()),
+                None,
+            )?;
+        counter(
+            &mut encoder,
+            "agent_block_vm_preemptions",
+            "Handlers suspended at the end of their time slice because others on the VM were ready.",
+            preemptions,
         )?;
 
         let (mut rejected, mut dropped) = (0, 0);
@@ -504,12 +555,16 @@ mod tests {
         recorder.finished(&event, &Outcome::empty_ack(), Duration::from_millis(3));
         recorder.started();
         recorder.finished(&event, &Outcome::Error(Failure::timeout(Duration::from_secs(1))), Duration::from_secs(2));
+        recorder.waited(Duration::from_millis(30));
+        recorder.preempted();
         global().consumer("S", "C").pulled(5);
         let page = global().encode();
         assert!(page.contains("agent_block_events_total{kind=\"scrape-test\",outcome=\"ack\"} 1"), "{page}");
         assert!(page.contains("agent_block_events_total{kind=\"scrape-test\",outcome=\"error\"} 1"), "{page}");
         assert!(page.contains("agent_block_handler_duration_seconds_bucket{kind=\"scrape-test\",le=\"0.005\"} 1"));
         assert!(page.contains("agent_block_handler_duration_seconds_count{kind=\"scrape-test\"} 2"));
+        assert!(page.contains("agent_block_vm_wait_seconds_bucket{le=\"0.05\"} "), "{page}");
+        assert!(page.contains("agent_block_vm_preemptions_total "), "{page}");
         assert!(
             page.contains("agent_block_jetstream_pull_batch_messages_bucket{stream=\"S\",consumer=\"C\",le=\"8\"} 1"),
             "{page}"

@@ -16,7 +16,7 @@ use mlua::{Lua, Table, UserData, UserDataMethods, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{DEFAULT_BUS_CAPACITY, DEFAULT_HANDLER_TIMEOUT, LuaConfig};
+use crate::config::{DEFAULT_BUS_CAPACITY, DEFAULT_HANDLER_TIMEOUT, DEFAULT_TIME_SLICE, LuaConfig};
 use crate::event::{Event, Settle, StreamMeta};
 use crate::kind::subject_matches;
 use crate::lua_api::event::headers_table;
@@ -101,6 +101,7 @@ impl TestWorker {
             concurrency: CONCURRENCY,
             bus_capacity: DEFAULT_BUS_CAPACITY,
             handler_timeout: timeout,
+            time_slice: Some(DEFAULT_TIME_SLICE),
             lua: LuaConfig { prelude: Some(fakes.prelude()), ..LuaConfig::default() },
             transport: Arc::new(FakeTransport(fakes.clone())),
             connection: None,

@@ -41,6 +41,12 @@ pub struct TaskContext {
     pub drop_when_interrupted: bool,
     /// Lua threads that already yielded for this task's interruption.
     yielded: RefCell<Vec<*mut mlua::ffi::lua_State>>,
+    /// Whether the watchdog may suspend this task's code at the end of its time
+    /// slice (handlers; see [`crate::vm::scheduler`]).
+    pub preemptible: bool,
+    /// Set when the watchdog suspended the task for its slice, until its next
+    /// poll starts.
+    preempted: Cell<bool>,
     pub kind: Option<async_nats::Subject>,
     pub id: Option<EventId>,
     /// The `traceparent` outgoing messages carry: the handler's span when spans
@@ -60,6 +66,8 @@ impl TaskContext {
             thread: Cell::new(std::ptr::null_mut()),
             drop_when_interrupted: false,
             yielded: RefCell::new(Vec::new()),
+            preemptible: false,
+            preempted: Cell::new(false),
             kind: None,
             id: None,
             traceparent: None,
@@ -85,6 +93,27 @@ impl TaskContext {
         self.interrupted.set(Some(interrupt));
     }
 
+    /// Whether the task's code was suspended at the end of its time slice (it
+    /// was computing, not waiting).
+    pub fn preempted(&self) -> bool {
+        self.preempted.get()
+    }
+
+    /// Records that the task's code was suspended at the end of its slice.
+    pub fn mark_preempted(&self) {
+        self.preempted.set(true);
+    }
+
+    /// [`TaskContext::preempted`], cleared.
+    pub fn take_preempted(&self) -> bool {
+        self.preempted.replace(false)
+    }
+
+    /// Whether the task's deadline passed by `now` or shutdown cancelled it.
+    pub fn is_due(&self, now: Instant) -> bool {
+        self.deadline.get().is_some_and(|d| now >= d) || self.cancel.as_ref().is_some_and(|c| c.is_cancelled())
+    }
+
     /// The context for closing this task's coroutine after it was dropped (timed
     /// out, cancelled, or its handler returned): the coroutine's pending
     /// `__close` handlers and the cancellation of its bridge calls run under a
@@ -98,6 +127,8 @@ impl TaskContext {
             thread: Cell::new(self.thread.get()),
             drop_when_interrupted: false,
             yielded: RefCell::new(Vec::new()),
+            preemptible: false,
+            preempted: Cell::new(false),
             kind: self.kind.clone(),
             id: self.id.clone(),
             traceparent: self.traceparent.clone(),
@@ -185,7 +216,10 @@ pub async fn within_task<F: Future>(call: F) -> Result<F::Output, Interrupt> {
             None => std::future::pending().await,
         }
     };
+    // The call first: a wait that ended by the time the task is polled counts,
+    // however late a busy VM polls it.
     tokio::select! {
+        biased;
         output = call => Ok(output),
         _ = expired => Err(Interrupt::Timeout),
         _ = cancelled => Err(Interrupt::Cancelled),
@@ -214,6 +248,20 @@ pub fn yield_for_interrupt(state: *mut mlua::ffi::lua_State) -> bool {
                 yielded.push(state);
                 true
             }
+        }
+        _ => false,
+    })
+}
+
+/// Called by the hook when the running turn's slice ended: true, and the task
+/// marked preempted, when `state` is the coroutine of a handler that may be
+/// suspended; the hook then yields it. Elsewhere (a coroutine the script
+/// resumed, cleanup code) the code runs on until it is back in its handler.
+pub fn preempt_current(state: *mut mlua::ffi::lua_State) -> bool {
+    CURRENT.with(|c| match c.borrow().as_ref() {
+        Some(context) if context.preemptible && context.thread.get() == state => {
+            context.mark_preempted();
+            true
         }
         _ => false,
     })

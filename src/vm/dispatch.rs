@@ -4,7 +4,7 @@
 //! and turns what happened into an [`Outcome`] that [`crate::settle`] settles.
 
 use std::future::{Future, poll_fn};
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::rc::Rc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -32,6 +32,7 @@ use crate::vm::context::{Interrupt, Scoped, TaskContext};
 pub async fn process(vm: &Rc<Vm>, event: Event, slot: Slot) {
     let mut span = trace::start(&event, || consumer_group(&event));
     let context = Rc::new(task_context(vm, &event, span.as_ref()));
+    vm.scheduler.attach(&context);
     vm.metrics.started();
     let started = Instant::now();
     let outcome = {
@@ -85,6 +86,7 @@ fn consumer_group(event: &Event) -> Option<String> {
 fn task_context(vm: &Vm, event: &Event, span: Option<&EventSpan>) -> TaskContext {
     let mut context = TaskContext::new(None, Some(vm.cancel.clone()));
     context.drop_when_interrupted = true;
+    context.preemptible = true;
     context.kind = Some(event.kind.clone());
     context.id = Some(event.id.clone());
     match span {
@@ -112,27 +114,74 @@ async fn run(vm: &Vm, event: &Event, started: Instant, context: &Rc<TaskContext>
     let limit = event.timeout.unwrap_or(vm.handler_timeout);
     let deadline = started + limit;
     context.set_deadline(Some(deadline));
-    let mut call = pin!(Scoped::new(context.clone(), vm.runner.call_async::<(bool, Value)>((handler, table))));
-    // Interrupted code yields (see `context::yield_for_interrupt`): the call ends
-    // right then and is dropped, which closes its coroutine.
-    let call = poll_fn(|cx| match call.as_mut().poll(cx) {
-        Poll::Pending if context.interrupted().is_some() => Poll::Ready(None),
-        Poll::Pending => Poll::Pending,
-        Poll::Ready(result) => Poll::Ready(Some(result)),
-    });
-    let result = tokio::select! {
+    let call = pin!(Scoped::new(context.clone(), vm.runner.call_async::<(bool, Value)>((handler, table))));
+    let ended = tokio::select! {
         biased;
         _ = vm.cancel.cancelled() => return Outcome::Error(Failure::cancelled()),
-        result = tokio::time::timeout_at(deadline.into(), call) => result,
+        ended = until_deadline(call, context, deadline) => ended,
     };
-    match (context.interrupted(), result) {
-        (_, Err(_)) | (Some(Interrupt::Timeout), _) => Outcome::Error(Failure::timeout(limit)),
+    match (context.interrupted(), ended) {
+        (_, Ended::Late) | (Some(Interrupt::Timeout), _) => Outcome::Error(Failure::timeout(limit)),
         (Some(Interrupt::Cancelled), _) => Outcome::Error(Failure::cancelled()),
-        (None, Ok(None)) => internal("the handler stopped without an interruption".to_string()),
-        (None, Ok(Some(Ok((true, value))))) => outcome_of(&vm.lua, value),
-        (None, Ok(Some(Ok((false, error))))) => Outcome::Error(failure_of(error)),
-        (None, Ok(Some(Err(error)))) => Outcome::Error(failure_of_error(&error)),
+        (None, Ended::Interrupted) => internal("the handler stopped without an interruption".to_string()),
+        (None, Ended::Returned(Ok((true, value)))) => outcome_of(&vm.lua, value),
+        (None, Ended::Returned(Ok((false, error)))) => Outcome::Error(failure_of(error)),
+        (None, Ended::Returned(Err(error))) => Outcome::Error(failure_of_error(&error)),
     }
+}
+
+/// How a handler's call ended.
+enum Ended<T> {
+    Returned(T),
+    /// Its code was interrupted (see [`TaskContext::interrupted`]).
+    Interrupted,
+    /// Its deadline passed.
+    Late,
+}
+
+/// How long a handler polled after its deadline, because its VM was busy when
+/// its wait ended, may run before its deadline ends it.
+const LATE_TURN: Duration = Duration::from_millis(10);
+
+/// Polls `call` until it returns, is interrupted or its deadline passes. The
+/// deadline belongs to this handler alone: a handler polled late because others
+/// held the VM is still resumed if it was waiting (its wait ended before it
+/// could be polled) and ends only if it then waits again or computes for longer
+/// than [`LATE_TURN`]; a handler suspended while computing ends at once.
+async fn until_deadline<F: Future>(
+    mut call: Pin<&mut F>,
+    context: &TaskContext,
+    deadline: Instant,
+) -> Ended<F::Output> {
+    let mut timer = pin!(tokio::time::sleep_until(deadline.into()));
+    poll_fn(|cx| {
+        let now = Instant::now();
+        let late = now >= deadline;
+        if context.take_preempted() && late {
+            return Poll::Ready(Ended::Late);
+        }
+        if late {
+            context.set_deadline(Some(now + LATE_TURN));
+        }
+        let polled = call.as_mut().poll(cx);
+        if late {
+            context.set_deadline(Some(deadline));
+        }
+        match polled {
+            Poll::Ready(output) => Poll::Ready(Ended::Returned(output)),
+            // Interrupted code yields (see `context::yield_for_interrupt`): the
+            // call ends right then and is dropped, which closes its coroutine.
+            Poll::Pending if context.interrupted().is_some() => Poll::Ready(Ended::Interrupted),
+            Poll::Pending if late => Poll::Ready(Ended::Late),
+            Poll::Pending => {
+                if timer.as_mut().poll(cx).is_ready() {
+                    cx.waker().wake_by_ref();
+                }
+                Poll::Pending
+            }
+        }
+    })
+    .await
 }
 
 fn internal(message: String) -> Outcome {

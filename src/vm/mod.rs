@@ -1,5 +1,7 @@
 //! The Lua VM pool: `--workers` OS threads, each with one Lua VM that loaded the
-//! script and runs up to `--concurrency` handler coroutines at once.
+//! script and runs up to `--concurrency` handler coroutines at once, in the order
+//! its [`scheduler`] picks (handlers whose wait is over first; none computes for
+//! longer than a time slice while others are ready).
 //!
 //! Invariants: a VM is touched only by its own thread; no lock is held across an
 //! `.await`; every handler call runs under a deadline and a cancel-on-drop guard
@@ -9,6 +11,7 @@
 pub mod context;
 mod dispatch;
 pub mod sandbox;
+pub mod scheduler;
 pub mod state;
 mod thread;
 pub mod watchdog;
@@ -37,6 +40,9 @@ pub struct PoolSpec {
     pub concurrency: usize,
     pub bus_capacity: usize,
     pub handler_timeout: Duration,
+    /// How long a handler runs before the VM checks whether others are ready
+    /// (see [`scheduler`]); `None` = never.
+    pub time_slice: Option<Duration>,
     pub lua: LuaConfig,
     /// Where VMs publish when they have no connection of their own.
     pub transport: Arc<dyn Transport>,

@@ -25,6 +25,7 @@ use crate::telemetry::metrics::VmRecorder;
 use crate::transport::NatsTransport;
 use crate::vm::context::{Scoped, TaskContext};
 use crate::vm::dispatch;
+use crate::vm::scheduler::Scheduler;
 use crate::vm::state::{Handlers, Phase, VmState};
 use crate::vm::{InitReport, PoolSpec, ScriptError, SourcePlan, StartError, sandbox, watchdog};
 
@@ -59,6 +60,8 @@ pub struct Vm {
     /// Settlements in flight after their handler ended (at most `--concurrency`).
     pub settling: Rc<Slots>,
     concurrency: usize,
+    /// The order in which the handlers run.
+    pub scheduler: Scheduler,
 }
 
 pub(super) fn run(
@@ -145,6 +148,10 @@ async fn lifecycle(setup: Setup, events: mpsc::Receiver<Event>, init: oneshot::S
     if init.send(report.map_err(StartError::from)).is_err() || failed {
         return;
     }
+    let runner = {
+        let vm = vm.clone();
+        tokio::task::spawn_local(async move { vm.scheduler.run(&vm.metrics).await })
+    };
     let intake = Rc::new(Intake::new(lane, vm.slots.clone(), vm.starter(), stats));
     tokio::task::spawn_local(open_sources(plan, intake, client.clone(), vm.state.worker_id));
     tokio::task::spawn_local(crate::memory::release_after_bursts(vm.lua.weak()));
@@ -164,6 +171,8 @@ async fn lifecycle(setup: Setup, events: mpsc::Receiver<Event>, init: oneshot::S
             Err(_) => tracing::warn!("script cleanup did not finish within {CLEANUP_LIMIT:?}"),
         }
     }
+    vm.scheduler.close();
+    let _ = runner.await;
 }
 
 /// Opens the sources the plan places on this VM and forwards their events. Each
@@ -239,7 +248,7 @@ impl Vm {
         };
         let (events, runner) = setup_lua().map_err(|err| ScriptError(format!("cannot set up the Lua API: {err}")))?;
         // Deadlines are enforced by the watchdog, which hooks Lua only once one passed.
-        watchdog::register(&lua, cancel.clone())
+        watchdog::register(&lua, cancel.clone(), spec.time_slice)
             .map_err(|err| ScriptError(format!("cannot start the Lua watchdog: {err}")))?;
         let main_chunk = sandbox::load_file(&lua, &spec.script, !spec.lua.unsafe_lua)
             .and_then(|chunk| lua_api::interrupt::entered(&lua, chunk))
@@ -255,6 +264,7 @@ impl Vm {
             slots: Slots::new(spec.concurrency),
             settling: Slots::new(spec.concurrency),
             concurrency: spec.concurrency,
+            scheduler: Scheduler::default(),
         };
         Ok((vm, main_chunk))
     }
@@ -307,12 +317,13 @@ impl Vm {
     }
 
     /// Runs the handler for `event` in its own task, holding `slot` until the
-    /// handler ends.
+    /// handler ends. The task joins the line (see [`crate::vm::scheduler`]).
     fn start(self: &Rc<Self>, event: Event, slot: Slot) {
         let vm = self.clone();
-        // Boxed: tokio copies a task's whole future when its stage changes, and an
-        // event's future is a few kilobytes.
-        tokio::task::spawn_local(Box::pin(async move { dispatch::process(&vm, event, slot).await }));
+        // Without tokio's cooperative budget: the scheduler decides when the
+        // runtime gets the thread, and one budget would be shared by all handlers.
+        let task = tokio::task::coop::unconstrained(async move { dispatch::process(&vm, event, slot).await });
+        self.scheduler.spawn(Box::pin(task));
     }
 
     fn starter(self: &Rc<Self>) -> crate::intake::Starter {

@@ -14,6 +14,12 @@
 //! handler coroutine being polled and the coroutines a script resumed inside it
 //! ([`enter`]/[`leave`] keep that list, see [`crate::lua_api::interrupt`]).
 //!
+//! The same signal ends a handler's time slice: while the VM's scheduler polls a
+//! handler ([`begin_turn`]), the watchdog asks the VM to suspend it once it ran
+//! for a slice, and the hook yields it where Lua can yield (see
+//! [`crate::vm::scheduler`]). Between slices no hook is set, so CPU-bound code
+//! runs at plain Lua speed.
+//!
 //! Code that no hook can stop (a C function that never returns, such as a
 //! backtracking pattern match) is the last case: a VM that runs one piece of Lua
 //! code longer than its deadline plus [`STUCK_MARGIN`] is logged as an error,
@@ -46,6 +52,14 @@ const SIGNAL: c_int = libc::SIGURG;
 /// Coroutines nested deeper than this are not tracked; Lua's own C-stack limit
 /// (200 nested calls) stops scripts well before.
 const MAX_ACTIVE: usize = 256;
+/// How often a VM whose slice ended is signalled again while its code cannot
+/// yield (inside a C function such as `table.sort`). A hook that stays set
+/// would slow every instruction, so the hook removes itself and the watchdog
+/// asks again.
+const SLICE_RETRY: Duration = Duration::from_millis(1);
+/// [`Watchdog::wakes_at`] while the watchdog scans: whoever starts a turn then
+/// wakes it again.
+const SCANNING: u64 = 0;
 
 /// One VM as the watchdog sees it. Written by the VM thread when it enters and
 /// leaves Lua code, read by the watchdog.
@@ -61,6 +75,17 @@ pub struct Watch {
     /// The event kind of the running code, for the stuck report.
     kind: Mutex<Option<String>>,
     stuck: AtomicBool,
+    /// The time slice in nanoseconds; 0 = off.
+    slice: AtomicU64,
+    /// Nanoseconds after [`epoch`] at which the handler being polled started its
+    /// turn; 0 = none is.
+    running_since: AtomicU64,
+    /// The start of the last turn, so the watchdog sees that turns happen.
+    last_turn: AtomicU64,
+    /// The turn (its start) the watchdog asked to end.
+    preempt: AtomicU64,
+    /// The last turn the watchdog saw, for its own pace; watchdog thread only.
+    seen_turn: AtomicU64,
 }
 
 /// What [`arm`] replaced, restored by [`disarm`] (armed code may nest).
@@ -113,8 +138,9 @@ fn nanos(at: Instant) -> u64 {
 }
 
 /// Registers the calling thread as the VM running `lua`; from now on [`arm`] on this
-/// thread is watched. Call once per VM thread, on that thread.
-pub fn register(lua: &mlua::Lua, cancel: CancellationToken) -> std::io::Result<()> {
+/// thread is watched, and handler turns longer than `time_slice` end (`None` =
+/// never). Call once per VM thread, on that thread.
+pub fn register(lua: &mlua::Lua, cancel: CancellationToken, time_slice: Option<Duration>) -> std::io::Result<()> {
     let watchdog = watchdog()?;
     let mut main = ptr::null_mut();
     // SAFETY: reads the main thread from the registry, leaving the stack as it was;
@@ -137,6 +163,11 @@ pub fn register(lua: &mlua::Lua, cancel: CancellationToken) -> std::io::Result<(
         generation: AtomicU64::new(0),
         kind: Mutex::new(None),
         stuck: AtomicBool::new(false),
+        slice: AtomicU64::new(time_slice.map_or(0, |slice| u64::try_from(slice.as_nanos()).unwrap_or(u64::MAX))),
+        running_since: AtomicU64::new(0),
+        last_turn: AtomicU64::new(0),
+        preempt: AtomicU64::new(0),
+        seen_turn: AtomicU64::new(0),
     });
     ACTIVE.with(|active| active.main.store(main, SeqCst));
     let _ = WATCH.with(|cell| cell.set(watch.clone()));
@@ -179,6 +210,50 @@ pub fn disarm(armed: Option<Armed>) {
             watch.cancellable.store(armed.cancellable, SeqCst);
         }
     });
+}
+
+/// Marks the start, at `now`, of a handler's turn on this VM: once it ran for a
+/// time slice, the watchdog asks the VM to suspend it (see the module docs).
+/// Returns whether the turn is watched, for [`end_turn`].
+pub fn begin_turn(now: Instant) -> bool {
+    WATCH.with(|cell| {
+        let Some(watch) = cell.get() else { return false };
+        let slice = watch.slice.load(SeqCst);
+        if slice == 0 {
+            return false;
+        }
+        let since = nanos(now);
+        watch.running_since.store(since, SeqCst);
+        watch.last_turn.store(since, SeqCst);
+        if let Some(watchdog) = WATCHDOG.get() {
+            let wakes_at = watchdog.wakes_at.load(SeqCst);
+            if wakes_at == SCANNING || since.saturating_add(slice) < wakes_at {
+                watchdog.thread.unpark();
+            }
+        }
+        true
+    })
+}
+
+/// Marks the end of the turn [`begin_turn`] started.
+pub fn end_turn(watched: bool) {
+    if watched {
+        WATCH.with(|cell| {
+            if let Some(watch) = cell.get() {
+                watch.running_since.store(0, SeqCst);
+            }
+        });
+    }
+}
+
+/// Whether the watchdog asked to end the turn running now.
+fn slice_ended() -> bool {
+    WATCH.with(|cell| {
+        cell.get().is_some_and(|watch| {
+            let preempt = watch.preempt.load(SeqCst);
+            preempt != 0 && preempt == watch.running_since.load(SeqCst)
+        })
+    })
 }
 
 /// Records that Lua state `state` runs (or may run) from now on this thread, until
@@ -245,6 +320,7 @@ fn watchdog() -> std::io::Result<&'static Watchdog> {
 impl Watchdog {
     fn run(&self) -> ! {
         loop {
+            self.wakes_at.store(SCANNING, SeqCst);
             let now = Instant::now();
             let mut wake = now + IDLE_TICK;
             let mut stuck = 0;
@@ -255,6 +331,7 @@ impl Watchdog {
                 list.iter().filter_map(Weak::upgrade).collect()
             };
             for watch in &watches {
+                wake = wake.min(watch.check_slice(now));
                 let generation = watch.generation.load(SeqCst);
                 let deadline = watch.deadline.load(SeqCst);
                 if deadline == 0 {
@@ -312,6 +389,33 @@ impl Watchdog {
     }
 }
 
+impl Watch {
+    /// Asks the VM to end a turn that ran for its slice; returns when to look
+    /// again. While turns happen, the watchdog wakes every slice, so starting a
+    /// turn seldom has to wake it.
+    fn check_slice(&self, now: Instant) -> Instant {
+        let slice = self.slice.load(SeqCst);
+        if slice == 0 {
+            return now + IDLE_TICK;
+        }
+        let last_turn = self.last_turn.load(SeqCst);
+        let active = self.seen_turn.swap(last_turn, SeqCst) != last_turn;
+        let idle_wake = if active { now + Duration::from_nanos(slice) } else { now + IDLE_TICK };
+        let since = self.running_since.load(SeqCst);
+        if since == 0 {
+            return idle_wake;
+        }
+        let due = since.saturating_add(slice);
+        if nanos(now) < due {
+            return idle_wake.min(epoch() + Duration::from_nanos(due));
+        }
+        self.preempt.store(since, SeqCst);
+        // SAFETY: a VM thread polls handlers only while alive; its `Watch` dies with it.
+        unsafe { libc::pthread_kill(self.thread, SIGNAL) };
+        now + SLICE_RETRY
+    }
+}
+
 fn install_signal_handler() -> std::io::Result<()> {
     // SAFETY: a zeroed sigaction with a valid handler and an empty mask is valid;
     // the handler only does async-signal-safe work (see `on_signal`).
@@ -343,8 +447,10 @@ extern "C" fn on_signal(_: c_int) {
 }
 
 /// The count hook the signal sets: suspends or raises the interruption of the
-/// running code (see [`context::yield_for_interrupt`]), or removes itself when
-/// nothing is to be interrupted (the code it was set for ended).
+/// running code (see [`context::yield_for_interrupt`]), suspends a handler whose
+/// time slice ended where it can yield, or removes itself (nothing to do, or its
+/// handler cannot yield here: the watchdog signals again, and a coroutine the
+/// script resumed returns to the handler's own, which stays hooked).
 unsafe extern "C-unwind" fn interrupt_hook(state: *mut ffi::lua_State, _: *mut ffi::lua_Debug) {
     let message = match context::check_current() {
         HookAction::Continue => None,
@@ -353,9 +459,12 @@ unsafe extern "C-unwind" fn interrupt_hook(state: *mut ffi::lua_State, _: *mut f
     };
     // SAFETY: called by Lua as a count hook on `state`, which may yield with no
     // values when yieldable; nothing owned lives on this frame when `lua_error`
-    // unwinds it.
+    // unwinds it, and the hook returns right after `lua_yield`.
     unsafe {
         match message {
+            None if slice_ended() && ffi::lua_isyieldable(state) != 0 && context::preempt_current(state) => {
+                ffi::lua_yield(state, 0);
+            }
             None => ffi::lua_sethook(state, None, 0, 0),
             Some(_) if ffi::lua_isyieldable(state) != 0 && context::yield_for_interrupt(state) => {
                 ffi::lua_yield(state, 0);

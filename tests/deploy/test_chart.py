@@ -23,6 +23,7 @@ COMMON_EXTRAS = {
         "concurrency": 8,
         "luaMemoryLimit": "64MiB",
         "connectTimeout": "1m",
+        "timeSlice": "5ms",
         "graceSeconds": 25,
     },
     "otel": {"endpoint": "http://otel-collector:4318"},
@@ -144,6 +145,7 @@ def test_settings_reach_the_worker_env():
     assert env["AGENT_BLOCK_CONCURRENCY"] == "8"
     assert env["AGENT_BLOCK_LUA_MEMORY_LIMIT"] == "64MiB"
     assert env["AGENT_BLOCK_CONNECT_TIMEOUT"] == "1m"
+    assert env["AGENT_BLOCK_TIME_SLICE"] == "5ms"
     assert env["AGENT_BLOCK_GRACE"] == "25s"
     assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4318"
     assert env["REGION"] == "eu"
@@ -157,7 +159,7 @@ def test_defaults_leave_runtime_defaults_alone():
     # 0 / empty means "the binary decides" (e.g. one Lua VM per CPU).
     assert not names & {"AGENT_BLOCK_WORKERS", "AGENT_BLOCK_CONCURRENCY", "AGENT_BLOCK_CREDS",
                         "AGENT_BLOCK_LUA_MEMORY_LIMIT", "AGENT_BLOCK_CONNECT_TIMEOUT",
-                        "OTEL_EXPORTER_OTLP_ENDPOINT"}
+                        "AGENT_BLOCK_TIME_SLICE", "OTEL_EXPORTER_OTLP_ENDPOINT"}
     assert container["args"] == ["run", "/scripts/app.lua"]
 
 
@@ -281,6 +283,7 @@ def test_render_refuses_contradictions(values, message):
         ({"worker": {"graceSeconds": "10s"}}, "/worker/graceSeconds"),
         ({"worker": {"workers": -2}}, "/worker/workers"),
         ({"worker": {"handlerTimeout": "soon"}}, "/worker/handlerTimeout"),
+        ({"worker": {"timeSlice": "fast"}}, "/worker/timeSlice"),
         ({"worker": {"logFormat": "xml"}}, "/worker/logFormat"),
         ({"worker": {"terminationGraceMarginSeconds": 0}}, "/worker/terminationGraceMarginSeconds"),
         ({"worker": {"surprise": 1}}, "surprise"),
