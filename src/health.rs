@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use async_nats::connection::State;
 
-use crate::vm::watchdog;
+use crate::lua::watchdog;
 
 #[derive(Clone, Default)]
 pub struct Health(Arc<Inner>);
@@ -37,7 +37,7 @@ impl Health {
     }
 
     /// Live means: no Lua VM is stuck in code past its deadline (see
-    /// [`crate::vm::watchdog`]); a stuck VM never recovers by itself, a restart does.
+    /// [`crate::lua::watchdog`]); a stuck VM never recovers by itself, a restart does.
     pub fn liveness() -> Result<(), String> {
         match watchdog::stuck_vms() {
             0 => Ok(()),

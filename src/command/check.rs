@@ -12,7 +12,7 @@ use crate::config::{DEFAULT_BUS_CAPACITY, DEFAULT_HANDLER_TIMEOUT, DEFAULT_NAME,
 use std::sync::Arc;
 
 use crate::transport::Offline;
-use crate::vm::{PoolSpec, VmPool};
+use crate::worker::{PoolSpec, VmPool};
 
 pub async fn execute(script: PathBuf, lua: &LuaArgs) -> ExitCode {
     let spec = PoolSpec {

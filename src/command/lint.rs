@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use mlua::{Lua, Table, Value};
 
 use crate::source::SourceSpec;
-use crate::vm::InitReport;
+use crate::worker::InitReport;
 
 /// The Lua API's global tables and their fields, read from a VM with the API installed.
 pub fn api_names() -> HashMap<String, BTreeSet<String>> {

@@ -15,7 +15,7 @@ use crate::cli::LuaArgs;
 use crate::config::{DEFAULT_HANDLER_TIMEOUT, DEFAULT_TIME_SLICE, LuaConfig};
 use crate::source::Source;
 use crate::source::replay::{ReplayOutput, ReplaySource, ReplayTransport};
-use crate::vm::{PoolSpec, VmPool};
+use crate::worker::{PoolSpec, VmPool};
 
 pub async fn execute(script: PathBuf, events: PathBuf, handler_timeout: Option<Duration>, lua: &LuaArgs) -> ExitCode {
     let input: Box<dyn AsyncBufRead + Send + Unpin> = if events.as_os_str() == "-" {

@@ -8,9 +8,9 @@ use bytes::Bytes;
 use mlua::{Lua, Table, UserData, Value};
 
 use crate::kind::KindTemplate;
+use crate::lua::state::{Phase, VmState};
 use crate::lua_api::{body_of, duration_of, headers_of};
 use crate::source::spec::{ConsumerSpec, Queue, SourceSpec, SubscriptionSpec};
-use crate::vm::state::{Phase, VmState};
 
 /// What a handler returned through `bus.reply`, `bus.nak` or `bus.term`.
 pub enum Directive {

@@ -10,9 +10,9 @@ use mlua::{Function, Lua, Table, Value};
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 
 use crate::bridge::{self, http_client};
+use crate::lua::context;
 use crate::lua_api::raise::{error_table, raising};
 use crate::lua_api::{duration_of, json};
-use crate::vm::context;
 
 /// A request's time limit unless `timeout` says otherwise; the handler's
 /// deadline cuts it shorter.

@@ -1,13 +1,13 @@
 //! Makes every piece of Lua code a handler causes stoppable at its deadline.
 //!
 //! - Interruptions cannot be caught: where the hook raises them rather than
-//!   suspending the code (see [`crate::vm::context::yield_for_interrupt`]),
+//!   suspending the code (see [`crate::lua::context::yield_for_interrupt`]),
 //!   `pcall`, `xpcall` and `coroutine.resume` raise them again instead of
 //!   returning them, so they unwind to the dispatcher even from
 //!   `while true do pcall(f) end`, and even inside C code (`table.sort`) where a
 //!   coroutine cannot be suspended.
 //! - The watchdog can reach coroutines a script runs: `coroutine.resume`, `wrap` and
-//!   `close` record the coroutine they run (see [`crate::vm::watchdog`]), and the
+//!   `close` record the coroutine they run (see [`crate::lua::watchdog`]), and the
 //!   handler runner records the handler's own coroutine.
 //! - Finalizers run as handler code: Lua runs `__gc` with hooks disabled, so a
 //!   looping finalizer could never be interrupted. `setmetatable` replaces a
@@ -19,8 +19,8 @@ use std::ffi::c_int;
 
 use mlua::{Function, Lua, ffi};
 
-use crate::vm::context;
-use crate::vm::watchdog;
+use crate::lua::context;
+use crate::lua::watchdog;
 
 const GUARDS: &str = r#"
 local raw_pcall, raw_xpcall, create, interrupted, resume, close = pcall, xpcall, coroutine.create, ...

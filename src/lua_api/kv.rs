@@ -15,8 +15,8 @@ use bytes::Bytes;
 use futures::TryStreamExt;
 use mlua::{Lua, MultiValue, Table, Value};
 
+use crate::lua::state::VmState;
 use crate::lua_api::{body_of, duration_of, json};
-use crate::vm::state::VmState;
 
 /// The raw functions return `(results..., error)`; these wrappers raise the error
 /// table with the caller's location, as `nats.request` does.

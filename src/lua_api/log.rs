@@ -5,7 +5,7 @@
 use mlua::{Lua, Value};
 
 use crate::event::trace_id_of;
-use crate::vm::context;
+use crate::lua::context;
 
 pub fn install(lua: &Lua) -> mlua::Result<()> {
     let log = lua.create_table()?;

@@ -6,13 +6,13 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use mlua::{Function, Lua, Table, Value};
 
+use crate::lua::context;
+use crate::lua::state::VmState;
 use crate::lua_api::event::headers_table;
 use crate::lua_api::{body_of, duration_of, headers_of, json};
 use crate::settle::service_error;
 use crate::telemetry::carrier;
 use crate::transport::TransportError;
-use crate::vm::context;
-use crate::vm::state::VmState;
 
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 

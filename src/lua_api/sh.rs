@@ -6,9 +6,9 @@
 use mlua::{Lua, Table, Value};
 
 use crate::bridge::{self, exec};
+use crate::lua::context;
 use crate::lua_api::duration_of;
 use crate::lua_api::raise::{error_table, raising};
-use crate::vm::context;
 
 pub fn install(lua: &Lua) -> mlua::Result<()> {
     let sh = lua.create_table()?;

@@ -14,9 +14,9 @@ use tokio::sync::Mutex;
 
 use crate::bridge::sql::{Pool, Rows, Session, SqlError, SqlValue};
 use crate::bridge::{self, DEFAULT_DATABASE};
+use crate::lua::context;
 use crate::lua_api::json;
 use crate::lua_api::raise::{error_table, raising};
-use crate::vm::context;
 
 const SURFACE: &str = r#"
 local query, exec, transaction, known, null, pcall = ...

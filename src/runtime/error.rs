@@ -2,7 +2,7 @@
 
 use crate::connect::ConnectError;
 use crate::source::jetstream::SetupError;
-use crate::vm::{ScriptError, StartError};
+use crate::worker::{ScriptError, StartError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {

@@ -24,7 +24,7 @@ use crate::health::Health;
 use crate::probes;
 use crate::source;
 use crate::telemetry::{discovery, metrics, trace};
-use crate::vm::VmPool;
+use crate::worker::VmPool;
 
 /// Serves `config.script` until `shutdown` resolves, reloading it (see
 /// [`reload`]) each time `reloads` delivers.

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use crate::config::WorkerConfig;
 use crate::transport::Offline;
-use crate::vm::PoolSpec;
+use crate::worker::PoolSpec;
 
 /// The VM pool a serving worker runs: each VM with its own NATS connection.
 pub fn pool_spec(config: &WorkerConfig) -> PoolSpec {

@@ -30,7 +30,7 @@ use super::pool::pool_spec;
 use crate::config::WorkerConfig;
 use crate::health::Health;
 use crate::source::{self, Forwarding, Link, Placement, Source};
-use crate::vm::{InitReport, VmPool};
+use crate::worker::{InitReport, VmPool};
 
 /// The pool serving now, and the token that stops its sources.
 pub struct Generation {

@@ -12,11 +12,11 @@ use futures::future::LocalBoxFuture;
 
 use crate::event::{Event, Settle};
 use crate::intake::Sink;
+use crate::lua::context;
 use crate::outcome::{Failure, Outcome};
 use crate::settle::{error_headers, reply_of};
 use crate::source::spec::SubscriptionSpec;
 use crate::source::{Forwarding, Link, Placement, Source};
-use crate::vm::context;
 
 pub struct CoreSource {
     spec: SubscriptionSpec,

@@ -23,7 +23,7 @@ use crate::testkit::fakes::{Call, HttpRequest, HttpResponse};
 use crate::testkit::report::{Failure, FileReport, TestResult};
 use crate::testkit::worker::{TestWorker, WorkerHandle};
 use crate::transport::{Response, TransportError};
-use crate::vm::{sandbox, script_error_message};
+use crate::worker::{sandbox, script_error_message};
 
 const TEST_LIBRARY: &str = include_str!("test.lua");
 

@@ -26,7 +26,7 @@ use crate::outcome::Outcome;
 use crate::source::jetstream::policy::{self, Action};
 use crate::source::{ConsumerSpec, Forwarding, Link, Placement, Source, SourceSpec};
 use crate::testkit::fakes::{Call, Clock, FakeTransport, Fakes, Published};
-use crate::vm::{PoolSpec, VmPool};
+use crate::worker::{PoolSpec, VmPool};
 
 /// Handlers the worker under test may run at once.
 const CONCURRENCY: usize = 16;

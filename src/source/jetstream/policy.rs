@@ -7,9 +7,9 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 
 use crate::event::Event;
+use crate::lua::context;
 use crate::outcome::{FailureCause, Outcome};
 use crate::source::spec::ConsumerSpec;
-use crate::vm::context;
 
 /// What settling a delivery does.
 #[derive(Debug, Clone, PartialEq, Eq)]

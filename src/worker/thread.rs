@@ -17,17 +17,18 @@ use crate::bridge::Bridges;
 use crate::connect;
 use crate::event::Event;
 use crate::intake::{Intake, IntakeStats, Sink, Slot, Slots};
+use crate::lua::context::{Scoped, TaskContext};
+use crate::lua::state::{Handlers, Phase, VmState};
+use crate::lua::watchdog;
 use crate::lua_api::{self, event::EventTables};
 use crate::outcome::{Failure, Outcome};
 use crate::settle;
 use crate::source::{Link, Placement};
 use crate::telemetry::metrics::VmRecorder;
 use crate::transport::NatsTransport;
-use crate::vm::context::{Scoped, TaskContext};
-use crate::vm::dispatch;
-use crate::vm::scheduler::Scheduler;
-use crate::vm::state::{Handlers, Phase, VmState};
-use crate::vm::{InitReport, PoolSpec, ScriptError, SourcePlan, StartError, sandbox, watchdog};
+use crate::worker::dispatch;
+use crate::worker::scheduler::Scheduler;
+use crate::worker::{InitReport, PoolSpec, ScriptError, SourcePlan, StartError, sandbox};
 
 /// Time the script's code after `bus.serve()` gets at shutdown.
 const CLEANUP_LIMIT: Duration = Duration::from_millis(500);
@@ -317,7 +318,7 @@ impl Vm {
     }
 
     /// Runs the handler for `event` in its own task, holding `slot` until the
-    /// handler ends. The task joins the line (see [`crate::vm::scheduler`]).
+    /// handler ends. The task joins the line (see [`crate::worker::scheduler`]).
     fn start(self: &Rc<Self>, event: Event, slot: Slot) {
         let vm = self.clone();
         // Without tokio's cooperative budget: the scheduler decides when the

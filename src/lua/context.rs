@@ -18,8 +18,8 @@ use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::event::EventId;
+use crate::lua::watchdog;
 use crate::telemetry::carrier;
-use crate::vm::watchdog;
 
 /// Why the instruction hook stopped Lua code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -42,7 +42,7 @@ pub struct TaskContext {
     /// Lua threads that already yielded for this task's interruption.
     yielded: RefCell<Vec<*mut mlua::ffi::lua_State>>,
     /// Whether the watchdog may suspend this task's code at the end of its time
-    /// slice (handlers; see [`crate::vm::scheduler`]).
+    /// slice (handlers; see [`crate::worker::scheduler`]).
     pub preemptible: bool,
     /// Set when the watchdog suspended the task for its slice, until its next
     /// poll starts.

@@ -17,7 +17,7 @@
 //! The same signal ends a handler's time slice: while the VM's scheduler polls a
 //! handler ([`begin_turn`]), the watchdog asks the VM to suspend it once it ran
 //! for a slice, and the hook yields it where Lua can yield (see
-//! [`crate::vm::scheduler`]). Between slices no hook is set, so CPU-bound code
+//! [`crate::worker::scheduler`]). Between slices no hook is set, so CPU-bound code
 //! runs at plain Lua speed.
 //!
 //! Code that no hook can stop (a C function that never returns, such as a
@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use mlua::ffi;
 use tokio_util::sync::CancellationToken;
 
-use crate::vm::context::{self, HookAction, Interrupt};
+use crate::lua::context::{self, HookAction, Interrupt};
 
 /// How long past its deadline a piece of Lua code may run before its VM counts as
 /// stuck: interrupted code unwinds in far less, even on a loaded machine.

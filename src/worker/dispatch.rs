@@ -13,6 +13,7 @@ use mlua::{Table, Value};
 
 use crate::event::Event;
 use crate::intake::Slot;
+use crate::lua::context::{Interrupt, Scoped, TaskContext};
 use crate::lua_api::bus::Directive;
 use crate::lua_api::event::PayloadError;
 use crate::lua_api::json;
@@ -20,8 +21,7 @@ use crate::outcome::{Failure, FailureCause, Outcome};
 use crate::settle;
 use crate::telemetry::discovery;
 use crate::telemetry::trace::{self, EventSpan};
-use crate::vm::Vm;
-use crate::vm::context::{Interrupt, Scoped, TaskContext};
+use crate::worker::Vm;
 
 /// Runs `event` on `vm` in the handler `slot` and settles its outcome, inside
 /// the event's span. The settling runs with the handler's context current, so

@@ -26,9 +26,9 @@ use std::time::{Duration, Instant};
 
 use futures::task::AtomicWaker;
 
+use crate::lua::context::TaskContext;
+use crate::lua::watchdog;
 use crate::telemetry::metrics::VmRecorder;
-use crate::vm::context::TaskContext;
-use crate::vm::watchdog;
 
 /// A handler's whole life on the VM: its call, then the settling of its outcome.
 pub type HandlerTask = Pin<Box<dyn Future<Output = ()>>>;

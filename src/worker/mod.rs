@@ -8,13 +8,10 @@
 //! (dropping the call future abandons its coroutine); shutdown waits for in-flight
 //! handlers at most until the grace deadline, then cancels them.
 
-pub mod context;
 mod dispatch;
 pub mod sandbox;
 pub mod scheduler;
-pub mod state;
 mod thread;
-pub mod watchdog;
 
 use std::path::PathBuf;
 use std::sync::Arc;
