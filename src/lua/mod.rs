@@ -5,5 +5,6 @@
 //! it; the worker that runs events builds on both.
 
 pub mod context;
+pub mod hook;
 pub mod state;
 pub mod watchdog;

@@ -36,8 +36,6 @@ use std::time::{Duration, Instant};
 use mlua::ffi;
 use tokio_util::sync::CancellationToken;
 
-use crate::lua::context::{self, HookAction, Interrupt};
-
 /// How long past its deadline a piece of Lua code may run before its VM counts as
 /// stuck: interrupted code unwinds in far less, even on a loaded machine.
 pub const STUCK_MARGIN: Duration = Duration::from_secs(5);
@@ -140,7 +138,13 @@ fn nanos(at: Instant) -> u64 {
 /// Registers the calling thread as the VM running `lua`; from now on [`arm`] on this
 /// thread is watched, and handler turns longer than `time_slice` end (`None` =
 /// never). Call once per VM thread, on that thread.
-pub fn register(lua: &mlua::Lua, cancel: CancellationToken, time_slice: Option<Duration>) -> std::io::Result<()> {
+pub fn register(
+    lua: &mlua::Lua,
+    cancel: CancellationToken,
+    time_slice: Option<Duration>,
+    hook: ffi::lua_Hook,
+) -> std::io::Result<()> {
+    let _ = HOOK.set(hook);
     let watchdog = watchdog()?;
     let mut main = ptr::null_mut();
     // SAFETY: reads the main thread from the registry, leaving the stack as it was;
@@ -247,7 +251,7 @@ pub fn end_turn(watched: bool) {
 }
 
 /// Whether the watchdog asked to end the turn running now.
-fn slice_ended() -> bool {
+pub fn slice_ended() -> bool {
     WATCH.with(|cell| {
         cell.get().is_some_and(|watch| {
             let preempt = watch.preempt.load(SeqCst);
@@ -416,6 +420,11 @@ impl Watch {
     }
 }
 
+/// The count hook the signal sets on a VM's Lua states: it decides, from the
+/// running task's context, what the interrupted code does (see
+/// [`crate::lua::hook`]). The same for every VM; set by the first [`register`].
+static HOOK: OnceLock<ffi::lua_Hook> = OnceLock::new();
+
 fn install_signal_handler() -> std::io::Result<()> {
     // SAFETY: a zeroed sigaction with a valid handler and an empty mask is valid;
     // the handler only does async-signal-safe work (see `on_signal`).
@@ -434,6 +443,7 @@ fn install_signal_handler() -> std::io::Result<()> {
 /// Runs on a VM thread when the watchdog signals it: hooks every Lua state that may
 /// be running there. Only atomics and `lua_sethook`, both async-signal-safe.
 extern "C" fn on_signal(_: c_int) {
+    let Some(&hook) = HOOK.get() else { return };
     let _ = ACTIVE.try_with(|active| {
         let len = active.len.load(SeqCst).min(MAX_ACTIVE);
         let main = active.main.load(SeqCst);
@@ -441,38 +451,7 @@ extern "C" fn on_signal(_: c_int) {
         for state in std::iter::once(main).chain(states).filter(|s| !s.is_null()) {
             // SAFETY: the states listed are alive while listed (the VM removes a
             // state before it can be collected), and this runs on their thread.
-            unsafe { ffi::lua_sethook(state, Some(interrupt_hook), ffi::LUA_MASKCOUNT, 1) };
+            unsafe { ffi::lua_sethook(state, Some(hook), ffi::LUA_MASKCOUNT, 1) };
         }
     });
-}
-
-/// The count hook the signal sets: suspends or raises the interruption of the
-/// running code (see [`context::yield_for_interrupt`]), suspends a handler whose
-/// time slice ended where it can yield, or removes itself (nothing to do, or its
-/// handler cannot yield here: the watchdog signals again, and a coroutine the
-/// script resumed returns to the handler's own, which stays hooked).
-unsafe extern "C-unwind" fn interrupt_hook(state: *mut ffi::lua_State, _: *mut ffi::lua_Debug) {
-    let message = match context::check_current() {
-        HookAction::Continue => None,
-        HookAction::Raise(Interrupt::Timeout) => Some(c"handler timed out"),
-        HookAction::Raise(Interrupt::Cancelled) => Some(c"handler cancelled by shutdown"),
-    };
-    // SAFETY: called by Lua as a count hook on `state`, which may yield with no
-    // values when yieldable; nothing owned lives on this frame when `lua_error`
-    // unwinds it, and the hook returns right after `lua_yield`.
-    unsafe {
-        match message {
-            None if slice_ended() && ffi::lua_isyieldable(state) != 0 && context::preempt_current(state) => {
-                ffi::lua_yield(state, 0);
-            }
-            None => ffi::lua_sethook(state, None, 0, 0),
-            Some(_) if ffi::lua_isyieldable(state) != 0 && context::yield_for_interrupt(state) => {
-                ffi::lua_yield(state, 0);
-            }
-            Some(message) => {
-                ffi::lua_pushstring(state, message.as_ptr());
-                ffi::lua_error(state);
-            }
-        }
-    }
 }

@@ -249,7 +249,7 @@ impl Vm {
         };
         let (events, runner) = setup_lua().map_err(|err| ScriptError(format!("cannot set up the Lua API: {err}")))?;
         // Deadlines are enforced by the watchdog, which hooks Lua only once one passed.
-        watchdog::register(&lua, cancel.clone(), spec.time_slice)
+        watchdog::register(&lua, cancel.clone(), spec.time_slice, crate::lua::hook::interrupt_hook)
             .map_err(|err| ScriptError(format!("cannot start the Lua watchdog: {err}")))?;
         let main_chunk = sandbox::load_file(&lua, &spec.script, !spec.lua.unsafe_lua)
             .and_then(|chunk| lua_api::interrupt::entered(&lua, chunk))
