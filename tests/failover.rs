@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -101,21 +100,9 @@ async fn connect_all(urls: &[String]) -> async_nats::Client {
     async_nats::connect(servers).await.expect("connect to the cluster")
 }
 
-/// Handlers held until the file GATE exists, each recording its message's id in
-/// HANDLED once through, so the node dies while a known number is in flight.
-const APP: &str = r#"
+/// A consumer whose handlers are held at a gate (see [`gated_handler`]).
+const CONSUMER: &str = r#"
 bus.consume({ stream = "JOBS", consumer = "work", subject = "jobs.>", ack_wait = "3s" })
-bus.on("jobs.run", function(ev)
-  while true do
-    local gate = io.open("GATE")
-    if gate then gate:close() break end
-    time.sleep("20ms")
-  end
-  local handled = assert(io.open("HANDLED", "a"))
-  handled:write(ev.id, "\n")
-  handled:close()
-  return true
-end)
 "#;
 
 /// The consumer's state, read from whichever node answers.
@@ -148,7 +135,7 @@ async fn a_worker_fails_over_when_its_cluster_node_dies() {
 
     let scripts = Scripts::new();
     let (gate, handled) = (scripts.path().join("gate"), scripts.path().join("handled"));
-    let source = APP.replace("GATE", gate.to_str().unwrap()).replace("HANDLED", handled.to_str().unwrap());
+    let source = format!("{CONSUMER}{}", gated_handler(&gate, &handled));
     let script = scripts.write("app.lua", &source);
     let url_list = urls.join(",");
     let args = ["run", script.to_str().unwrap(), "--nats-url", &url_list, "--workers", "2", "--concurrency", "4"];
@@ -171,7 +158,7 @@ async fn a_worker_fails_over_when_its_cluster_node_dies() {
         assert!(tokio::time::Instant::now() < deadline, "never 8 in flight: {info:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(std::fs::read_to_string(&handled).is_err(), "nothing finished before the node died");
+    assert!(handled_ids(&handled).is_empty(), "nothing finished before the node died");
 
     // Kill the node holding most of the worker's connections (not the test's).
     let victim = (0..nodes.len()).max_by_key(|&i| nodes[i].worker_connections()).unwrap();
@@ -195,7 +182,7 @@ async fn a_worker_fails_over_when_its_cluster_node_dies() {
         assert!(tokio::time::Instant::now() < deadline, "the stream was not drained after fail-over: {info:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let ids: HashSet<String> = std::fs::read_to_string(&handled).unwrap().lines().map(str::to_string).collect();
+    let ids = handled_ids(&handled);
     let missing: Vec<u64> = (1..=total).filter(|n| !ids.contains(&format!("JOBS:{n}"))).collect();
     assert!(missing.is_empty(), "messages never handled after fail-over: {missing:?}");
 }

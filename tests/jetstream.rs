@@ -438,30 +438,13 @@ async fn sigterm_finishes_in_flight_and_hands_back_the_rest_at_once() {
     assert_eq!(info.num_ack_pending, 0);
 }
 
-/// Handlers held until the file GATE exists, each recording its message's id in
-/// HANDLED once through: a fault can strike while a known number is in flight.
-const GATED: &str = r#"
+/// A consumer whose handlers are held at a gate (see [`gated_handler`]).
+const GATED_CONSUMER: &str = r#"
 bus.consume({
   stream = "JOBS", consumer = "work", subject = "jobs.>", ack_wait = "2s",
   create_stream = { subjects = { "jobs.>" } },
 })
-bus.on("jobs.run", function(ev)
-  while true do
-    local gate = io.open("GATE")
-    if gate then gate:close() break end
-    time.sleep("20ms")
-  end
-  local handled = assert(io.open("HANDLED", "a"))
-  handled:write(ev.id, "\n")
-  handled:close()
-  return true
-end)
 "#;
-
-/// Ids recorded by [`GATED`] handlers in `path`.
-fn handled_ids(path: &std::path::Path) -> HashSet<String> {
-    std::fs::read_to_string(path).unwrap_or_default().lines().map(str::to_string).collect()
-}
 
 /// Waits until the consumer holds exactly `in_flight` unacknowledged messages.
 async fn held(consumer: &mut PullConsumer, in_flight: usize) -> async_nats::jetstream::consumer::Info {
@@ -481,7 +464,7 @@ async fn a_server_killed_mid_stream_loses_no_message() {
     let mut server = server();
     let scripts = Scripts::new();
     let (gate, handled) = (scripts.path().join("gate"), scripts.path().join("handled"));
-    let source = GATED.replace("GATE", gate.to_str().unwrap()).replace("HANDLED", handled.to_str().unwrap());
+    let source = format!("{GATED_CONSUMER}{}", gated_handler(&gate, &handled));
     let script = scripts.write("gated.lua", &source);
     let args = ["--workers", "2", "--concurrency", "4", "--unsafe-lua"];
     let _worker = Worker::run(&server, &script, &args);

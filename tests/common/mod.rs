@@ -453,3 +453,29 @@ pub fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
     }
     headers
 }
+
+/// A `jobs.run` handler held until the file `gate` exists, then recording its
+/// message's id in the file `handled`: a fault can strike while a known number
+/// of messages is in flight, and each one's handling shows after.
+pub fn gated_handler(gate: &Path, handled: &Path) -> String {
+    r#"
+bus.on("jobs.run", function(ev)
+  while true do
+    local gate = io.open("GATE")
+    if gate then gate:close() break end
+    time.sleep("20ms")
+  end
+  local handled = assert(io.open("HANDLED", "a"))
+  handled:write(ev.id, "\n")
+  handled:close()
+  return true
+end)
+"#
+    .replace("GATE", gate.to_str().expect("a UTF-8 path"))
+    .replace("HANDLED", handled.to_str().expect("a UTF-8 path"))
+}
+
+/// The ids a [`gated_handler`] recorded in `handled`.
+pub fn handled_ids(handled: &Path) -> std::collections::HashSet<String> {
+    std::fs::read_to_string(handled).unwrap_or_default().lines().map(str::to_string).collect()
+}
