@@ -5,30 +5,32 @@
 //! thread's freed pages for reuse, so a worker that goes quiet after a burst
 //! would keep that memory. Every few seconds each VM compares the process's
 //! resident memory with its level after the last release; once it grew by more
-//! than a threshold, the VM runs a full Lua collection and returns its thread's
-//! free pages to the system. A steady load whose memory does not grow never pays
-//! for it.
+//! than a threshold and the VM has no handler running (the burst is over), the
+//! VM runs a full Lua collection and returns its thread's free pages to the
+//! system. The process's own runtime thread does the same for its pages. A
+//! steady load never pays for it: it runs only when a VM is idle.
 
 use std::time::Duration;
 
 use mlua::WeakLua;
 
-/// How often a VM looks at the process's memory.
+/// How often memory is looked at.
 const INTERVAL: Duration = Duration::from_secs(2);
-/// Growth since the last release that makes the next check release.
+/// Growth since the last release that makes an idle moment release.
 const GROWTH: u64 = 8 << 20;
 
-/// Runs on a VM's thread until the VM is gone.
-pub async fn release_after_bursts(lua: WeakLua) {
-    let mut settled = resident_bytes();
+/// Runs on a VM's thread until the VM is gone; `idle` says whether the VM has no
+/// handler running.
+pub async fn release_after_bursts(lua: WeakLua, idle: impl Fn() -> bool) {
+    let mut floor = resident_bytes();
     let mut ticks = tokio::time::interval(INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticks.tick().await;
     loop {
         ticks.tick().await;
         let now = resident_bytes();
-        if now <= settled + GROWTH {
-            settled = settled.min(now);
+        floor = floor.min(now);
+        if now <= floor + GROWTH || !idle() {
             continue;
         }
         let Some(lua) = lua.try_upgrade() else { return };
@@ -37,7 +39,27 @@ pub async fn release_after_bursts(lua: WeakLua) {
         }
         drop(lua);
         return_free_pages();
-        settled = resident_bytes();
+        floor = resident_bytes();
+    }
+}
+
+/// Runs on the process's runtime until `stop`: returns that thread's free pages
+/// after its memory grew (messages read there, replies written there).
+pub async fn release_runtime_pages(stop: tokio_util::sync::CancellationToken) {
+    let mut floor = resident_bytes();
+    let mut ticks = tokio::time::interval(INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let now = resident_bytes();
+        floor = floor.min(now);
+        if now > floor + GROWTH {
+            return_free_pages();
+            floor = resident_bytes();
+        }
     }
 }
 

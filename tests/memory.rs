@@ -36,13 +36,13 @@ async fn resident_memory_returns_under_64_mib_after_a_burst_of_1_mb_payloads() {
     let pid = worker.pid();
     let before = resident(pid);
     let payloads: Vec<String> = (0..7).map(megabyte_payload).collect();
-    let replies = futures::stream::iter(0..300)
+    let replies = futures::stream::iter(0..600)
         .map(|i| {
             let client = client.clone();
             let payload = payloads[i % payloads.len()].clone();
             async move { request(&client, "burst", &payload).await }
         })
-        .buffer_unordered(48)
+        .buffer_unordered(160)
         .collect::<Vec<_>>()
         .await;
     assert!(replies.iter().all(|reply| error_of(reply).is_none() && body(reply).parse::<u64>().unwrap() > 9000));

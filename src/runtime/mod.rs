@@ -81,6 +81,7 @@ pub async fn run_worker_with_reloads(
     discovery::serve(client.clone(), instance, stop.clone())
         .await
         .map_err(|err| RunError::Runtime(format!("cannot subscribe to the $SRV discovery subjects: {err}")))?;
+    tokio::spawn(crate::memory::release_runtime_pages(stop.clone()));
     health.set_sources_running(true);
     tracing::info!(
         name = %config.name,

@@ -155,7 +155,11 @@ async fn lifecycle(setup: Setup, events: mpsc::Receiver<Event>, init: oneshot::S
     };
     let intake = Rc::new(Intake::new(lane, vm.slots.clone(), vm.starter(), stats));
     tokio::task::spawn_local(open_sources(plan, intake, client.clone(), vm.state.worker_id));
-    tokio::task::spawn_local(crate::memory::release_after_bursts(vm.lua.weak()));
+    let idle = {
+        let vm = Rc::downgrade(&vm);
+        move || vm.upgrade().is_none_or(|vm| vm.slots.free() >= vm.concurrency)
+    };
+    tokio::task::spawn_local(crate::memory::release_after_bursts(vm.lua.weak(), idle));
 
     vm.serve_queue(events).await;
     if let Some(client) = &client {
