@@ -389,9 +389,19 @@ bus.on("jobs.bad", function(ev) error("cannot do it") end)
     js.publish("jobs.bad", "{}".into()).await.unwrap().await.unwrap();
     next(&mut dead).await;
 
-    let page = tokio::task::spawn_blocking(move || http_get(&addr, "/metrics")).await.unwrap().expect("scrape");
-    assert_eq!(page.0, 200);
-    let page = page.1;
+    // The dead letter arrives before its settling has counted it: scrape until
+    // the count shows (the bound catches a count that never comes).
+    let dead_lettered = "agent_block_jetstream_dead_letters_total{stream=\"JOBS\",consumer=\"work\"} 1";
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let page = loop {
+        let scrape = addr.clone();
+        let page = tokio::task::spawn_blocking(move || http_get(&scrape, "/metrics")).await.unwrap().expect("scrape");
+        assert_eq!(page.0, 200);
+        if page.1.contains(dead_lettered) || std::time::Instant::now() > deadline {
+            break page.1;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     for expected in [
         "agent_block_events_total{kind=\"orders\",outcome=\"ack\"} 3",
         "agent_block_events_total{kind=\"fail\",outcome=\"error\"} 1",
