@@ -158,6 +158,27 @@ fn log_event(event: Event, was_down: &AtomicBool) {
     }
 }
 
+/// Time the server gets to answer [`round_trip`].
+const ROUND_TRIP_LIMIT: Duration = Duration::from_secs(10);
+
+/// Returns once the server has read everything `client` sent before, its
+/// subscriptions included. `Client::flush` only empties the socket buffer; a
+/// message to an inbox this client subscribes to comes back only after the
+/// server has processed what came before it on the connection. A reload relies
+/// on this: the old VMs leave a queue group only once the new ones are in it.
+pub async fn round_trip(client: &async_nats::Client) -> Result<(), String> {
+    use futures::StreamExt;
+    let failed = |err: &dyn std::fmt::Display| format!("cannot confirm subscriptions with NATS: {err}");
+    let inbox = client.new_inbox();
+    let mut echo = client.subscribe(inbox.clone()).await.map_err(|err| failed(&err))?;
+    client.publish(inbox, bytes::Bytes::new()).await.map_err(|err| failed(&err))?;
+    match tokio::time::timeout(ROUND_TRIP_LIMIT, echo.next()).await {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(failed(&"the connection closed")),
+        Err(_) => Err(failed(&format_args!("no answer within {ROUND_TRIP_LIMIT:?}"))),
+    }
+}
+
 /// Time allowed for the last replies to leave at shutdown.
 pub const FLUSH_LIMIT: Duration = Duration::from_millis(200);
 

@@ -54,7 +54,11 @@ async fn existing_consumer(server: &NatsServer, config: consumer::pull::Config, 
     let expected = count as u64;
     let deadline = std::time::Instant::now() + PATIENCE;
     while consumer_info(&js).await.num_pending != expected {
-        assert!(std::time::Instant::now() < deadline, "the server never counted {expected} pending: {:?}", consumer_info(&js).await);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server never counted {expected} pending: {:?}",
+            consumer_info(&js).await
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     js

@@ -142,7 +142,8 @@ async fn dev_reloads_when_a_module_changes() {
     // server, so a request right after the reload may still get the old answer.
     let reloaded = Instant::now();
     loop {
-        let answer = body(&request(&client, "version", "").await);
+        let reply = client.request("version", "".into()).await;
+        let answer = body(&reply.unwrap_or_else(|err| panic!("{err} right after a reload: {}", dev.stderr.text())));
         if answer == "v2" {
             break;
         }

@@ -52,7 +52,6 @@ impl Source for CoreSource {
                 None => client.subscribe(subject).await,
             };
             let subscriber = subscribed.map_err(|err| format!("cannot subscribe to {:?}: {err}", self.spec.subject))?;
-            client.flush().await.map_err(|err| format!("cannot confirm subscriptions with NATS: {err}"))?;
             Ok(Box::pin(forward(self, subscriber, client, link)) as Forwarding)
         })
     }

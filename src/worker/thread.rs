@@ -180,8 +180,9 @@ async fn lifecycle(setup: Setup, events: mpsc::Receiver<Event>, init: oneshot::S
     let _ = runner.await;
 }
 
-/// Opens the sources the plan places on this VM and forwards their events. Each
-/// source holds this VM's intake, so the VM keeps serving until its sources are
+/// Opens the sources the plan places on this VM and, once the server has
+/// confirmed their subscriptions, forwards their events. Each source holds this
+/// VM's intake, so the VM keeps serving until its sources are
 /// drained. Without a plan (the pool did not ask) the intake is just dropped.
 async fn open_sources(
     plan: oneshot::Receiver<SourcePlan>,
@@ -205,6 +206,12 @@ async fn open_sources(
                 return;
             }
         }
+    }
+    if let Some(client) = &client
+        && let Err(message) = connect::round_trip(client).await
+    {
+        let _ = plan.opened.send(Err(message));
+        return;
     }
     let _ = plan.opened.send(Ok(()));
     for forward in forwarding {
