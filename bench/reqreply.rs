@@ -24,16 +24,19 @@
 //! Without `--bench` (e.g. `cargo test --all-targets`) it runs a quick smoke pass
 //! whose figures mean nothing.
 
-use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
+use std::io::{Read, Write};
+use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+#[path = "support/children.rs"]
+mod children;
+#[path = "support/otlp.rs"]
+mod otlp;
 #[path = "proc_stat.rs"]
 mod proc_stat;
+use children::{ChildGuard, Lines, log_message};
 use proc_stat::cpu_time;
 
 use agent_block::nats_server::NatsServer;
@@ -225,78 +228,6 @@ fn payload() -> Bytes {
 // Responder processes
 // ---------------------------------------------------------------------------------
 
-/// A child process killed when dropped, so no path out of the run (error, panic)
-/// leaves a responder behind.
-struct ChildGuard {
-    child: Child,
-    /// The plain echo exits when its stdin closes: holding the write end keeps it
-    /// alive, and it dies with this process even if this process is killed.
-    _stdin: Option<ChildStdin>,
-    lines: Lines,
-}
-
-impl ChildGuard {
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The lines a child writes to one of its pipes, read by a thread that keeps
-/// draining after we stop listening, so a chatty child never blocks on a full pipe.
-struct Lines {
-    receiver: mpsc::Receiver<(Instant, String)>,
-    /// The last lines seen, to explain a child that died before it was ready.
-    recent: VecDeque<String>,
-}
-
-impl Lines {
-    fn follow(pipe: impl Read + Send + 'static) -> Self {
-        let (sender, receiver) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines() {
-                let Ok(line) = line else { break };
-                // Once nobody listens, keep reading (and dropping) until the child ends.
-                let _ = sender.send((Instant::now(), line));
-            }
-        });
-        Lines { receiver, recent: VecDeque::new() }
-    }
-
-    /// Waits for a line `matches` accepts; returns when it was read and the line.
-    fn wait_for(&mut self, what: &str, matches: impl Fn(&str) -> bool) -> Result<(Instant, String), String> {
-        let deadline = Instant::now() + READY_LIMIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.receiver.recv_timeout(left) {
-                Ok((at, line)) if matches(&line) => return Ok((at, line)),
-                Ok((_, line)) => {
-                    if self.recent.len() == 20 {
-                        self.recent.pop_front();
-                    }
-                    self.recent.push_back(line);
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    return Err(format!("{what} not ready after {READY_LIMIT:?}; last output:\n{}", self.tail()));
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    return Err(format!("{what} exited before it was ready; last output:\n{}", self.tail()));
-                }
-            }
-        }
-    }
-
-    fn tail(&self) -> String {
-        self.recent.iter().map(String::as_str).collect::<Vec<_>>().join("\n")
-    }
-}
-
 #[derive(Clone, Copy, PartialEq)]
 enum Responder {
     Plain,
@@ -339,7 +270,7 @@ fn start_plain(url: &str, workers: usize) -> Result<ChildGuard, String> {
     let stdin = child.stdin.take();
     let stdout = child.stdout.take().expect("stdout is piped");
     let mut guard = ChildGuard { child, _stdin: stdin, lines: Lines::follow(stdout) };
-    guard.lines.wait_for("the plain echo responder", |line| line == echo::READY)?;
+    guard.lines.wait_for("the plain echo responder", READY_LIMIT, |line| line == echo::READY)?;
     Ok(guard)
 }
 
@@ -382,19 +313,13 @@ fn start_agent(url: &str, workers: usize, otlp_port: Option<u16>) -> Result<Agen
     let mut child = command.spawn().map_err(|err| format!("cannot start agent-block: {err}"))?;
     let stderr = child.stderr.take().expect("stderr is piped");
     let mut guard = ChildGuard { child, _stdin: None, lines: Lines::follow(stderr) };
-    let (at, line) =
-        guard.lines.wait_for("agent-block", |line| log_message(line).as_deref() == Some("worker ready"))?;
+    let (at, line) = guard
+        .lines
+        .wait_for("agent-block", READY_LIMIT, |line| log_message(line).as_deref() == Some("worker ready"))?;
     let reported_ms = serde_json::from_str::<serde_json::Value>(&line)
         .ok()
         .and_then(|record| record.get("ready_in_ms").and_then(serde_json::Value::as_u64));
     Ok(AgentStart { guard, ready: at.duration_since(spawned), reported_ms })
-}
-
-/// The message of one JSON log line (`--log-format json` flattens it to the top level).
-fn log_message(line: &str) -> Option<String> {
-    let record: serde_json::Value = serde_json::from_str(line).ok()?;
-    let message = record.get("message").or_else(|| record.get("fields")?.get("message"))?;
-    message.as_str().map(str::to_string)
 }
 
 // ---------------------------------------------------------------------------------
@@ -712,79 +637,6 @@ mod echo {
         while let Some(message) = subscriber.next().await {
             if let Some(reply) = message.reply {
                 let _ = client.publish(reply, message.payload).await;
-            }
-        }
-    }
-}
-
-/// A local OTLP/HTTP receiver for the export-on rounds: accepts every export
-/// request and counts what it got, so export costs what it would against a
-/// collector on the same host.
-mod otlp {
-    use std::io::{BufRead, BufReader, Read, Write};
-    use std::net::{TcpListener, TcpStream};
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicU64, Ordering};
-
-    pub struct Receiver {
-        pub port: u16,
-        requests: Arc<AtomicU64>,
-    }
-
-    impl Receiver {
-        pub fn start() -> Result<Receiver, String> {
-            let listener =
-                TcpListener::bind("127.0.0.1:0").map_err(|err| format!("cannot start the OTLP receiver: {err}"))?;
-            let port = listener.local_addr().map_err(|err| err.to_string())?.port();
-            let requests = Arc::new(AtomicU64::new(0));
-            let counter = requests.clone();
-            std::thread::spawn(move || {
-                for stream in listener.incoming().flatten() {
-                    let counter = counter.clone();
-                    std::thread::spawn(move || serve(stream, &counter));
-                }
-            });
-            Ok(Receiver { port, requests })
-        }
-
-        /// Export requests received (each a batch of spans).
-        pub fn batches(&self) -> u64 {
-            self.requests.load(Ordering::Relaxed)
-        }
-    }
-
-    /// Answers HTTP/1.1 requests on one kept-alive connection with 200.
-    fn serve(stream: TcpStream, requests: &AtomicU64) {
-        let Ok(mut writer) = stream.try_clone() else { return };
-        let mut reader = BufReader::new(stream);
-        loop {
-            let mut length = 0usize;
-            let mut line = String::new();
-            let mut first = true;
-            loop {
-                line.clear();
-                match reader.read_line(&mut line) {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {}
-                }
-                if line == "\r\n" && !first {
-                    break;
-                }
-                first = false;
-                if let Some((name, value)) = line.split_once(':')
-                    && name.eq_ignore_ascii_case("content-length")
-                {
-                    length = value.trim().parse().unwrap_or(0);
-                }
-            }
-            let mut body = vec![0; length];
-            if reader.read_exact(&mut body).is_err() {
-                return;
-            }
-            requests.fetch_add(1, Ordering::Relaxed);
-            let response = "HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
-            if writer.write_all(response.as_bytes()).is_err() {
-                return;
             }
         }
     }
