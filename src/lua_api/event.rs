@@ -42,7 +42,12 @@ pub struct EventTables {
 impl EventTables {
     pub fn new(lua: &Lua) -> mlua::Result<Self> {
         let metatable = lua.create_table()?;
-        metatable.set("__index", lua.create_function(lazy_field)?)?;
+        // Kept as a Lua string, so reading the body does not hash its key again.
+        let data_key = lua.create_string("data")?;
+        metatable.set(
+            "__index",
+            lua.create_function(move |lua, (table, key): (Table, Value)| lazy_field(lua, &data_key, table, key))?,
+        )?;
         for (index, key) in KEYS.into_iter().enumerate() {
             metatable.raw_set(index + 1, key)?;
         }
@@ -100,10 +105,10 @@ impl EventTables {
     }
 }
 
-fn lazy_field(lua: &Lua, (table, key): (Table, Value)) -> mlua::Result<Value> {
+fn lazy_field(lua: &Lua, data_key: &mlua::LuaString, table: Table, key: Value) -> mlua::Result<Value> {
     let Value::String(key) = key else { return Ok(Value::Nil) };
     let value = match &*key.as_bytes() {
-        b"payload" => payload(lua, &table)?,
+        b"payload" => payload(lua, &table, data_key)?,
         b"headers" => Value::Table(match extra(&table)? {
             Extra::Full(extra) => headers_table(lua, extra.headers.as_ref())?,
             Extra::ReceivedAt(_) => lua.create_table()?,
@@ -137,8 +142,8 @@ fn extra(table: &Table) -> mlua::Result<Extra> {
     }
 }
 
-fn payload(lua: &Lua, table: &Table) -> mlua::Result<Value> {
-    let data: mlua::LuaString = table.raw_get("data")?;
+fn payload(lua: &Lua, table: &Table, data_key: &mlua::LuaString) -> mlua::Result<Value> {
+    let data: mlua::LuaString = table.raw_get(data_key)?;
     let bytes = data.as_bytes();
     if bytes.is_empty() {
         return Ok(Value::Nil);
