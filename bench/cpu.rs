@@ -18,6 +18,10 @@
 use std::path::Path;
 use std::process::{Command, ExitCode, Stdio};
 
+#[path = "support/callgrind.rs"]
+mod callgrind;
+use callgrind::ensure_valgrind;
+
 const TARGET_RATIO: f64 = 0.9;
 /// The handler's deadline: armed, as in production, and far from reached.
 const HANDLER_TIMEOUT: &str = "10m";
@@ -80,19 +84,6 @@ fn run() -> Result<(), String> {
     Ok(())
 }
 
-fn ensure_valgrind() -> Result<(), String> {
-    let works = || Command::new("valgrind").arg("--version").stdout(Stdio::null()).status().is_ok_and(|s| s.success());
-    if !works() {
-        println!("valgrind not found; installing it with apt-get");
-        let _ = Command::new("apt-get").args(["install", "-y", "valgrind"]).stdout(Stdio::null()).status();
-    }
-    if works() {
-        Ok(())
-    } else {
-        Err("valgrind is missing and apt-get could not install it; install valgrind".to_string())
-    }
-}
-
 /// The instructions `command` runs from start to exit, counted by callgrind.
 fn instructions(command: &mut Command, dir: &Path) -> Result<u64, String> {
     let program = command.get_program().to_string_lossy().into_owned();
@@ -110,12 +101,7 @@ fn instructions(command: &mut Command, dir: &Path) -> Result<u64, String> {
     if !status.success() {
         return Err(format!("{program} under callgrind failed: {status}"));
     }
-    let text =
-        std::fs::read_to_string(&out_file).map_err(|err| format!("cannot read {}: {err}", out_file.display()))?;
-    text.lines()
-        .find_map(|line| line.strip_prefix("summary:").or_else(|| line.strip_prefix("totals:")))
-        .and_then(|count| count.split_whitespace().next()?.parse().ok())
-        .ok_or_else(|| format!("no instruction count in {}", out_file.display()))
+    callgrind::total(&out_file)
 }
 
 fn setting(name: &str, default: u64) -> Result<u64, String> {

@@ -30,10 +30,13 @@ use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+#[path = "support/callgrind.rs"]
+mod callgrind;
 #[path = "support/children.rs"]
 mod children;
 #[path = "support/otlp.rs"]
 mod otlp;
+use callgrind::ensure_valgrind;
 use children::{ChildGuard, Lines, log_message};
 
 use agent_block::nats_server::NatsServer;
@@ -156,20 +159,6 @@ fn thousands(count: f64) -> String {
     format!("{:.1}k", count / 1000.0)
 }
 
-fn ensure_valgrind() -> Result<(), String> {
-    let works =
-        |tool: &str| Command::new(tool).arg("--version").stdout(Stdio::null()).status().is_ok_and(|s| s.success());
-    if !works("valgrind") {
-        println!("valgrind not found; installing it with apt-get");
-        let _ = Command::new("apt-get").args(["install", "-y", "valgrind"]).stdout(Stdio::null()).status();
-    }
-    if works("valgrind") {
-        Ok(())
-    } else {
-        Err("valgrind is missing and apt-get could not install it; install valgrind".to_string())
-    }
-}
-
 /// An agent-block worker to count.
 struct AgentRun {
     script: &'static str,
@@ -273,12 +262,7 @@ impl Counter {
         load()?;
         callgrind_control(&["-d", &pid])?;
         let dump = PathBuf::from(format!("{}.1", out_file.display()));
-        let text = std::fs::read_to_string(&dump).map_err(|err| format!("cannot read {}: {err}", dump.display()))?;
-        let total = text
-            .lines()
-            .find_map(|line| line.strip_prefix("summary:").or_else(|| line.strip_prefix("totals:")))
-            .and_then(|count| count.trim().split_whitespace().next()?.parse().ok())
-            .ok_or_else(|| format!("no instruction count in {}", dump.display()))?;
+        let total = callgrind::total(&dump)?;
         println!("{label}: {total} instructions");
         Ok(total)
     }
