@@ -263,6 +263,38 @@ async fn pretty_logs_are_plain_text_lines() {
     assert!(handled.contains(" WARN ") && handled.contains("ping"), "{handled}");
 }
 
+/// On a terminal (a pseudo-terminal from util-linux `script`), without
+/// `--log-format`, the log is pretty and coloured.
+#[test]
+fn pretty_logs_are_the_default_on_a_terminal() {
+    use std::os::unix::process::CommandExt;
+    let server = server();
+    let scripts = Scripts::new();
+    let script = scripts.write("app.lua", APP);
+    let worker = format!("{BIN} run {} --nats-url {} --workers 1", script.display(), server.url());
+    let mut command = std::process::Command::new("script");
+    command.args(["--quiet", "--flush", "--command", &worker, "/dev/null"]);
+    hermetic(&mut command);
+    let mut terminal = command
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()
+        .expect("util-linux script runs the worker on a pseudo-terminal");
+    let output = Output::default();
+    output.collect(terminal.stdout.take().unwrap());
+    let ready = output.wait_for("worker ready", PATIENCE);
+    // The group holds `script` and the worker under it.
+    unsafe { libc::kill(-(terminal.id() as i32), libc::SIGKILL) };
+    let _ = terminal.wait();
+    let log = output.text();
+    assert!(ready, "{log}");
+    let line = log.lines().find(|l| l.contains("worker ready")).unwrap();
+    assert!(serde_json::from_str::<serde_json::Value>(line.trim()).is_err(), "pretty, not JSON: {line}");
+    assert!(line.contains('\x1b') && line.contains("INFO"), "coloured on a terminal: {line:?}");
+}
+
 #[test]
 fn sigint_shuts_down_like_sigterm() {
     let server = server();
@@ -322,18 +354,32 @@ fn a_script_that_cannot_be_read_exits_2_naming_it() {
     std::fs::create_dir(&folder).unwrap();
     let missing = scripts.path().join("missing.lua");
     let mut unreadable = vec![(folder, "is a directory"), (missing, "no such file")];
-    // Root reads any file: a mode of 000 only shows something to other users.
-    if unsafe { libc::geteuid() } != 0 {
-        let locked = scripts.write("locked.lua", APP);
-        std::fs::set_permissions(&locked, std::os::unix::fs::PermissionsExt::from_mode(0o000)).unwrap();
-        unreadable.push((locked, "permission denied"));
-    }
     for (script, why) in unreadable {
         let (code, stderr) = run_against_nowhere(&script, &["--connect-timeout", "1s"]);
         assert_eq!(code, Some(2), "{}: {stderr}", script.display());
         let name = script.file_name().unwrap().to_str().unwrap();
         assert!(stderr.contains(name) && stderr.contains(why), "{name}: {stderr}");
     }
+    // A mode of 000 stops every user but root, so as root the worker runs as
+    // `nobody` (util-linux `setpriv`).
+    let locked = scripts.write("locked.lua", APP);
+    std::fs::set_permissions(&locked, std::os::unix::fs::PermissionsExt::from_mode(0o000)).unwrap();
+    let url = nowhere();
+    let worker = [BIN, "run", locked.to_str().unwrap(), "--nats-url", &url, "--connect-timeout", "1s"];
+    let mut command = if unsafe { libc::geteuid() } == 0 {
+        let mut command = std::process::Command::new("setpriv");
+        command.args(["--reuid=65534", "--regid=65534", "--clear-groups"]).args(worker);
+        command
+    } else {
+        let mut command = std::process::Command::new(BIN);
+        command.args(&worker[1..]);
+        command
+    };
+    hermetic(&mut command);
+    let output = command.output().expect("run the worker");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("locked.lua") && stderr.contains("permission denied"), "{stderr}");
 }
 
 #[test]
@@ -352,4 +398,51 @@ fn defaults_without_flags_are_the_ones_the_readme_states() {
     assert_eq!(ready["name"], "agent-block", "--name defaults to agent-block");
     assert_eq!(ready["workers"], cpus, "--workers defaults to the number of CPUs");
     assert!(!log.contains("probes at"), "no HTTP listener without --metrics-addr: {log}");
+}
+
+/// `--handler-timeout` 30s and `--grace` 10s, observed on a worker started
+/// without flags: a handler that never yields is ended after 30 s, and at SIGTERM
+/// a handler still running is cancelled (503) 10 s later. The bounds leave room
+/// for a loaded machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_deadline_is_30s_and_the_default_grace_10s() {
+    let server = server();
+    let scripts = Scripts::new();
+    let script = scripts.write(
+        "app.lua",
+        r#"
+bus.subscribe("spin")
+bus.subscribe("nap")
+bus.on("spin", function() while true do end end)
+bus.on("nap", function()
+  nats.publish("napping", "")
+  time.sleep("10m")
+  return "woke"
+end)
+"#,
+    );
+    let mut worker = Worker::run(&server, &script, &[]);
+    let client = client(&server).await;
+    let started = Instant::now();
+    let spin = async_nats::Request::new().timeout(Some(Duration::from_secs(60)));
+    let reply = client.send_request("spin", spin).await.expect("an answer within 60 s");
+    let took = started.elapsed();
+    assert_eq!(error_of(&reply), Some((504, "handler timed out after 30s".to_string())), "{:?}", reply.payload);
+    assert!(took >= Duration::from_secs(30) && took < Duration::from_secs(45), "ended after {took:?}");
+
+    let mut napping = client.subscribe("napping").await.unwrap();
+    client.flush().await.unwrap();
+    let nap = tokio::spawn({
+        let client = client.clone();
+        async move { request(&client, "nap", "").await }
+    });
+    next(&mut napping).await;
+    let terminated = Instant::now();
+    worker.terminate();
+    let status = worker.wait_exit(Duration::from_secs(60));
+    let took = terminated.elapsed();
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", worker.stderr.text());
+    assert!(took >= Duration::from_secs(10) && took < Duration::from_secs(25), "exited after {took:?}");
+    let reply = nap.await.unwrap();
+    assert_eq!(error_of(&reply).map(|(code, _)| code), Some(503), "{:?}", reply.payload);
 }

@@ -114,7 +114,7 @@ struct Collected {
 }
 
 impl Output {
-    fn collect(&self, stream: impl Read + Send + 'static) {
+    pub fn collect(&self, stream: impl Read + Send + 'static) {
         let output = self.clone();
         std::thread::spawn(move || {
             let (collected, changed) = &*output.0;
