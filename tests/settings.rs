@@ -353,7 +353,7 @@ fn a_script_that_cannot_be_read_exits_2_naming_it() {
     let folder = scripts.path().join("folder.lua");
     std::fs::create_dir(&folder).unwrap();
     let missing = scripts.path().join("missing.lua");
-    let mut unreadable = vec![(folder, "is a directory"), (missing, "no such file")];
+    let unreadable = vec![(folder, "is a directory"), (missing, "no such file")];
     for (script, why) in unreadable {
         let (code, stderr) = run_against_nowhere(&script, &["--connect-timeout", "1s"]);
         assert_eq!(code, Some(2), "{}: {stderr}", script.display());

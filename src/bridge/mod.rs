@@ -10,6 +10,7 @@
 
 pub mod exec;
 pub mod http_client;
+pub mod http_exchange;
 pub mod sql;
 
 use std::cell::OnceCell;
@@ -19,6 +20,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use crate::cli::BridgeArgs;
+use http_exchange::{HttpExchange, Network};
 
 pub const DEFAULT_HTTP_MAX_BODY: usize = 10 << 20;
 /// The name `sql.query` and friends use; `sql.db(name)` reaches the others.
@@ -79,21 +81,38 @@ pub struct Bridges {
     /// `None`: offline, see [`BridgeConfig`].
     config: Option<Rc<BridgeConfig>>,
     unsafe_lua: bool,
-    http: OnceCell<Result<reqwest::Client, String>>,
+    http: OnceCell<Result<Rc<dyn HttpExchange>, String>>,
+    /// The HTTP settings of an exchange given to offline bridges.
+    offline_http: BridgeConfig,
     pools: sql::Pools,
 }
 
 impl Bridges {
     /// Bridges that refuse to reach the outside world.
     pub fn offline(unsafe_lua: bool) -> Self {
-        Bridges { config: None, unsafe_lua, http: OnceCell::new(), pools: sql::Pools::default() }
+        Bridges {
+            config: None,
+            unsafe_lua,
+            http: OnceCell::new(),
+            offline_http: BridgeConfig { http_max_body: DEFAULT_HTTP_MAX_BODY, ..BridgeConfig::default() },
+            pools: sql::Pools::default(),
+        }
+    }
+
+    /// Offline bridges whose `http.request` goes to `exchange`, with the default
+    /// HTTP settings (any host, `--http-max-body` 10MiB).
+    pub fn offline_with_http(unsafe_lua: bool, exchange: Rc<dyn HttpExchange>) -> Self {
+        let bridges = Self::offline(unsafe_lua);
+        let _ = bridges.http.set(Ok(exchange));
+        bridges
     }
 
     /// Opens this VM's database pools (waiting for unreachable databases as the
     /// settings say); the HTTP client is made on first use.
     pub async fn open(config: BridgeConfig, unsafe_lua: bool) -> Result<Self, String> {
         let pools = sql::Pools::open(&config.databases, config.connect_timeout).await?;
-        Ok(Bridges { config: Some(Rc::new(config)), unsafe_lua, http: OnceCell::new(), pools })
+        let offline_http = BridgeConfig::default();
+        Ok(Bridges { config: Some(Rc::new(config)), unsafe_lua, http: OnceCell::new(), offline_http, pools })
     }
 
     /// Whether `--unsafe-lua` lets handlers run commands.
@@ -110,11 +129,19 @@ impl Bridges {
         })
     }
 
-    /// This VM's HTTP client, made on first use.
-    pub fn http(&self, bridge: &str) -> mlua::Result<(reqwest::Client, &BridgeConfig)> {
-        let config = self.config(bridge)?;
-        match self.http.get_or_init(|| http_client::build(config)) {
-            Ok(client) => Ok((client.clone(), config)),
+    /// Where this VM's HTTP requests go (its client, made on first use) and
+    /// the HTTP settings.
+    pub fn http(&self, bridge: &str) -> mlua::Result<(Rc<dyn HttpExchange>, &BridgeConfig)> {
+        let config = match (&self.config, self.http.get()) {
+            (Some(config), _) => config,
+            (None, Some(Ok(_))) => &self.offline_http,
+            (None, _) => self.config(bridge)?,
+        };
+        let exchange = self
+            .http
+            .get_or_init(|| http_client::build(config).map(|client| Rc::new(Network(client)) as Rc<dyn HttpExchange>));
+        match exchange {
+            Ok(exchange) => Ok((exchange.clone(), config)),
             Err(message) => Err(mlua::Error::runtime(format!("{bridge}: {message}"))),
         }
     }

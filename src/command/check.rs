@@ -12,7 +12,7 @@ use crate::config::{DEFAULT_BUS_CAPACITY, DEFAULT_HANDLER_TIMEOUT, DEFAULT_NAME,
 use std::sync::Arc;
 
 use crate::transport::Offline;
-use crate::worker::{PoolSpec, VmPool};
+use crate::worker::{BridgeSpec, PoolSpec, VmPool};
 
 pub async fn execute(script: PathBuf, lua: &LuaArgs) -> ExitCode {
     let spec = PoolSpec {
@@ -25,7 +25,7 @@ pub async fn execute(script: PathBuf, lua: &LuaArgs) -> ExitCode {
         lua: LuaConfig::from(lua),
         transport: Arc::new(Offline),
         connection: None,
-        bridges: None,
+        bridges: BridgeSpec::Offline,
     };
     let (pool, report) = match VmPool::start(spec).await {
         Ok(started) => started,

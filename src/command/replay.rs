@@ -15,7 +15,7 @@ use crate::cli::LuaArgs;
 use crate::config::{DEFAULT_HANDLER_TIMEOUT, DEFAULT_TIME_SLICE, LuaConfig};
 use crate::source::Source;
 use crate::source::replay::{ReplayOutput, ReplaySource, ReplayTransport};
-use crate::worker::{PoolSpec, VmPool};
+use crate::worker::{BridgeSpec, PoolSpec, VmPool};
 
 pub async fn execute(script: PathBuf, events: PathBuf, handler_timeout: Option<Duration>, lua: &LuaArgs) -> ExitCode {
     let input: Box<dyn AsyncBufRead + Send + Unpin> = if events.as_os_str() == "-" {
@@ -40,7 +40,7 @@ pub async fn execute(script: PathBuf, events: PathBuf, handler_timeout: Option<D
         lua: LuaConfig::from(lua),
         transport: Arc::new(ReplayTransport(output.clone())),
         connection: None,
-        bridges: None,
+        bridges: BridgeSpec::Offline,
     };
     let (mut pool, report) = match VmPool::start(spec).await {
         Ok(started) => started,

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use mlua::{Function, Lua, Table, Value};
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 
+use crate::bridge::http_exchange::HttpResponse;
 use crate::bridge::{self, http_client};
 use crate::lua::context;
 use crate::lua_api::raise::{error_table, raising};
@@ -60,15 +61,9 @@ pub fn install(lua: &Lua) -> mlua::Result<()> {
     globals.set("http", http)
 }
 
-/// What a failed call raises.
-struct Failure {
-    code: u16,
-    message: String,
-}
-
 async fn request(lua: Lua, (url, opts): (String, Option<Table>)) -> mlua::Result<(Value, Value)> {
     let bridges = bridge::of(&lua);
-    let (client, config) = bridges.http("http.request")?;
+    let (exchange, config) = bridges.http("http.request")?;
     let max_body = config.http_max_body;
     let parsed = reqwest::Url::parse(&url)
         .map_err(|err| mlua::Error::runtime(format!("http.request: invalid URL {:?}: {err}", shown(&url))))?;
@@ -79,9 +74,9 @@ async fn request(lua: Lua, (url, opts): (String, Option<Table>)) -> mlua::Result
         let message = format!("http.request: {} is not allowed by --http-allow", host_of(&parsed));
         return Ok((Value::Nil, Value::Table(error_table(&lua, 403, message)?)));
     }
-    let built = build(&lua, &client, parsed, opts.as_ref())?;
+    let built = build(&lua, parsed, opts.as_ref())?;
     let label = format!("{} {}", built.method(), without_credentials(built.url()));
-    let sent = context::within_task(send(client, built, max_body)).await.map_err(mlua::Error::external)?;
+    let sent = context::within_task(exchange.exchange(built, max_body)).await.map_err(mlua::Error::external)?;
     match sent {
         Ok(response) => Ok((Value::Table(response_table(&lua, response)?), Value::Nil)),
         Err(failure) => {
@@ -91,12 +86,7 @@ async fn request(lua: Lua, (url, opts): (String, Option<Table>)) -> mlua::Result
     }
 }
 
-fn build(
-    lua: &Lua,
-    client: &reqwest::Client,
-    url: reqwest::Url,
-    opts: Option<&Table>,
-) -> mlua::Result<reqwest::Request> {
+fn build(lua: &Lua, url: reqwest::Url, opts: Option<&Table>) -> mlua::Result<reqwest::Request> {
     let get =
         |key: &str| -> mlua::Result<Value> { opts.map(|o| o.get(key)).transpose().map(Option::unwrap_or_default) };
     let method = match get("method")? {
@@ -139,11 +129,11 @@ fn build(
         Value::Nil => DEFAULT_TIMEOUT,
         value => duration_of(&value, "http.request timeout")?,
     };
-    let mut builder = client.request(method, url).headers(headers).timeout(timeout);
-    if let Some(body) = body {
-        builder = builder.body(body);
-    }
-    builder.build().map_err(|err| mlua::Error::runtime(format!("http.request: {}", err.without_url())))
+    let mut request = reqwest::Request::new(method, url);
+    *request.headers_mut() = headers;
+    *request.timeout_mut() = Some(timeout);
+    *request.body_mut() = body.map(reqwest::Body::from);
+    Ok(request)
 }
 
 fn headers_of(table: &Table) -> mlua::Result<HeaderMap> {
@@ -163,50 +153,7 @@ fn headers_of(table: &Table) -> mlua::Result<HeaderMap> {
     Ok(headers)
 }
 
-struct Response {
-    status: u16,
-    headers: HeaderMap,
-    body: Vec<u8>,
-}
-
-async fn send(client: reqwest::Client, request: reqwest::Request, max_body: usize) -> Result<Response, Failure> {
-    let mut response = client.execute(request).await.map_err(transport_failure)?;
-    let too_large = || Failure {
-        code: 502,
-        message: format!("the response body is larger than --http-max-body ({max_body} bytes)"),
-    };
-    if response.content_length().is_some_and(|length| length > max_body as u64) {
-        return Err(too_large());
-    }
-    let status = response.status().as_u16();
-    let headers = std::mem::take(response.headers_mut());
-    let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(transport_failure)? {
-        if body.len() + chunk.len() > max_body {
-            return Err(too_large());
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(Response { status, headers, body })
-}
-
-fn transport_failure(err: reqwest::Error) -> Failure {
-    let code = if err.is_timeout() { 504 } else { 502 };
-    let err = err.without_url();
-    let mut message = if err.is_timeout() { "timed out".to_string() } else { err.to_string() };
-    let mut source = std::error::Error::source(&err);
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !message.contains(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        source = cause.source();
-    }
-    Failure { code, message }
-}
-
-fn response_table(lua: &Lua, response: Response) -> mlua::Result<Table> {
+fn response_table(lua: &Lua, response: HttpResponse) -> mlua::Result<Table> {
     let table = lua.create_table()?;
     table.set("status", response.status)?;
     let headers = lua.create_table()?;

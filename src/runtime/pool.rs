@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use crate::config::WorkerConfig;
 use crate::transport::Offline;
-use crate::worker::PoolSpec;
+use crate::worker::{BridgeSpec, PoolSpec};
 
 /// The VM pool a serving worker runs: each VM with its own NATS connection.
 pub fn pool_spec(config: &WorkerConfig) -> PoolSpec {
@@ -18,6 +18,6 @@ pub fn pool_spec(config: &WorkerConfig) -> PoolSpec {
         lua: config.lua.clone(),
         transport: Arc::new(Offline),
         connection: Some(config.connection.clone()),
-        bridges: Some(config.bridges.clone()),
+        bridges: BridgeSpec::Online(config.bridges.clone()),
     }
 }

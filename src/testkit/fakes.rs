@@ -13,13 +13,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
-use futures::future::BoxFuture;
-use mlua::{Function, Lua, Table, Value};
+use futures::future::{BoxFuture, LocalBoxFuture};
+use mlua::{Lua, Table, Value};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::bridge::http_exchange::{HttpExchange, HttpFailure, HttpResponse as ExchangedResponse, too_large};
 use crate::config::Prelude;
-use crate::lua_api::event::headers_table;
-use crate::lua_api::{body_of, duration_of, headers_of};
+use crate::lua_api::{body_of, duration_of};
 use crate::transport::{Response, Transport, TransportError};
 
 /// A message a handler published (or a dead letter the worker published).
@@ -202,35 +202,6 @@ impl Transport for FakeTransport {
     }
 }
 
-const HTTP: &str = r#"
-local request, json = ...
-local response = {
-  __index = function(res, key)
-    if key == "json" then
-      local value = json.decode(rawget(res, "body"))
-      rawset(res, "json", value)
-      return value
-    end
-  end,
-}
-local http = {}
-function http.request(url, opts)
-  opts = opts or {}
-  local res, err = request(url, opts.method or "GET", opts.headers, opts.body)
-  if err then error(err, 2) end
-  return setmetatable(res, response)
-end
-local function with(opts, method, body)
-  local copy = {}
-  for k, v in pairs(opts or {}) do copy[k] = v end
-  copy.method, copy.body = method, body
-  return copy
-end
-function http.get(url, opts) return http.request(url, with(opts, "GET", opts and opts.body)) end
-function http.post(url, body, opts) return http.request(url, with(opts, "POST", body)) end
-return http
-"#;
-
 fn install(lua: &Lua, fakes: &Arc<Fakes>) -> mlua::Result<()> {
     let globals = lua.globals();
     let time: Table = globals.get("time")?;
@@ -257,11 +228,7 @@ fn install(lua: &Lua, fakes: &Arc<Fakes>) -> mlua::Result<()> {
     }
 
     let raw = kv_functions(lua, fakes)?;
-    globals.set("kv", crate::lua_api::kv::raising(lua, raw)?)?;
-
-    let http_request = http_function(lua, fakes)?;
-    let http: Table = lua.load(HTTP).set_name("=http").call((http_request, globals.get::<Value>("json")?))?;
-    globals.set("http", http)
+    globals.set("kv", crate::lua_api::kv::raising(lua, raw)?)
 }
 
 fn error_table(lua: &Lua, code: u16, message: &str) -> mlua::Result<Value> {
@@ -371,34 +338,46 @@ fn kv_functions(lua: &Lua, fakes: &Arc<Fakes>) -> mlua::Result<Table> {
     Ok(raw)
 }
 
-fn http_function(lua: &Lua, fakes: &Arc<Fakes>) -> mlua::Result<Function> {
-    let fakes = fakes.clone();
-    lua.create_async_function(move |lua, (url, method, headers, body): (String, String, Option<Table>, Value)| {
-        let fakes = fakes.clone();
-        async move {
-            let mut headers = headers.map(|h| headers_of(&h)).transpose()?.unwrap_or_default();
-            if matches!(body, Value::Table(_)) && headers.get("Content-Type").is_none() {
-                headers.insert("Content-Type", "application/json");
-            }
-            let body = body_of(&lua, &body)?;
-            let method = method.to_ascii_uppercase();
-            let (reply, answer) = oneshot::channel();
-            let request = HttpRequest { method, url, headers, body };
-            let label = format!("{} {}", request.method, request.url);
-            let unanswered = (502, format!("http.request {label}: the test ended"));
-            if fakes.calls.send(Call::Http { request, reply }).is_err() {
-                return Ok((Value::Nil, error_table(&lua, unanswered.0, &unanswered.1)?));
-            }
-            match answer.await.unwrap_or(Err(unanswered)) {
-                Ok(response) => {
-                    let table = lua.create_table()?;
-                    table.set("status", response.status)?;
-                    table.set("headers", headers_table(&lua, Some(&response.headers))?)?;
-                    table.set("body", lua.create_string(&response.body)?)?;
-                    Ok((Value::Table(table), Value::Nil))
-                }
-                Err((code, message)) => Ok((Value::Nil, error_table(&lua, code, &message)?)),
-            }
+/// `http.request`'s exchange under test: each request goes to the test's
+/// routes, after the same checks and encoding as in production.
+pub struct FakeHttp(pub Arc<Fakes>);
+
+impl HttpExchange for FakeHttp {
+    fn exchange(
+        &self,
+        request: reqwest::Request,
+        max_body: usize,
+    ) -> LocalBoxFuture<'static, Result<ExchangedResponse, HttpFailure>> {
+        let mut headers = HeaderMap::new();
+        for (name, value) in request.headers() {
+            headers.append(name.as_str(), String::from_utf8_lossy(value.as_bytes()).as_ref());
         }
-    })
+        let body = request.body().and_then(|body| body.as_bytes()).map(Bytes::copy_from_slice).unwrap_or_default();
+        let request =
+            HttpRequest { method: request.method().to_string(), url: request.url().to_string(), headers, body };
+        let (reply, answer) = oneshot::channel();
+        let unanswered = || HttpFailure { code: 502, message: "the test ended".to_string() };
+        let sent = self.0.calls.send(Call::Http { request, reply });
+        Box::pin(async move {
+            sent.map_err(|_| unanswered())?;
+            match answer.await.map_err(|_| unanswered())? {
+                Ok(response) if response.body.len() > max_body => Err(too_large(max_body)),
+                Ok(response) => {
+                    let mut headers = reqwest::header::HeaderMap::new();
+                    for (name, values) in response.headers.iter() {
+                        for value in values {
+                            if let (Ok(name), Ok(value)) = (
+                                reqwest::header::HeaderName::from_bytes(AsRef::<str>::as_ref(name).as_bytes()),
+                                reqwest::header::HeaderValue::from_str(value.as_str()),
+                            ) {
+                                headers.append(name, value);
+                            }
+                        }
+                    }
+                    Ok(ExchangedResponse { status: response.status, headers, body: response.body.to_vec() })
+                }
+                Err((code, message)) => Err(HttpFailure { code, message }),
+            }
+        })
+    }
 }

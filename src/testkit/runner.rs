@@ -258,7 +258,7 @@ async fn answer(lua: Lua, harness: Rc<Harness>, call: Call) {
                 r.method.as_ref().is_none_or(|m| *m == request.method) && glob(&r.pattern, &request.url)
             });
             let result = match route {
-                None => Err((502, format!("http.request: no test.http route for {} {}", request.method, request.url))),
+                None => Err((502, "no test.http route".to_string())),
                 Some(answer) => http_answer(&lua, &harness, answer, &request).await,
             };
             let _ = reply.send(result);

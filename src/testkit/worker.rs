@@ -6,6 +6,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -16,6 +17,7 @@ use mlua::{Lua, Table, UserData, UserDataMethods, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::bridge::http_exchange::HttpExchange;
 use crate::config::{DEFAULT_BUS_CAPACITY, DEFAULT_HANDLER_TIMEOUT, DEFAULT_TIME_SLICE, LuaConfig};
 use crate::event::{Event, Settle, StreamMeta};
 use crate::kind::subject_matches;
@@ -25,8 +27,8 @@ use crate::lua_api::{body_of, duration_of, headers_of, json};
 use crate::outcome::Outcome;
 use crate::source::jetstream::policy::{self, Action};
 use crate::source::{ConsumerSpec, Forwarding, Link, Placement, Source, SourceSpec};
-use crate::testkit::fakes::{Call, Clock, FakeTransport, Fakes, Published};
-use crate::worker::{PoolSpec, VmPool};
+use crate::testkit::fakes::{Call, Clock, FakeHttp, FakeTransport, Fakes, Published};
+use crate::worker::{BridgeSpec, PoolSpec, VmPool};
 
 /// Handlers the worker under test may run at once.
 const CONCURRENCY: usize = 16;
@@ -105,7 +107,10 @@ impl TestWorker {
             lua: LuaConfig { prelude: Some(fakes.prelude()), ..LuaConfig::default() },
             transport: Arc::new(FakeTransport(fakes.clone())),
             connection: None,
-            bridges: None,
+            bridges: BridgeSpec::OfflineWithHttp({
+                let fakes = fakes.clone();
+                Arc::new(move || Rc::new(FakeHttp(fakes.clone())) as Rc<dyn HttpExchange>)
+            }),
         };
         let (mut pool, report) =
             VmPool::start(spec).await.map_err(|err| mlua::Error::runtime(format!("test.worker: {err}")))?;

@@ -14,6 +14,7 @@ pub mod scheduler;
 mod thread;
 
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::bridge::http_exchange::HttpExchange;
 use crate::config::{BridgeConfig, ConnectionConfig, LuaConfig};
 use crate::connect::ConnectError;
 use crate::intake::{IntakeStats, SharedIntake};
@@ -46,8 +48,19 @@ pub struct PoolSpec {
     /// Set for serving workers: each VM opens its own NATS connection, so its
     /// subscriptions, handlers and replies stay on its thread.
     pub connection: Option<ConnectionConfig>,
-    /// Bridge settings; `None` keeps handlers offline (`check`, `replay`).
-    pub bridges: Option<BridgeConfig>,
+    pub bridges: BridgeSpec,
+}
+
+/// What the VMs' bridges reach.
+#[derive(Clone)]
+pub enum BridgeSpec {
+    /// The outside world, with these settings (`run`, `dev`).
+    Online(BridgeConfig),
+    /// Nothing: bridges raise an error naming themselves (`check`, `replay`).
+    Offline,
+    /// Nothing but HTTP, whose requests each VM hands to the exchange this makes
+    /// (`agent-block test`: the test's routes).
+    OfflineWithHttp(Arc<dyn Fn() -> Rc<dyn HttpExchange> + Send + Sync>),
 }
 
 /// What the script declared, read from the first VM after init.

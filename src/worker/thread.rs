@@ -28,7 +28,7 @@ use crate::telemetry::metrics::VmRecorder;
 use crate::transport::NatsTransport;
 use crate::worker::dispatch;
 use crate::worker::scheduler::Scheduler;
-use crate::worker::{InitReport, PoolSpec, ScriptError, SourcePlan, StartError, sandbox};
+use crate::worker::{BridgeSpec, InitReport, PoolSpec, ScriptError, SourcePlan, StartError, sandbox};
 
 /// Time the script's code after `bus.serve()` gets at shutdown.
 const CLEANUP_LIMIT: Duration = Duration::from_millis(500);
@@ -97,15 +97,16 @@ async fn lifecycle(setup: Setup, events: mpsc::Receiver<Event>, init: oneshot::S
         },
         None => None,
     };
-    let bridges = match spec.bridges.clone() {
-        Some(config) => match Bridges::open(config, spec.lua.unsafe_lua).await {
+    let bridges = match &spec.bridges {
+        BridgeSpec::Online(config) => match Bridges::open(config.clone(), spec.lua.unsafe_lua).await {
             Ok(bridges) => bridges,
             Err(message) => {
                 let _ = init.send(Err(StartError::Bridge(message)));
                 return;
             }
         },
-        None => Bridges::offline(spec.lua.unsafe_lua),
+        BridgeSpec::Offline => Bridges::offline(spec.lua.unsafe_lua),
+        BridgeSpec::OfflineWithHttp(exchange) => Bridges::offline_with_http(spec.lua.unsafe_lua, exchange()),
     };
     let metrics = VmRecorder::new(lane.downgrade());
     let (vm, main_chunk) = match Vm::load(worker_id, &spec, cancel, metrics) {
