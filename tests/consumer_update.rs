@@ -260,3 +260,16 @@ async fn a_restart_with_the_same_declaration_changes_nothing() {
     assert_eq!(after.config, created.config, "nothing was sent");
     assert_eq!(after.created, created.created);
 }
+
+/// A consumer deleted under a running worker (by another tool) is logged by
+/// name, from the server's own status for the pull in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_deleted_on_the_server_is_logged() {
+    let server = server();
+    let js = existing_consumer(&server, consumer::pull::Config::default(), 0).await;
+    let scripts = Scripts::new();
+    let worker = start(&server, &scripts, &app(""));
+    worker.expect_ready();
+    js.get_stream(STREAM).await.unwrap().delete_consumer(CONSUMER).await.expect("delete the consumer");
+    assert!(worker.stderr.wait_for("consumer deleted on the server", PATIENCE), "{}", worker.stderr.text());
+}

@@ -143,7 +143,9 @@ impl Puller {
             }
             if status == StatusCode::REQUEST_TERMINATED {
                 let reason = message.description.as_deref().unwrap_or("");
-                if reason.to_ascii_lowercase().contains("deleted") {
+                // nats-server ends a pull with 409 and this description when the
+                // consumer is deleted under it.
+                if reason.eq_ignore_ascii_case("consumer deleted") {
                     tracing::warn!(source = %source.describe(), reason, "consumer deleted on the server");
                 }
             }
