@@ -46,18 +46,37 @@ pub async fn run_worker_with_reloads(
         tracing::info!(addr = %bound, "probes at /healthz and /readyz");
     }
     tokio::pin!(shutdown);
-    let client = tokio::select! {
-        client = connect::connect(&config.connection) => client?,
+    // Connecting and opening databases may wait for unreachable servers: a signal still stops it.
+    let (client, mut serving) = tokio::select! {
+        serving = start_serving(&config, &health, started) => serving?,
         _ = &mut shutdown => return Ok(()),
     };
+    let mut reloader = Reloader::new();
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Some(()) = reloads.recv() => serving = reloader.reload(serving, &config, &client, &health).await,
+        }
+    }
+    shut_down(&config, &health, &client, serving, reloader).await;
+    if let Some(export) = tracing_export {
+        export.shutdown().await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Connects, starts the VM pool, opens the script's sources and announces the
+/// worker (service discovery, readiness).
+async fn start_serving(
+    config: &WorkerConfig,
+    health: &Health,
+    started: Instant,
+) -> Result<(async_nats::Client, Generation), RunError> {
+    let client = connect::connect(&config.connection).await?;
     health.add_client(client.clone());
     metrics::global().watch_client(client.clone());
-
-    // Opening databases may wait for an unreachable server: a signal still stops it.
-    let (mut pool, report) = tokio::select! {
-        started = VmPool::start(pool_spec(&config)) => started?,
-        _ = &mut shutdown => return Ok(()),
-    };
+    let (mut pool, report) = VmPool::start(pool_spec(config)).await?;
     for vm_client in pool.clients() {
         health.add_client(vm_client.clone());
         metrics::global().watch_client(vm_client.clone());
@@ -77,7 +96,7 @@ pub async fn run_worker_with_reloads(
     for source in &sources {
         tracing::info!(source = %source.describe(), placement = ?source.placement(), "source running");
     }
-    let instance = discovery::Instance::new(&config.name, endpoints, instance_metadata(&config));
+    let instance = discovery::Instance::new(&config.name, endpoints, instance_metadata(config));
     discovery::serve(client.clone(), instance, stop.clone())
         .await
         .map_err(|err| RunError::Runtime(format!("cannot subscribe to the $SRV discovery subjects: {err}")))?;
@@ -90,15 +109,18 @@ pub async fn run_worker_with_reloads(
         ready_in_ms = started.elapsed().as_millis() as u64,
         "worker ready"
     );
+    Ok((client, Generation { pool, stop }))
+}
 
-    let mut serving = Generation { pool, stop };
-    let mut reloader = Reloader::new();
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            Some(()) = reloads.recv() => serving = reloader.reload(serving, &config, &client, &health).await,
-        }
-    }
+/// Stops taking messages, lets in-flight handlers finish within `--grace`,
+/// cancels the rest, and flushes the last replies.
+async fn shut_down(
+    config: &WorkerConfig,
+    health: &Health,
+    client: &async_nats::Client,
+    serving: Generation,
+    reloader: Reloader,
+) {
     let grace_deadline = Instant::now() + config.grace;
     health.set_shutting_down();
     tracing::info!(grace = %humantime::format_duration(config.grace), "shutting down: draining sources");
@@ -110,12 +132,7 @@ pub async fn run_worker_with_reloads(
     if rejected + dropped > 0 {
         tracing::warn!(rejected, dropped, "intake was full at times: requests answered 503, messages dropped (totals)");
     }
-    connect::flush_briefly(&client).await;
-    if let Some(export) = tracing_export {
-        export.shutdown().await;
-    }
-    tracing::info!("stopped");
-    Ok(())
+    connect::flush_briefly(client).await;
 }
 
 /// What `nats micro info` shows about this worker besides its endpoints.

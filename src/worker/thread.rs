@@ -82,67 +82,19 @@ pub(super) fn run(
     let _ = done.send(());
 }
 
+/// The VM's life: start (connection, bridges, script, top level), serve, clean up.
 async fn lifecycle(setup: Setup, events: mpsc::Receiver<Event>, init: oneshot::Sender<Result<InitReport, StartError>>) {
     let Setup { worker_id, mut spec, cancel, lane, stats, plan } = setup;
-    let client = match &spec.connection {
-        Some(connection) => match connect::connect(connection).await {
-            Ok(client) => {
-                spec.transport = Arc::new(NatsTransport(client.clone()));
-                Some(client)
-            }
-            Err(err) => {
-                let _ = init.send(Err(err.into()));
-                return;
-            }
-        },
-        None => None,
-    };
-    let bridges = match &spec.bridges {
-        BridgeSpec::Online(config) => match Bridges::open(config.clone(), spec.lua.unsafe_lua).await {
-            Ok(bridges) => bridges,
-            Err(message) => {
-                let _ = init.send(Err(StartError::Bridge(message)));
-                return;
-            }
-        },
-        BridgeSpec::Offline => Bridges::offline(spec.lua.unsafe_lua),
-        BridgeSpec::OfflineWithHttp(exchange) => Bridges::offline_with_http(spec.lua.unsafe_lua, exchange()),
-    };
-    let metrics = VmRecorder::new(lane.downgrade());
-    let (vm, main_chunk) = match Vm::load(worker_id, &spec, cancel, metrics) {
-        Ok(loaded) => loaded,
+    let started = match start(worker_id, &mut spec, cancel, &lane).await {
+        Ok(started) => started,
         Err(err) => {
-            let _ = init.send(Err(err.into()));
+            let _ = init.send(Err(err));
             return;
         }
     };
-    vm.lua.set_app_data(Rc::new(bridges));
-    let vm = Rc::new(vm);
-    let (serving_tx, serving) = oneshot::channel();
-    *vm.state.init_done.borrow_mut() = Some(serving_tx);
-    let init_deadline = Instant::now() + vm.handler_timeout;
-    let main_context = Rc::new(TaskContext::new(Some(init_deadline), None));
-    let mut main = Some(tokio::task::spawn_local(Scoped::new(main_context.clone(), main_chunk.call_async::<()>(()))));
-    let init_timeout = || {
-        ScriptError(format!(
-            "{}: the script's top level ran longer than the handler timeout ({})",
-            vm.state.script.display(),
-            humantime::format_duration(vm.handler_timeout)
-        ))
-    };
-    let outcome = tokio::select! {
-        _ = serving => Ok(()),
-        _ = tokio::time::sleep_until((init_deadline + INIT_SLACK).into()) => Err(init_timeout()),
-        finished = main.as_mut().expect("main task is set") => {
-            main = None;
-            match finished {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(_)) if main_context.interrupted().is_some() => Err(init_timeout()),
-                Ok(Err(err)) => Err(ScriptError(script_error_message(&err))),
-                Err(_) => Err(ScriptError("the script's top level panicked".to_string())),
-            }
-        }
-    };
+    let Started { vm, client, main_context, main } = started;
+    let mut main = Some(main);
+    let outcome = run_top_level(&vm, &main_context, &mut main).await;
     main_context.set_deadline(None);
     vm.state.phase.set(Phase::Serving);
     let report = outcome.map(|()| InitReport { client: client.clone(), ..vm.report() });
@@ -166,7 +118,87 @@ async fn lifecycle(setup: Setup, events: mpsc::Receiver<Event>, init: oneshot::S
     if let Some(client) = &client {
         connect::flush_briefly(client).await;
     }
+    clean_up(&vm, &main_context, main).await;
+    vm.scheduler.close();
+    let _ = runner.await;
+}
 
+/// A VM whose script is loaded and whose top level runs as `main`.
+struct Started {
+    vm: Rc<Vm>,
+    client: Option<async_nats::Client>,
+    main_context: Rc<TaskContext>,
+    main: tokio::task::JoinHandle<mlua::Result<()>>,
+}
+
+/// Connects the VM (when it serves), opens its bridges, loads the script and
+/// starts its top level, within the handler timeout.
+async fn start(
+    worker_id: usize,
+    spec: &mut PoolSpec,
+    cancel: CancellationToken,
+    lane: &mpsc::Sender<Event>,
+) -> Result<Started, StartError> {
+    let client = match &spec.connection {
+        Some(connection) => {
+            let client = connect::connect(connection).await?;
+            spec.transport = Arc::new(NatsTransport(client.clone()));
+            Some(client)
+        }
+        None => None,
+    };
+    let bridges = match &spec.bridges {
+        BridgeSpec::Online(config) => {
+            Bridges::open(config.clone(), spec.lua.unsafe_lua).await.map_err(StartError::Bridge)?
+        }
+        BridgeSpec::Offline => Bridges::offline(spec.lua.unsafe_lua),
+        BridgeSpec::OfflineWithHttp(exchange) => Bridges::offline_with_http(spec.lua.unsafe_lua, exchange()),
+    };
+    let metrics = VmRecorder::new(lane.downgrade());
+    let (vm, main_chunk) = Vm::load(worker_id, spec, cancel, metrics)?;
+    vm.lua.set_app_data(Rc::new(bridges));
+    let vm = Rc::new(vm);
+    let main_context = Rc::new(TaskContext::new(Some(Instant::now() + vm.handler_timeout), None));
+    let main = tokio::task::spawn_local(Scoped::new(main_context.clone(), main_chunk.call_async::<()>(())));
+    Ok(Started { vm, client, main_context, main })
+}
+
+/// Waits until the top level calls `bus.serve()` or ends; an error, a panic or
+/// running past the handler timeout fails the start. `main` is taken when the
+/// top level ended.
+async fn run_top_level(
+    vm: &Vm,
+    main_context: &TaskContext,
+    main: &mut Option<tokio::task::JoinHandle<mlua::Result<()>>>,
+) -> Result<(), ScriptError> {
+    let (serving_tx, serving) = oneshot::channel();
+    *vm.state.init_done.borrow_mut() = Some(serving_tx);
+    let init_deadline = main_context.deadline().unwrap_or_else(Instant::now);
+    let init_timeout = || {
+        ScriptError(format!(
+            "{}: the script's top level ran longer than the handler timeout ({})",
+            vm.state.script.display(),
+            humantime::format_duration(vm.handler_timeout)
+        ))
+    };
+    tokio::select! {
+        _ = serving => Ok(()),
+        _ = tokio::time::sleep_until((init_deadline + INIT_SLACK).into()) => Err(init_timeout()),
+        finished = main.as_mut().expect("main task is set") => {
+            *main = None;
+            match finished {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(_)) if main_context.interrupted().is_some() => Err(init_timeout()),
+                Ok(Err(err)) => Err(ScriptError(script_error_message(&err))),
+                Err(_) => Err(ScriptError("the script's top level panicked".to_string())),
+            }
+        }
+    }
+}
+
+/// Lets `bus.serve()` return, so the script's code after it runs, within
+/// [`CLEANUP_LIMIT`].
+async fn clean_up(vm: &Vm, main_context: &TaskContext, main: Option<tokio::task::JoinHandle<mlua::Result<()>>>) {
     main_context.set_deadline(Some(Instant::now() + CLEANUP_LIMIT));
     vm.state.release.cancel();
     if let Some(main) = main {
@@ -177,8 +209,6 @@ async fn lifecycle(setup: Setup, events: mpsc::Receiver<Event>, init: oneshot::S
             Err(_) => tracing::warn!("script cleanup did not finish within {CLEANUP_LIMIT:?}"),
         }
     }
-    vm.scheduler.close();
-    let _ = runner.await;
 }
 
 /// Opens the sources the plan places on this VM and, once the server has
