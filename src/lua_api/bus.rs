@@ -91,48 +91,27 @@ fn subscribe(lua: &Lua, (subject, opts): (String, Option<Table>)) -> mlua::Resul
 
 /// `bus.consume{ stream, consumer, subject, kind, ack_wait, max_deliver, backoff,
 /// max_ack_pending, dead_letter, timeout, create_stream = { subjects = {...} } }`.
+/// The options `bus.consume` takes.
+const CONSUME_OPTIONS: &[&str] = &[
+    "stream",
+    "consumer",
+    "subject",
+    "kind",
+    "ack_wait",
+    "max_deliver",
+    "backoff",
+    "max_ack_pending",
+    "dead_letter",
+    "timeout",
+    "create_stream",
+];
+
 fn consume(lua: &Lua, opts: Table) -> mlua::Result<()> {
     let state = VmState::of(lua);
     if state.phase.get() != Phase::Init {
         return Err(mlua::Error::runtime("bus.consume must be called at the script's top level, before bus.serve()"));
     }
-    const KNOWN: &[&str] = &[
-        "stream",
-        "consumer",
-        "subject",
-        "kind",
-        "ack_wait",
-        "max_deliver",
-        "backoff",
-        "max_ack_pending",
-        "dead_letter",
-        "timeout",
-        "create_stream",
-    ];
-    for pair in opts.pairs::<Value, Value>() {
-        let (key, _) = pair?;
-        let name = key.to_string().unwrap_or_default();
-        if !KNOWN.contains(&name.as_str()) {
-            return Err(mlua::Error::runtime(format!(
-                "bus.consume: unknown option {name:?} (known: {})",
-                KNOWN.join(", ")
-            )));
-        }
-    }
-    let name = |key: &str| -> mlua::Result<String> {
-        match opts.get::<Value>(key)? {
-            Value::String(s) if !s.as_bytes().is_empty() => {
-                let text = s.to_str()?.to_string();
-                if text.contains(|c: char| c.is_whitespace() || c == '.' || c == '*' || c == '>') {
-                    return Err(mlua::Error::runtime(format!("bus.consume: invalid {key} {text:?}")));
-                }
-                Ok(text)
-            }
-            _ => Err(mlua::Error::runtime(format!("bus.consume: `{key}` (a name) is required"))),
-        }
-    };
-    let stream = name("stream")?;
-    let consumer = name("consumer")?;
+    check_options(&opts)?;
     let subject = opts.get::<Option<String>>("subject")?;
     if let Some(subject) = &subject
         && (subject.is_empty() || subject.contains(char::is_whitespace))
@@ -141,62 +120,18 @@ fn consume(lua: &Lua, opts: Table) -> mlua::Result<()> {
     }
     let template = opts.get::<Option<String>>("kind")?.unwrap_or_else(|| KindTemplate::DEFAULT.to_string());
     let kind = KindTemplate::parse(&template, subject.as_deref().unwrap_or(">")).map_err(mlua::Error::runtime)?;
-    let positive = |key: &str| -> mlua::Result<Option<i64>> {
-        match opts.get::<Option<i64>>(key)? {
-            Some(n) if n < 1 => Err(mlua::Error::runtime(format!("bus.consume: {key} must be at least 1"))),
-            other => Ok(other),
-        }
-    };
-    let backoff = match opts.get::<Value>("backoff")? {
-        Value::Nil => Vec::new(),
-        Value::Table(list) => list
-            .sequence_values::<Value>()
-            .map(|value| duration_of(&value?, "bus.consume backoff"))
-            .collect::<mlua::Result<_>>()?,
-        other => {
-            return Err(mlua::Error::runtime(format!(
-                "bus.consume: backoff must be a list of durations, got {}",
-                other.type_name()
-            )));
-        }
-    };
-    let create_stream = match opts.get::<Value>("create_stream")? {
-        Value::Nil | Value::Boolean(false) => None,
-        Value::Table(table) => {
-            let subjects: Vec<String> = match table.get::<Option<Table>>("subjects")? {
-                Some(list) => list.sequence_values::<String>().collect::<mlua::Result<_>>()?,
-                None => subject.clone().into_iter().collect(),
-            };
-            if subjects.is_empty() {
-                return Err(mlua::Error::runtime("bus.consume: create_stream needs `subjects`"));
-            }
-            Some(subjects)
-        }
-        other => {
-            return Err(mlua::Error::runtime(format!(
-                "bus.consume: create_stream must be a table {{ subjects = {{...}} }}, got {}",
-                other.type_name()
-            )));
-        }
-    };
-    let dead_letter = opts.get::<Option<String>>("dead_letter")?;
-    if let Some(subject) = &dead_letter
-        && (subject.is_empty() || subject.contains(|c: char| c.is_whitespace() || c == '*' || c == '>'))
-    {
-        return Err(mlua::Error::runtime(format!("bus.consume: invalid dead_letter subject {subject:?}")));
-    }
     let spec = ConsumerSpec {
-        stream,
-        consumer,
+        stream: name(&opts, "stream")?,
+        consumer: name(&opts, "consumer")?,
+        create_stream: create_stream(&opts, subject.as_ref())?,
         subject,
         kind,
         ack_wait: optional_duration(&opts, "ack_wait", "bus.consume")?,
-        max_deliver: positive("max_deliver")?,
-        backoff,
-        max_ack_pending: positive("max_ack_pending")?,
-        dead_letter,
+        max_deliver: positive(&opts, "max_deliver")?,
+        backoff: backoff(&opts)?,
+        max_ack_pending: positive(&opts, "max_ack_pending")?,
+        dead_letter: dead_letter(&opts)?,
         timeout: optional_duration(&opts, "timeout", "bus.consume")?,
-        create_stream,
     };
     let mut sources = state.sources.borrow_mut();
     let duplicate = sources.iter().any(
@@ -210,6 +145,88 @@ fn consume(lua: &Lua, opts: Table) -> mlua::Result<()> {
     }
     sources.push(SourceSpec::Consume(spec));
     Ok(())
+}
+
+/// Refuses an option `bus.consume` does not know (a typo would be ignored).
+fn check_options(opts: &Table) -> mlua::Result<()> {
+    for pair in opts.pairs::<Value, Value>() {
+        let (key, _) = pair?;
+        let name = key.to_string().unwrap_or_default();
+        if !CONSUME_OPTIONS.contains(&name.as_str()) {
+            return Err(mlua::Error::runtime(format!(
+                "bus.consume: unknown option {name:?} (known: {})",
+                CONSUME_OPTIONS.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A required stream or consumer name: no whitespace, dots or wildcards.
+fn name(opts: &Table, key: &str) -> mlua::Result<String> {
+    match opts.get::<Value>(key)? {
+        Value::String(s) if !s.as_bytes().is_empty() => {
+            let text = s.to_str()?.to_string();
+            if text.contains(|c: char| c.is_whitespace() || c == '.' || c == '*' || c == '>') {
+                return Err(mlua::Error::runtime(format!("bus.consume: invalid {key} {text:?}")));
+            }
+            Ok(text)
+        }
+        _ => Err(mlua::Error::runtime(format!("bus.consume: `{key}` (a name) is required"))),
+    }
+}
+
+fn positive(opts: &Table, key: &str) -> mlua::Result<Option<i64>> {
+    match opts.get::<Option<i64>>(key)? {
+        Some(n) if n < 1 => Err(mlua::Error::runtime(format!("bus.consume: {key} must be at least 1"))),
+        other => Ok(other),
+    }
+}
+
+fn backoff(opts: &Table) -> mlua::Result<Vec<Duration>> {
+    match opts.get::<Value>("backoff")? {
+        Value::Nil => Ok(Vec::new()),
+        Value::Table(list) => list
+            .sequence_values::<Value>()
+            .map(|value| duration_of(&value?, "bus.consume backoff"))
+            .collect::<mlua::Result<_>>(),
+        other => Err(mlua::Error::runtime(format!(
+            "bus.consume: backoff must be a list of durations, got {}",
+            other.type_name()
+        ))),
+    }
+}
+
+/// The subjects of a stream to create when missing; by default the consumer's
+/// subject.
+fn create_stream(opts: &Table, subject: Option<&String>) -> mlua::Result<Option<Vec<String>>> {
+    match opts.get::<Value>("create_stream")? {
+        Value::Nil | Value::Boolean(false) => Ok(None),
+        Value::Table(table) => {
+            let subjects: Vec<String> = match table.get::<Option<Table>>("subjects")? {
+                Some(list) => list.sequence_values::<String>().collect::<mlua::Result<_>>()?,
+                None => subject.cloned().into_iter().collect(),
+            };
+            if subjects.is_empty() {
+                return Err(mlua::Error::runtime("bus.consume: create_stream needs `subjects`"));
+            }
+            Ok(Some(subjects))
+        }
+        other => Err(mlua::Error::runtime(format!(
+            "bus.consume: create_stream must be a table {{ subjects = {{...}} }}, got {}",
+            other.type_name()
+        ))),
+    }
+}
+
+fn dead_letter(opts: &Table) -> mlua::Result<Option<String>> {
+    let dead_letter = opts.get::<Option<String>>("dead_letter")?;
+    if let Some(subject) = &dead_letter
+        && (subject.is_empty() || subject.contains(|c: char| c.is_whitespace() || c == '*' || c == '>'))
+    {
+        return Err(mlua::Error::runtime(format!("bus.consume: invalid dead_letter subject {subject:?}")));
+    }
+    Ok(dead_letter)
 }
 
 fn optional_duration(opts: &Table, key: &str, what: &str) -> mlua::Result<Option<Duration>> {
