@@ -10,9 +10,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum, ValueHint};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueHint};
 
 use crate::duration::{parse_duration, parse_size};
+pub use crate::logging::LogFormat;
 
 #[derive(Debug, Parser)]
 #[command(name = "agent-block", version, about = "Lua-first worker runtime for NATS")]
@@ -23,12 +24,6 @@ pub struct Cli {
     /// Log format; `pretty` suits a terminal, `json` a log collector.
     #[arg(long, global = true, env = "AGENT_BLOCK_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Json,
-    Pretty,
 }
 
 #[derive(Debug, Subcommand)]

@@ -1,22 +1,16 @@
-//! Resolved settings with every default in one place.
+//! From the command line's arguments to the [`crate::settings`]: defaults
+//! applied, values checked; and which environment variables carry secrets.
 
-use std::net::SocketAddr;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use crate::bridge::BridgeConfig;
-use crate::cli::{ConnectionArgs, LuaArgs, WorkerArgs};
-
-pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
-pub const DEFAULT_NAME: &str = "agent-block";
-pub const DEFAULT_CONCURRENCY: usize = 256;
-pub const DEFAULT_BUS_CAPACITY: usize = 1024;
-pub const DEFAULT_HANDLER_TIMEOUT: Duration = Duration::from_secs(30);
-pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
-/// `--time-slice` when not given: long enough that switching costs nothing
-/// measurable, short enough that a handler ready beside CPU-bound ones waits a
-/// few milliseconds.
-pub const DEFAULT_TIME_SLICE: Duration = Duration::from_millis(10);
+use crate::bridge::{DEFAULT_DATABASE, DEFAULT_HTTP_MAX_BODY, http_client, sql};
+use crate::cli::{BridgeArgs, ConnectionArgs, LuaArgs, WorkerArgs};
+use crate::settings::{
+    BridgeConfig, ConnectionConfig, DEFAULT_BUS_CAPACITY, DEFAULT_CONCURRENCY, DEFAULT_GRACE, DEFAULT_HANDLER_TIMEOUT,
+    DEFAULT_LUA_MEMORY_LIMIT, DEFAULT_NAME, DEFAULT_NATS_URL, DEFAULT_TIME_SLICE, LuaConfig, WorkerConfig,
+};
 
 /// What of a variable's value is secret.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,43 +60,6 @@ fn url_carries_credentials(urls: &str) -> bool {
     crate::nats_url::redact(urls) != urls || urls.to_ascii_lowercase().contains("password=")
 }
 
-/// How to connect to NATS. Its `Debug` form hides every secret.
-#[derive(Clone)]
-pub struct ConnectionConfig {
-    pub url: String,
-    pub creds: Option<PathBuf>,
-    pub nkey: Option<String>,
-    pub user: Option<String>,
-    pub password: Option<String>,
-    pub token: Option<String>,
-    pub tls_ca: Option<PathBuf>,
-    pub tls_cert: Option<PathBuf>,
-    pub tls_key: Option<PathBuf>,
-    /// `None` keeps trying forever.
-    pub connect_timeout: Option<Duration>,
-    /// Client name announced to the server.
-    pub client_name: String,
-}
-
-impl std::fmt::Debug for ConnectionConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let hidden = |secret: &Option<String>| secret.as_ref().map(|_| "***");
-        f.debug_struct("ConnectionConfig")
-            .field("url", &crate::nats_url::redact(&self.url))
-            .field("creds", &self.creds)
-            .field("nkey", &hidden(&self.nkey))
-            .field("user", &self.user)
-            .field("password", &hidden(&self.password))
-            .field("token", &hidden(&self.token))
-            .field("tls_ca", &self.tls_ca)
-            .field("tls_cert", &self.tls_cert)
-            .field("tls_key", &self.tls_key)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("client_name", &self.client_name)
-            .finish()
-    }
-}
-
 impl ConnectionConfig {
     pub fn from_args(args: &ConnectionArgs, client_name: &str) -> Self {
         let alias =
@@ -123,20 +80,6 @@ impl ConnectionConfig {
     }
 }
 
-/// How each Lua VM is built.
-#[derive(Debug, Clone, Default)]
-pub struct LuaConfig {
-    pub unsafe_lua: bool,
-    pub memory_limit: Option<usize>,
-    /// Runs after the Lua API is installed and before the script loads; `test`
-    /// replaces bridges with fakes through it.
-    pub prelude: Option<Prelude>,
-}
-
-/// `--lua-memory-limit` when not given: enough for any handler that processes
-/// messages, small enough that one runaway handler cannot take the machine.
-pub const DEFAULT_LUA_MEMORY_LIMIT: usize = 256 * 1024 * 1024;
-
 impl From<&LuaArgs> for LuaConfig {
     fn from(args: &LuaArgs) -> Self {
         let memory_limit = match args.lua_memory_limit {
@@ -146,36 +89,6 @@ impl From<&LuaArgs> for LuaConfig {
         };
         LuaConfig { unsafe_lua: args.unsafe_lua, memory_limit, prelude: None }
     }
-}
-
-/// Code run in every VM between the Lua API and the script (see [`LuaConfig::prelude`]).
-#[derive(Clone)]
-pub struct Prelude(pub std::sync::Arc<PreludeFn>);
-
-pub type PreludeFn = dyn Fn(&mlua::Lua) -> mlua::Result<()> + Send + Sync;
-
-impl std::fmt::Debug for Prelude {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Prelude")
-    }
-}
-
-/// Everything a serving worker needs.
-#[derive(Debug, Clone)]
-pub struct WorkerConfig {
-    pub script: PathBuf,
-    pub name: String,
-    pub workers: usize,
-    pub concurrency: usize,
-    pub bus_capacity: usize,
-    pub handler_timeout: Duration,
-    /// `None` = handlers are never suspended for others.
-    pub time_slice: Option<Duration>,
-    pub grace: Duration,
-    pub metrics_addr: Option<SocketAddr>,
-    pub connection: ConnectionConfig,
-    pub lua: LuaConfig,
-    pub bridges: BridgeConfig,
 }
 
 impl WorkerConfig {
@@ -223,4 +136,73 @@ impl WorkerConfig {
 
 fn default_workers() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// The bridges' settings.
+impl BridgeConfig {
+    /// Checks the settings; errors are meant for the user.
+    pub fn from_args(args: &BridgeArgs) -> Result<Self, String> {
+        let mut databases = BTreeMap::new();
+        if let Some(url) = args.sql_url.as_deref().filter(|u| !u.is_empty()) {
+            databases.insert(DEFAULT_DATABASE.to_string(), sql::DatabaseUrl::parse(url, "--sql-url")?);
+        }
+        for entry in &args.sql {
+            let Some((name, url)) = entry.split_once('=') else {
+                return Err(format!("invalid --sql {entry:?}: expected NAME=URL, e.g. reports=postgres://host/db"));
+            };
+            let name = name.trim();
+            if name.is_empty() || databases.contains_key(name) {
+                return Err(format!("invalid --sql {entry:?}: the name is empty or given twice"));
+            }
+            databases.insert(name.to_string(), sql::DatabaseUrl::parse(url, &format!("--sql {name}"))?);
+        }
+        if let Some(path) = &args.http_ca {
+            http_client::read_ca(path)?;
+        }
+        let http_allow: Vec<String> =
+            args.http_allow.iter().map(|h| h.trim().to_ascii_lowercase()).filter(|h| !h.is_empty()).collect();
+        for entry in &http_allow {
+            http_client::check_allow_entry(entry)
+                .map_err(|why| format!("invalid --http-allow {entry:?}: {why}; expected host or host:port"))?;
+        }
+        Ok(BridgeConfig {
+            http_allow,
+            http_max_body: args.http_max_body.unwrap_or(DEFAULT_HTTP_MAX_BODY),
+            http_ca: args.http_ca.clone(),
+            databases,
+            connect_timeout: None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bridge::DEFAULT_HTTP_MAX_BODY;
+
+    fn args(sql_url: Option<&str>, sql: &[&str]) -> BridgeArgs {
+        BridgeArgs {
+            sql_url: sql_url.map(str::to_string),
+            sql: sql.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn databases_from_flags() {
+        let config = BridgeConfig::from_args(&args(Some("sqlite://a.db"), &["reports=postgres://u:pw@h/db"])).unwrap();
+        assert_eq!(config.databases.keys().collect::<Vec<_>>(), ["default", "reports"]);
+        assert_eq!(config.databases["reports"].shown(), "postgres://u:***@h/db");
+        assert_eq!(config.http_max_body, DEFAULT_HTTP_MAX_BODY);
+    }
+
+    #[test]
+    fn bad_database_flags_are_refused_without_showing_passwords() {
+        let err = BridgeConfig::from_args(&args(Some("mysql://u:pw@h/db"), &[])).unwrap_err();
+        assert!(err.contains("--sql-url") && !err.contains("pw"), "{err}");
+        let err = BridgeConfig::from_args(&args(None, &["no-equals-sign"])).unwrap_err();
+        assert!(err.contains("NAME=URL"), "{err}");
+        let err = BridgeConfig::from_args(&args(None, &["a=sqlite://x.db", "a=sqlite://y.db"])).unwrap_err();
+        assert!(err.contains("twice"), "{err}");
+    }
 }

@@ -12,8 +12,8 @@ use std::time::Duration;
 use async_nats::{ConnectErrorKind, ConnectOptions, Event};
 use tokio::time::Instant;
 
-use crate::config::ConnectionConfig;
 use crate::nats_url::{self, UrlCredentials};
+use crate::settings::ConnectionConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {

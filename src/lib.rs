@@ -31,6 +31,7 @@ pub mod panics;
 pub mod preflight;
 pub mod probes;
 pub mod runtime;
+pub mod settings;
 pub mod settle;
 pub mod source;
 pub mod telemetry;

@@ -13,8 +13,6 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-use crate::cli::LogFormat;
-
 /// Event spans are for tracing exporters; the log output leaves them out.
 const SERVE_FILTER: &str = "info,async_nats=warn,agent_block::event=off";
 /// One-shot commands (`check`, `request`, `replay`) print their result; logs only
@@ -24,6 +22,13 @@ const TOOL_FILTER: &str = "warn,agent_block::event=off";
 /// The client's wire-protocol module, whose debug and trace records print
 /// protocol operations.
 const PROTOCOL_TARGET: &str = "async_nats::connection";
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
 
 pub fn init(format: Option<LogFormat>, serving: bool) {
     init_with(format, if serving { SERVE_FILTER } else { TOOL_FILTER });

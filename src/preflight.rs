@@ -10,7 +10,7 @@ use std::path::Path;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::config::ConnectionConfig;
+use crate::settings::ConnectionConfig;
 
 /// Checks the NATS URL, the script and everything `connection` names.
 pub fn check_worker(script: &Path, connection: &ConnectionConfig) -> Result<(), String> {

@@ -329,7 +329,7 @@ fn the_readme_flag_table_matches_the_flags() {
     }
     assert!(rows >= 20, "the flag table was found ({rows} rows)");
 
-    use agent_block::config as c;
+    use agent_block::settings as c;
     let defaults = [
         ("--nats-url", c::DEFAULT_NATS_URL.to_string()),
         ("--name", c::DEFAULT_NAME.to_string()),

@@ -19,7 +19,6 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Duration;
 
-use crate::cli::BridgeArgs;
 use http_exchange::{HttpExchange, Network};
 
 pub const DEFAULT_HTTP_MAX_BODY: usize = 10 << 20;
@@ -38,42 +37,6 @@ pub struct BridgeConfig {
     pub databases: BTreeMap<String, sql::DatabaseUrl>,
     /// How long to keep trying to reach a database at start; `None` keeps trying.
     pub connect_timeout: Option<Duration>,
-}
-
-impl BridgeConfig {
-    /// Checks the settings; errors are meant for the user.
-    pub fn from_args(args: &BridgeArgs) -> Result<Self, String> {
-        let mut databases = BTreeMap::new();
-        if let Some(url) = args.sql_url.as_deref().filter(|u| !u.is_empty()) {
-            databases.insert(DEFAULT_DATABASE.to_string(), sql::DatabaseUrl::parse(url, "--sql-url")?);
-        }
-        for entry in &args.sql {
-            let Some((name, url)) = entry.split_once('=') else {
-                return Err(format!("invalid --sql {entry:?}: expected NAME=URL, e.g. reports=postgres://host/db"));
-            };
-            let name = name.trim();
-            if name.is_empty() || databases.contains_key(name) {
-                return Err(format!("invalid --sql {entry:?}: the name is empty or given twice"));
-            }
-            databases.insert(name.to_string(), sql::DatabaseUrl::parse(url, &format!("--sql {name}"))?);
-        }
-        if let Some(path) = &args.http_ca {
-            http_client::read_ca(path)?;
-        }
-        let http_allow: Vec<String> =
-            args.http_allow.iter().map(|h| h.trim().to_ascii_lowercase()).filter(|h| !h.is_empty()).collect();
-        for entry in &http_allow {
-            http_client::check_allow_entry(entry)
-                .map_err(|why| format!("invalid --http-allow {entry:?}: {why}; expected host or host:port"))?;
-        }
-        Ok(BridgeConfig {
-            http_allow,
-            http_max_body: args.http_max_body.unwrap_or(DEFAULT_HTTP_MAX_BODY),
-            http_ca: args.http_ca.clone(),
-            databases,
-            connect_timeout: None,
-        })
-    }
 }
 
 /// One VM's bridges. Lives in the VM's Lua app data.
@@ -166,36 +129,5 @@ pub fn redact_url(url: &str) -> String {
         }
         Ok(_) => url.to_string(),
         Err(_) => url.split_once('@').map(|(_, host)| format!("***@{host}")).unwrap_or_else(|| url.to_string()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn args(sql_url: Option<&str>, sql: &[&str]) -> BridgeArgs {
-        BridgeArgs {
-            sql_url: sql_url.map(str::to_string),
-            sql: sql.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn databases_from_flags() {
-        let config = BridgeConfig::from_args(&args(Some("sqlite://a.db"), &["reports=postgres://u:pw@h/db"])).unwrap();
-        assert_eq!(config.databases.keys().collect::<Vec<_>>(), ["default", "reports"]);
-        assert_eq!(config.databases["reports"].shown(), "postgres://u:***@h/db");
-        assert_eq!(config.http_max_body, DEFAULT_HTTP_MAX_BODY);
-    }
-
-    #[test]
-    fn bad_database_flags_are_refused_without_showing_passwords() {
-        let err = BridgeConfig::from_args(&args(Some("mysql://u:pw@h/db"), &[])).unwrap_err();
-        assert!(err.contains("--sql-url") && !err.contains("pw"), "{err}");
-        let err = BridgeConfig::from_args(&args(None, &["no-equals-sign"])).unwrap_err();
-        assert!(err.contains("NAME=URL"), "{err}");
-        let err = BridgeConfig::from_args(&args(None, &["a=sqlite://x.db", "a=sqlite://y.db"])).unwrap_err();
-        assert!(err.contains("twice"), "{err}");
     }
 }

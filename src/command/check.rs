@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::cli::LuaArgs;
-use crate::config::{DEFAULT_BUS_CAPACITY, DEFAULT_HANDLER_TIMEOUT, DEFAULT_NAME, DEFAULT_TIME_SLICE, LuaConfig};
+use crate::settings::{DEFAULT_BUS_CAPACITY, DEFAULT_HANDLER_TIMEOUT, DEFAULT_NAME, DEFAULT_TIME_SLICE, LuaConfig};
 use std::sync::Arc;
 
 use crate::transport::Offline;

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use crate::cli::WorkerArgs;
-use crate::config::WorkerConfig;
 use crate::nats_server::{NatsServer, ServerOptions};
+use crate::settings::WorkerConfig;
 
 pub async fn execute(script: PathBuf, worker: WorkerArgs) -> ExitCode {
     // Settings and files first: a typo should not cost a server start.

@@ -13,8 +13,8 @@ mod test;
 use std::process::ExitCode;
 
 use crate::cli::{Cli, Command};
-use crate::config::WorkerConfig;
 use crate::runtime::{RunError, run_worker_with_reloads};
+use crate::settings::WorkerConfig;
 
 pub fn execute(cli: Cli) -> ExitCode {
     // TLS (HTTP bridge, OTLP export) uses rustls with the ring provider; clients

@@ -12,7 +12,7 @@ use tokio::io::{AsyncBufRead, BufReader};
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::LuaArgs;
-use crate::config::{DEFAULT_HANDLER_TIMEOUT, DEFAULT_TIME_SLICE, LuaConfig};
+use crate::settings::{DEFAULT_HANDLER_TIMEOUT, DEFAULT_TIME_SLICE, LuaConfig};
 use crate::source::Source;
 use crate::source::replay::{ReplayOutput, ReplaySource, ReplayTransport};
 use crate::worker::{BridgeSpec, PoolSpec, VmPool};

@@ -9,8 +9,8 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 
 use crate::cli::ConnectionArgs;
-use crate::config::ConnectionConfig;
 use crate::connect;
+use crate::settings::ConnectionConfig;
 use crate::settle::service_error;
 use crate::transport::{NatsTransport, Transport};
 

@@ -18,10 +18,10 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::WorkerConfig;
 use crate::connect;
 use crate::health::Health;
 use crate::probes;
+use crate::settings::WorkerConfig;
 use crate::source;
 use crate::telemetry::{discovery, metrics, trace};
 use crate::worker::VmPool;

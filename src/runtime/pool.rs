@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::config::WorkerConfig;
+use crate::settings::WorkerConfig;
 use crate::transport::Offline;
 use crate::worker::{BridgeSpec, PoolSpec};
 

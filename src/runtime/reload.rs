@@ -27,8 +27,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::error::RunError;
 use super::pool::pool_spec;
-use crate::config::WorkerConfig;
 use crate::health::Health;
+use crate::settings::WorkerConfig;
 use crate::source::{self, Forwarding, Link, Placement, Source};
 use crate::worker::{InitReport, VmPool};
 

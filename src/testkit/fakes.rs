@@ -18,8 +18,8 @@ use mlua::{Lua, Table, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::bridge::http_exchange::{HttpExchange, HttpFailure, HttpResponse as ExchangedResponse, too_large};
-use crate::config::Prelude;
 use crate::lua_api::{body_of, duration_of};
+use crate::settings::Prelude;
 use crate::transport::{Response, Transport, TransportError};
 
 /// A message a handler published (or a dead letter the worker published).

@@ -14,10 +14,10 @@ use bytes::Bytes;
 use mlua::{Function, Lua, Table, Value};
 use tokio::sync::mpsc;
 
-use crate::config::LuaConfig;
 use crate::kind::subject_matches;
 use crate::lua_api::event::headers_table;
 use crate::lua_api::{body_of, headers_of, json};
+use crate::settings::LuaConfig;
 use crate::settle::error_headers;
 use crate::testkit::fakes::{Call, HttpRequest, HttpResponse};
 use crate::testkit::report::{Failure, FileReport, TestResult};

@@ -18,13 +18,13 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::bridge::http_exchange::HttpExchange;
-use crate::config::{DEFAULT_BUS_CAPACITY, DEFAULT_HANDLER_TIMEOUT, DEFAULT_TIME_SLICE, LuaConfig};
 use crate::event::{Event, Settle, StreamMeta};
 use crate::kind::subject_matches;
 use crate::lua_api::event::headers_table;
 use crate::lua_api::kv::value_of;
 use crate::lua_api::{body_of, duration_of, headers_of, json};
 use crate::outcome::Outcome;
+use crate::settings::{DEFAULT_BUS_CAPACITY, DEFAULT_HANDLER_TIMEOUT, DEFAULT_TIME_SLICE, LuaConfig};
 use crate::source::jetstream::policy::{self, Action};
 use crate::source::{ConsumerSpec, Forwarding, Link, Placement, Source, SourceSpec};
 use crate::testkit::fakes::{Call, Clock, FakeHttp, FakeTransport, Fakes, Published};

@@ -23,9 +23,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::bridge::http_exchange::HttpExchange;
-use crate::config::{BridgeConfig, ConnectionConfig, LuaConfig};
 use crate::connect::ConnectError;
 use crate::intake::{IntakeStats, SharedIntake};
+use crate::settings::{BridgeConfig, ConnectionConfig, LuaConfig};
 use crate::source::{Source, SourceSpec};
 use crate::transport::Transport;
 

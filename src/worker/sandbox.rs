@@ -6,8 +6,8 @@ use std::path::Path;
 use mlua::chunk::ChunkMode;
 use mlua::{Function, Lua, LuaOptions, StdLib, Value};
 
-use crate::config::LuaConfig;
 use crate::lua_api::raw::MemoryLimited;
+use crate::settings::LuaConfig;
 
 /// Lua libraries shipped inside the binary, found by `require(name)`.
 const EMBEDDED: &[(&str, &str)] = &[("validate", include_str!("../../lua/lib/validate.lua"))];
