@@ -12,22 +12,7 @@ use crate::settings::{
     DEFAULT_LUA_MEMORY_LIMIT, DEFAULT_NAME, DEFAULT_NATS_URL, DEFAULT_TIME_SLICE, LuaConfig, WorkerConfig,
 };
 
-/// What of a variable's value is secret.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Secret {
-    /// The whole value: a password, token, key, header list or the path of a key file.
-    Value,
-    /// A URL, secret when it carries credentials (`user:password@`, `token@`, a
-    /// `password=` parameter).
-    Url,
-}
-
-/// An environment variable that can carry one of the worker's secrets.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SecretVariable {
-    pub name: String,
-    pub secret: Secret,
-}
+pub use crate::secrets::{Secret, SecretVariable};
 
 /// Every variable of a setting marked secret where it is defined: the flags of
 /// [`crate::cli`] (their `AGENT_BLOCK_*` variables and aliases) and the OTLP
@@ -47,17 +32,9 @@ pub fn secret_variables() -> &'static [SecretVariable] {
     })
 }
 
-/// Whether the variable `name`, set to `value`, carries one of the worker's
-/// secrets: scripts read it as nil and commands they run do not inherit it.
-pub fn is_secret_variable(name: &str, value: &str) -> bool {
-    secret_variables().iter().filter(|variable| variable.name == name).any(|variable| match variable.secret {
-        Secret::Value => true,
-        Secret::Url => url_carries_credentials(value),
-    })
-}
-
-fn url_carries_credentials(urls: &str) -> bool {
-    crate::nats_url::redact(urls) != urls || urls.to_ascii_lowercase().contains("password=")
+/// Declares [`secret_variables`] to the sandbox ([`crate::secrets`]).
+pub fn declare_secrets() {
+    crate::secrets::declare(|| secret_variables().to_vec());
 }
 
 impl ConnectionConfig {
@@ -179,6 +156,24 @@ impl BridgeConfig {
 mod tests {
     use super::*;
     use crate::bridge::DEFAULT_HTTP_MAX_BODY;
+    use crate::lua_api::env::visible_to_scripts;
+
+    #[test]
+    fn credentials_are_hidden_from_scripts_and_other_variables_are_not() {
+        declare_secrets();
+        assert!(!visible_to_scripts("AGENT_BLOCK_PASSWORD", "x"));
+        assert!(!visible_to_scripts("NATS_CREDS", "/run/secrets/user.creds"));
+        assert!(!visible_to_scripts("NATS_URL", "nats://u:p@nats:4222"));
+        assert!(!visible_to_scripts("AGENT_BLOCK_NATS_URL", "nats://token@nats:4222"));
+        assert!(visible_to_scripts("NATS_URL", "nats://nats:4222"));
+        assert!(visible_to_scripts("AGENT_BLOCK_TLS_CA", "/etc/ca.pem"));
+        assert!(visible_to_scripts("HOME", "/root"));
+        assert!(!visible_to_scripts("AGENT_BLOCK_SQL_URL", "postgres://u:pgpass@h/db"));
+        assert!(!visible_to_scripts("AGENT_BLOCK_SQL_URL", "postgres://h/db?user=u&password=pgpass"));
+        assert!(visible_to_scripts("AGENT_BLOCK_SQL_URL", "sqlite://app.db"));
+        assert!(!visible_to_scripts("OTEL_EXPORTER_OTLP_HEADERS", "api-key=k"));
+        assert!(!visible_to_scripts("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "authorization=Bearer t"));
+    }
 
     fn args(sql_url: Option<&str>, sql: &[&str]) -> BridgeArgs {
         BridgeArgs {

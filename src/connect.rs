@@ -166,17 +166,29 @@ const ROUND_TRIP_LIMIT: Duration = Duration::from_secs(10);
 /// message to an inbox this client subscribes to comes back only after the
 /// server has processed what came before it on the connection. A reload relies
 /// on this: the old VMs leave a queue group only once the new ones are in it.
-pub async fn round_trip(client: &async_nats::Client) -> Result<(), String> {
+pub async fn round_trip(client: &async_nats::Client) -> Result<(), RoundTripError> {
     use futures::StreamExt;
-    let failed = |err: &dyn std::fmt::Display| format!("cannot confirm subscriptions with NATS: {err}");
     let inbox = client.new_inbox();
-    let mut echo = client.subscribe(inbox.clone()).await.map_err(|err| failed(&err))?;
-    client.publish(inbox, bytes::Bytes::new()).await.map_err(|err| failed(&err))?;
+    let mut echo = client.subscribe(inbox.clone()).await.map_err(RoundTripError::Subscribe)?;
+    client.publish(inbox, bytes::Bytes::new()).await.map_err(RoundTripError::Publish)?;
     match tokio::time::timeout(ROUND_TRIP_LIMIT, echo.next()).await {
         Ok(Some(_)) => Ok(()),
-        Ok(None) => Err(failed(&"the connection closed")),
-        Err(_) => Err(failed(&format_args!("no answer within {ROUND_TRIP_LIMIT:?}"))),
+        Ok(None) => Err(RoundTripError::Closed),
+        Err(_) => Err(RoundTripError::TimedOut(ROUND_TRIP_LIMIT)),
     }
+}
+
+/// Why the server's reading of a connection could not be confirmed.
+#[derive(Debug, thiserror::Error)]
+pub enum RoundTripError {
+    #[error("cannot subscribe to an inbox")]
+    Subscribe(#[source] async_nats::SubscribeError),
+    #[error("cannot publish to the inbox")]
+    Publish(#[source] async_nats::PublishError),
+    #[error("the connection closed")]
+    Closed,
+    #[error("no answer within {0:?}")]
+    TimedOut(Duration),
 }
 
 /// Time allowed for the last replies to leave at shutdown.

@@ -73,7 +73,7 @@ pub async fn run(request: ExecRequest) -> std::io::Result<ExecResult> {
     // The worker's own secrets stay out of the child's environment.
     for (name, value) in std::env::vars_os() {
         let (Some(name), value) = (name.to_str(), value.to_string_lossy()) else { continue };
-        if crate::config::is_secret_variable(name, &value) {
+        if crate::secrets::is_secret_variable(name, &value) {
             command.env_remove(name);
         }
     }

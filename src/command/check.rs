@@ -30,7 +30,7 @@ pub async fn execute(script: PathBuf, lua: &LuaArgs) -> ExitCode {
     let (pool, report) = match VmPool::start(spec).await {
         Ok(started) => started,
         Err(err) => {
-            eprintln!("error: {err}");
+            eprintln!("error: {}", crate::report::chain(&err));
             return ExitCode::from(2);
         }
     };

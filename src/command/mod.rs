@@ -20,6 +20,7 @@ pub fn execute(cli: Cli) -> ExitCode {
     // TLS (HTTP bridge, OTLP export) uses rustls with the ring provider; clients
     // built without naming one take this process default.
     let _ = rustls::crypto::ring::default_provider().install_default();
+    crate::config::declare_secrets();
     let serving = matches!(cli.command, Command::Run { .. } | Command::Dev { .. });
     if matches!(cli.command, Command::Test { .. }) {
         // Failing handlers are what tests check; only problems of the runner itself are logged.
@@ -81,8 +82,9 @@ async fn run(
 }
 
 fn fail(err: &RunError) -> ExitCode {
-    tracing::error!(error = %err, "agent-block stopped");
-    eprintln!("error: {err}");
+    let report = err.report();
+    tracing::error!(error = %report, "agent-block stopped");
+    eprintln!("error: {report}");
     ExitCode::from(err.exit_code())
 }
 

@@ -45,7 +45,7 @@ pub async fn execute(script: PathBuf, events: PathBuf, handler_timeout: Option<D
     let (mut pool, report) = match VmPool::start(spec).await {
         Ok(started) => started,
         Err(err) => {
-            eprintln!("error: {err}");
+            eprintln!("error: {}", crate::report::chain(&err));
             return ExitCode::from(2);
         }
     };
@@ -53,7 +53,7 @@ pub async fn execute(script: PathBuf, events: PathBuf, handler_timeout: Option<D
     let bad_lines = replay.bad_lines();
     let sources: Vec<Arc<dyn Source>> = vec![replay];
     if let Err(err) = pool.open_sources(&sources, &CancellationToken::new()).await {
-        eprintln!("error: {err}");
+        eprintln!("error: {}", crate::report::chain(&err));
         return ExitCode::from(1);
     }
     drop(sources);

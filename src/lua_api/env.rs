@@ -3,13 +3,13 @@
 //! password, token or seed the worker connects with (nor the paths of its creds
 //! file and TLS key, its database URL with a password or its OTLP headers) unless
 //! the operator lifts the sandbox with `--unsafe-lua`. Which variables those are
-//! follows from the settings marked secret ([`crate::config::secret_variables`]).
+//! follows from the settings marked secret ([`crate::secrets`]).
 
 use mlua::{Lua, Table};
 
 /// Whether a script may read `name` (whose value is `value`) from the environment.
 pub fn visible_to_scripts(name: &str, value: &str) -> bool {
-    !crate::config::is_secret_variable(name, value)
+    !crate::secrets::is_secret_variable(name, value)
 }
 
 /// Installs `env.get` and replaces `os.getenv`; with `hide_credentials` both
@@ -25,25 +25,4 @@ pub fn install(lua: &Lua, hide_credentials: bool) -> mlua::Result<()> {
         os.set("getenv", get)?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn credentials_are_hidden_and_other_variables_are_not() {
-        assert!(!visible_to_scripts("AGENT_BLOCK_PASSWORD", "x"));
-        assert!(!visible_to_scripts("NATS_CREDS", "/run/secrets/user.creds"));
-        assert!(!visible_to_scripts("NATS_URL", "nats://u:p@nats:4222"));
-        assert!(!visible_to_scripts("AGENT_BLOCK_NATS_URL", "nats://token@nats:4222"));
-        assert!(visible_to_scripts("NATS_URL", "nats://nats:4222"));
-        assert!(visible_to_scripts("AGENT_BLOCK_TLS_CA", "/etc/ca.pem"));
-        assert!(visible_to_scripts("HOME", "/root"));
-        assert!(!visible_to_scripts("AGENT_BLOCK_SQL_URL", "postgres://u:pgpass@h/db"));
-        assert!(!visible_to_scripts("AGENT_BLOCK_SQL_URL", "postgres://h/db?user=u&password=pgpass"));
-        assert!(visible_to_scripts("AGENT_BLOCK_SQL_URL", "sqlite://app.db"));
-        assert!(!visible_to_scripts("OTEL_EXPORTER_OTLP_HEADERS", "api-key=k"));
-        assert!(!visible_to_scripts("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "authorization=Bearer t"));
-    }
 }

@@ -40,9 +40,7 @@ pub async fn run_worker_with_reloads(
     }
     let health = Health::default();
     if let Some(addr) = config.metrics_addr {
-        let bound = probes::serve(addr, health.clone())
-            .await
-            .map_err(|err| RunError::Runtime(format!("cannot listen on {addr} (--metrics-addr): {err}")))?;
+        let bound = probes::serve(addr, health.clone()).await.map_err(|cause| RunError::Listen { addr, cause })?;
         tracing::info!(addr = %bound, "probes at /healthz and /readyz");
     }
     tokio::pin!(shutdown);
@@ -92,14 +90,12 @@ async fn start_serving(
     let endpoints: Vec<_> = report.sources.iter().map(|spec| spec.endpoint(&config.name)).collect();
     discovery::set_endpoints(endpoints.clone());
     let stop = CancellationToken::new();
-    pool.open_sources(&sources, &stop).await.map_err(RunError::Runtime)?;
+    pool.open_sources(&sources, &stop).await?;
     for source in &sources {
         tracing::info!(source = %source.describe(), placement = ?source.placement(), "source running");
     }
     let instance = discovery::Instance::new(&config.name, endpoints, instance_metadata(config));
-    discovery::serve(client.clone(), instance, stop.clone())
-        .await
-        .map_err(|err| RunError::Runtime(format!("cannot subscribe to the $SRV discovery subjects: {err}")))?;
+    discovery::serve(client.clone(), instance, stop.clone()).await.map_err(RunError::Discovery)?;
     tokio::spawn(crate::memory::release_runtime_pages(stop.clone()));
     health.set_sources_running(true);
     tracing::info!(

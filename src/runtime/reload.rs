@@ -29,7 +29,7 @@ use super::error::RunError;
 use super::pool::pool_spec;
 use crate::health::Health;
 use crate::settings::WorkerConfig;
-use crate::source::{self, Forwarding, Link, Placement, Source};
+use crate::source::{self, Forwarding, Link, OpenError, Placement, Source};
 use crate::worker::{InitReport, VmPool};
 
 /// The pool serving now, and the token that stops its sources.
@@ -69,7 +69,7 @@ impl Reloader {
         let (next, report) = match start(config, client, &handoff).await {
             Ok(started) => started,
             Err(err) => {
-                tracing::error!(error = %err, "reload failed; the running script keeps serving");
+                tracing::error!(error = %err.report(), "reload failed; the running script keeps serving");
                 return current;
             }
         };
@@ -119,10 +119,10 @@ async fn start(
             Placement::EveryVm => source,
         })
         .collect();
-    if let Err(message) = pool.open_sources(&sources, &stop).await {
+    if let Err(err) = pool.open_sources(&sources, &stop).await {
         stop.cancel();
         pool.shutdown(Instant::now()).await;
-        return Err(RunError::Runtime(message));
+        return Err(err.into());
     }
     Ok((Generation { pool, stop }, report))
 }
@@ -142,7 +142,7 @@ impl Source for AfterHandoff {
         self.inner.placement()
     }
 
-    fn open(self: Arc<Self>, link: Link) -> LocalBoxFuture<'static, Result<Forwarding, String>> {
+    fn open(self: Arc<Self>, link: Link) -> LocalBoxFuture<'static, Result<Forwarding, OpenError>> {
         Box::pin(async move {
             Ok(Box::pin(async move {
                 tokio::select! {

@@ -16,7 +16,7 @@ use crate::lua::context;
 use crate::outcome::{Failure, Outcome};
 use crate::settle::{error_headers, reply_of};
 use crate::source::spec::SubscriptionSpec;
-use crate::source::{Forwarding, Link, Placement, Source};
+use crate::source::{Forwarding, Link, OpenError, Placement, Source};
 
 pub struct CoreSource {
     spec: SubscriptionSpec,
@@ -41,17 +41,17 @@ impl Source for CoreSource {
         if self.queue_group.is_some() { Placement::EveryVm } else { Placement::Once }
     }
 
-    fn open(self: Arc<Self>, link: Link) -> LocalBoxFuture<'static, Result<Forwarding, String>> {
+    fn open(self: Arc<Self>, link: Link) -> LocalBoxFuture<'static, Result<Forwarding, OpenError>> {
         Box::pin(async move {
             let Some(client) = link.client.clone() else {
-                return Err(format!("{}: no NATS connection", self.describe()));
+                return Err(OpenError::NoConnection(self.describe()));
             };
             let subject = self.spec.subject.clone();
             let subscribed = match &self.queue_group {
                 Some(group) => client.queue_subscribe(subject, group.clone()).await,
                 None => client.subscribe(subject).await,
             };
-            let subscriber = subscribed.map_err(|err| format!("cannot subscribe to {:?}: {err}", self.spec.subject))?;
+            let subscriber = subscribed.map_err(|cause| OpenError::Subscribe { what: self.describe(), cause })?;
             Ok(Box::pin(forward(self, subscriber, client, link)) as Forwarding)
         })
     }

@@ -54,5 +54,25 @@ pub trait Source: Send + Sync {
 
     /// Subscribes or binds on the VM thread this is called on; resolves once the
     /// server confirmed, with the future that forwards events until `stop`.
-    fn open(self: Arc<Self>, link: Link) -> LocalBoxFuture<'static, Result<Forwarding, String>>;
+    fn open(self: Arc<Self>, link: Link) -> LocalBoxFuture<'static, Result<Forwarding, OpenError>>;
+}
+
+/// Why a source could not start delivering on a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("{0}: no NATS connection")]
+    NoConnection(String),
+    #[error("cannot subscribe for {what}")]
+    Subscribe {
+        what: String,
+        #[source]
+        cause: async_nats::SubscribeError,
+    },
+    #[error("cannot confirm subscriptions with NATS")]
+    Unconfirmed(#[from] crate::connect::RoundTripError),
+    #[error("a Lua VM stopped before its sources were open")]
+    VmStopped,
+    /// A source that takes its events from one channel was opened a second time.
+    #[error("{0} opened twice")]
+    OpenedTwice(String),
 }

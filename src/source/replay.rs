@@ -19,7 +19,7 @@ use crate::event::{Event, Settle};
 use crate::kind::subject_matches;
 use crate::outcome::Outcome;
 use crate::source::spec::SourceSpec;
-use crate::source::{Forwarding, Link, Placement, Source};
+use crate::source::{Forwarding, Link, OpenError, Placement, Source};
 use crate::transport::{Response, Transport, TransportError};
 
 /// The output of the replay command: one JSON line per outcome and per publish.
@@ -158,7 +158,7 @@ impl Source for ReplaySource {
         Placement::Once
     }
 
-    fn open(self: Arc<Self>, link: Link) -> LocalBoxFuture<'static, Result<Forwarding, String>> {
+    fn open(self: Arc<Self>, link: Link) -> LocalBoxFuture<'static, Result<Forwarding, OpenError>> {
         Box::pin(async move { Ok(Box::pin(self.forward(link)) as Forwarding) })
     }
 }

@@ -26,7 +26,7 @@ use crate::lua_api::{body_of, duration_of, headers_of, json};
 use crate::outcome::Outcome;
 use crate::settings::{DEFAULT_BUS_CAPACITY, DEFAULT_HANDLER_TIMEOUT, DEFAULT_TIME_SLICE, LuaConfig};
 use crate::source::jetstream::policy::{self, Action};
-use crate::source::{ConsumerSpec, Forwarding, Link, Placement, Source, SourceSpec};
+use crate::source::{ConsumerSpec, Forwarding, Link, OpenError, Placement, Source, SourceSpec};
 use crate::testkit::fakes::{Call, Clock, FakeHttp, FakeTransport, Fakes, Published};
 use crate::worker::{BridgeSpec, PoolSpec, VmPool};
 
@@ -112,12 +112,13 @@ impl TestWorker {
                 Arc::new(move || Rc::new(FakeHttp(fakes.clone())) as Rc<dyn HttpExchange>)
             }),
         };
-        let (mut pool, report) =
-            VmPool::start(spec).await.map_err(|err| mlua::Error::runtime(format!("test.worker: {err}")))?;
+        let (mut pool, report) = VmPool::start(spec)
+            .await
+            .map_err(|err| mlua::Error::runtime(format!("test.worker: {}", crate::report::chain(&err))))?;
         let (events, receiver) = mpsc::unbounded_channel();
         let stop = CancellationToken::new();
         let source: Arc<dyn Source> = Arc::new(TestSource(Mutex::new(Some(receiver))));
-        pool.open_sources(&[source], &stop).await.map_err(mlua::Error::runtime)?;
+        pool.open_sources(&[source], &stop).await.map_err(|err| mlua::Error::runtime(crate::report::chain(&err)))?;
         Ok(TestWorker {
             script,
             pool: RefCell::new(Some(pool)),
@@ -375,10 +376,12 @@ impl Source for TestSource {
         Placement::Once
     }
 
-    fn open(self: Arc<Self>, link: Link) -> LocalBoxFuture<'static, Result<Forwarding, String>> {
+    fn open(self: Arc<Self>, link: Link) -> LocalBoxFuture<'static, Result<Forwarding, OpenError>> {
         let receiver = self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
         Box::pin(async move {
-            let Some(mut receiver) = receiver else { return Err("the test source opened twice".to_string()) };
+            let Some(mut receiver) = receiver else {
+                return Err(OpenError::OpenedTwice("the test source".to_string()));
+            };
             Ok(Box::pin(async move {
                 loop {
                     let event = tokio::select! {

@@ -26,7 +26,7 @@ use crate::bridge::http_exchange::HttpExchange;
 use crate::connect::ConnectError;
 use crate::intake::{IntakeStats, SharedIntake};
 use crate::settings::{BridgeConfig, ConnectionConfig, LuaConfig};
-use crate::source::{Source, SourceSpec};
+use crate::source::{OpenError, Source, SourceSpec};
 use crate::transport::Transport;
 
 pub use thread::{Vm, script_error_message};
@@ -80,8 +80,15 @@ pub enum StartError {
     Script(#[from] ScriptError),
     #[error(transparent)]
     Connect(#[from] ConnectError),
-    #[error("{0}")]
-    Runtime(String),
+    /// The operating system refused a thread or its runtime.
+    #[error("cannot start {what}")]
+    Thread {
+        what: &'static str,
+        #[source]
+        cause: std::io::Error,
+    },
+    #[error("a Lua VM thread stopped during init")]
+    VmStopped,
     /// A database could not be opened.
     #[error("{0}")]
     Bridge(String),
@@ -93,7 +100,7 @@ pub struct SourcePlan {
     pub sources: Vec<Arc<dyn Source>>,
     pub shared: SharedIntake,
     pub stop: CancellationToken,
-    pub opened: oneshot::Sender<Result<(), String>>,
+    pub opened: oneshot::Sender<Result<(), OpenError>>,
 }
 
 /// The script failed to load or its top level raised; the message names file:line.
@@ -139,7 +146,7 @@ impl VmPool {
             std::thread::Builder::new()
                 .name(format!("lua-vm-{worker_id}"))
                 .spawn(move || thread::run(setup, events, init_tx, done_tx))
-                .map_err(|err| StartError::Runtime(format!("cannot start a Lua VM thread: {err}")))?;
+                .map_err(|cause| StartError::Thread { what: "a Lua VM thread", cause })?;
             lanes.push(lane);
             inits.push(init_rx);
             finished.push(done_rx);
@@ -148,8 +155,7 @@ impl VmPool {
         let mut first_report: Option<InitReport> = None;
         let mut clients = Vec::new();
         for init in inits {
-            let report =
-                init.await.map_err(|_| StartError::Runtime("a Lua VM thread stopped during init".to_string()))??;
+            let report = init.await.map_err(|_| StartError::VmStopped)??;
             clients.extend(report.client.clone());
             first_report.get_or_insert(report);
         }
@@ -170,7 +176,11 @@ impl VmPool {
 
     /// Opens `sources` where their placement says; returns once every VM has
     /// opened its share and the server confirmed them.
-    pub async fn open_sources(&mut self, sources: &[Arc<dyn Source>], stop: &CancellationToken) -> Result<(), String> {
+    pub async fn open_sources(
+        &mut self,
+        sources: &[Arc<dyn Source>],
+        stop: &CancellationToken,
+    ) -> Result<(), OpenError> {
         let mut confirmations = Vec::new();
         for plan in self.plans.drain(..) {
             let (opened, confirmed) = oneshot::channel();
@@ -181,12 +191,12 @@ impl VmPool {
                 opened,
             });
             if plan_sent.is_err() {
-                return Err("a Lua VM stopped before opening its sources".to_string());
+                return Err(OpenError::VmStopped);
             }
             confirmations.push(confirmed);
         }
         for confirmed in confirmations {
-            confirmed.await.map_err(|_| "a Lua VM stopped while opening its sources".to_string())??;
+            confirmed.await.map_err(|_| OpenError::VmStopped)??;
         }
         Ok(())
     }

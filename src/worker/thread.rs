@@ -73,8 +73,8 @@ pub(super) fn run(
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
-        Err(err) => {
-            let _ = init.send(Err(StartError::Runtime(format!("cannot start a VM runtime: {err}"))));
+        Err(cause) => {
+            let _ = init.send(Err(StartError::Thread { what: "a VM runtime", cause }));
             return;
         }
     };
@@ -232,16 +232,16 @@ async fn open_sources(
         let link = Link { client: client.clone(), sink, stop: plan.stop.clone(), index: index as u32 };
         match source.clone().open(link).await {
             Ok(forward) => forwarding.push(forward),
-            Err(message) => {
-                let _ = plan.opened.send(Err(message));
+            Err(err) => {
+                let _ = plan.opened.send(Err(err));
                 return;
             }
         }
     }
     if let Some(client) = &client
-        && let Err(message) = connect::round_trip(client).await
+        && let Err(err) = connect::round_trip(client).await
     {
-        let _ = plan.opened.send(Err(message));
+        let _ = plan.opened.send(Err(err.into()));
         return;
     }
     let _ = plan.opened.send(Ok(()));

@@ -32,7 +32,7 @@ use std::time::Duration;
 use futures::future::LocalBoxFuture;
 
 use crate::source::spec::ConsumerSpec;
-use crate::source::{Forwarding, Link, Placement, Source};
+use crate::source::{Forwarding, Link, OpenError, Placement, Source};
 use crate::telemetry::metrics;
 
 pub use setup::SetupError;
@@ -65,17 +65,16 @@ impl Source for JetStreamSource {
         Placement::EveryVm
     }
 
-    fn open(self: Arc<Self>, link: Link) -> LocalBoxFuture<'static, Result<Forwarding, String>> {
+    fn open(self: Arc<Self>, link: Link) -> LocalBoxFuture<'static, Result<Forwarding, OpenError>> {
         Box::pin(async move {
             let Some(client) = link.client.clone() else {
-                return Err(format!("{}: no NATS connection", self.describe()));
+                return Err(OpenError::NoConnection(self.describe()));
             };
             let inbox = client.new_inbox();
             let subscriber = client
                 .subscribe(inbox.clone())
                 .await
-                .map_err(|err| format!("cannot subscribe for {}: {err}", self.describe()))?;
-            client.flush().await.map_err(|err| format!("cannot confirm subscriptions with NATS: {err}"))?;
+                .map_err(|cause| OpenError::Subscribe { what: self.describe(), cause })?;
             let acks = acks::AckConfirmer::start(client.clone());
             let puller = pull::Puller {
                 acks,

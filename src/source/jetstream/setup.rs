@@ -11,13 +11,34 @@ use super::{JetStreamSource, consumer_config};
 use crate::source::spec::ConsumerSpec;
 use crate::telemetry::metrics;
 
-/// Why a consumer could not be set up; a configuration mistake exits 2.
+/// Why a consumer could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
+    /// The declaration does not fit what the server has; the message says how to fix it.
     #[error("{0}")]
     Config(String),
-    #[error("{0}")]
-    Nats(String),
+    /// The server refused to create what was declared.
+    #[error("{context}")]
+    Refused {
+        context: String,
+        #[source]
+        cause: async_nats::Error,
+    },
+    /// The server could not be asked.
+    #[error("{context}")]
+    Lookup {
+        context: String,
+        #[source]
+        cause: async_nats::Error,
+    },
+}
+
+impl SetupError {
+    /// Whether the script's declaration must change (as opposed to the server
+    /// or the connection failing).
+    pub fn is_declaration(&self) -> bool {
+        matches!(self, SetupError::Config(_) | SetupError::Refused { .. })
+    }
 }
 
 impl JetStreamSource {
@@ -36,7 +57,10 @@ impl JetStreamSource {
                         ..Default::default()
                     })
                     .await
-                    .map_err(|err| SetupError::Config(format!("cannot create stream {:?}: {err}", spec.stream)))?,
+                    .map_err(|cause| SetupError::Refused {
+                        context: format!("cannot create stream {:?}", spec.stream),
+                        cause: cause.into(),
+                    })?,
                 None => {
                     return Err(SetupError::Config(format!(
                         "stream {:?} does not exist; create it, or let bus.consume create it with \
@@ -45,7 +69,12 @@ impl JetStreamSource {
                     )));
                 }
             },
-            Err(err) => return Err(SetupError::Nats(format!("cannot look up stream {:?}: {err}", spec.stream))),
+            Err(cause) => {
+                return Err(SetupError::Lookup {
+                    context: format!("cannot look up stream {:?}", spec.stream),
+                    cause: cause.into(),
+                });
+            }
         };
         let applied = ensure_consumer(client, &stream, &spec).await?;
         check_applied(&spec, &consumer_config::declared(&spec), &applied)?;
@@ -79,8 +108,9 @@ async fn ensure_consumer(
     spec: &ConsumerSpec,
 ) -> Result<consumer::Config, SetupError> {
     let name = format!("{}/{}", spec.stream, spec.consumer);
-    let cannot_send = |err: jetstream::stream::ConsumerError| {
-        SetupError::Config(format!("cannot create or update consumer {name}: {err}"))
+    let cannot_send = |cause: jetstream::stream::ConsumerError| SetupError::Refused {
+        context: format!("cannot create or update consumer {name}"),
+        cause: cause.into(),
     };
     let existing = match stream.consumer_info(&spec.consumer).await {
         Ok(info) => info.config,
@@ -88,7 +118,9 @@ async fn ensure_consumer(
             let created = stream.create_consumer(consumer_config::declared(spec)).await.map_err(cannot_send)?;
             return Ok(created.cached_info().config.clone());
         }
-        Err(err) => return Err(SetupError::Nats(format!("cannot look up consumer {name}: {err}"))),
+        Err(cause) => {
+            return Err(SetupError::Lookup { context: format!("cannot look up consumer {name}"), cause: cause.into() });
+        }
     };
     let version = client.server_info().version;
     let server = consumer_config::Server {

@@ -1,0 +1,45 @@
+//! An error and its causes on one line, as users read them in logs and on
+//! stderr: `cannot create stream "ORDERS": insufficient resources`.
+
+use std::error::Error;
+
+/// `err`'s message followed by each cause's, separated by `": "`.
+pub fn chain(err: &dyn Error) -> String {
+    let mut line = err.to_string();
+    let mut cause = err.source();
+    while let Some(next) = cause {
+        let text = next.to_string();
+        // Some libraries repeat their cause in their own message.
+        if !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = next.source();
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot open the consumer")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn causes_follow_the_message() {
+        let err = Outer(std::io::Error::other("connection reset"));
+        assert_eq!(chain(&err), "cannot open the consumer: connection reset");
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot open the consumer: {0}")]
+    struct Repeating(#[source] std::io::Error);
+
+    #[test]
+    fn a_cause_the_message_already_ends_with_is_not_repeated() {
+        let err = Repeating(std::io::Error::other("connection reset"));
+        assert_eq!(chain(&err), "cannot open the consumer: connection reset");
+    }
+}
