@@ -335,29 +335,35 @@ fn histogram_buckets(bounds: &[f64], counts: impl Iterator<Item = u64>) -> Vec<(
     bounds.iter().copied().chain(std::iter::once(f64::INFINITY)).zip(counts).collect()
 }
 
-impl Collector for Scrape {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
-        let metrics = self.0;
-        let vms: Vec<Arc<VmMetrics>> = lock(&metrics.vms).clone();
-        let mut kinds: BTreeMap<Box<str>, KindTotals> = BTreeMap::new();
-        let (mut in_flight, mut queued) = (0i64, 0i64);
-        let mut waits = [0u64; WAIT_BOUNDS.len() + 1];
-        let (mut wait_nanos, mut preemptions) = (0u64, 0u64);
-        for vm in &vms {
-            for (sum, tally) in waits.iter_mut().zip(&vm.wait_buckets) {
+/// The VMs' figures summed at scrape time.
+#[derive(Default)]
+struct VmTotals {
+    kinds: BTreeMap<Box<str>, KindTotals>,
+    in_flight: i64,
+    queued: i64,
+    waits: [u64; WAIT_BOUNDS.len() + 1],
+    wait_nanos: u64,
+    preemptions: u64,
+}
+
+impl VmTotals {
+    fn sum(vms: &[Arc<VmMetrics>]) -> Self {
+        let mut totals = VmTotals::default();
+        for vm in vms {
+            for (sum, tally) in totals.waits.iter_mut().zip(&vm.wait_buckets) {
                 *sum += tally.get();
             }
-            wait_nanos += vm.wait_nanos.get();
-            preemptions += vm.preemptions.get();
+            totals.wait_nanos += vm.wait_nanos.get();
+            totals.preemptions += vm.preemptions.get();
             // `finished` first: a handler ending between the reads is then
             // counted as still running, never as a negative.
             let finished = vm.finished.get();
-            in_flight += vm.started.get().saturating_sub(finished) as i64;
+            totals.in_flight += vm.started.get().saturating_sub(finished) as i64;
             if let Some(queue) = lock(&vm.queue).as_ref().and_then(|q| q.upgrade()) {
-                queued += (queue.max_capacity() - queue.capacity()) as i64;
+                totals.queued += (queue.max_capacity() - queue.capacity()) as i64;
             }
             for (kind, stats) in lock(&vm.kinds).iter() {
-                let total = kinds.entry(kind.clone()).or_default();
+                let total = totals.kinds.entry(kind.clone()).or_default();
                 for (sum, tally) in total.outcomes.iter_mut().zip(&stats.outcomes) {
                     *sum += tally.get();
                 }
@@ -367,7 +373,15 @@ impl Collector for Scrape {
                 total.nanos += stats.nanos.get();
             }
         }
+        totals
+    }
+}
 
+impl Collector for Scrape {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let metrics = self.0;
+        let vms: Vec<Arc<VmMetrics>> = lock(&metrics.vms).clone();
+        let totals = VmTotals::sum(&vms);
         let info = encoder.encode_descriptor(
             "agent_block_build_info",
             "Always 1; the version label names the running agent-block.",
@@ -375,87 +389,89 @@ impl Collector for Scrape {
             MetricType::Gauge,
         );
         info?.encode_family(&vec![("version", env!("CARGO_PKG_VERSION"))])?.encode_gauge(&1i64)?;
-
-        let mut events = Vec::new();
-        for (kind, total) in &kinds {
-            for (outcome, count) in OUTCOMES.iter().zip(total.outcomes) {
-                if count > 0 {
-                    events.push((vec![("kind", &**kind), ("outcome", *outcome)], count));
-                }
-            }
-        }
-        counters(&mut encoder, "agent_block_events", "Events handled, by kind and outcome.", &events)?;
-
-        if !kinds.is_empty() {
-            let mut metric = encoder.encode_descriptor(
-                "agent_block_handler_duration_seconds",
-                "Time from handler start to its outcome, by kind.",
-                None,
-                MetricType::Histogram,
-            )?;
-            for (kind, total) in &kinds {
-                let count = total.buckets.iter().sum();
-                let buckets = histogram_buckets(&DURATION_BOUNDS, total.buckets.iter().copied());
-                let labels = vec![("kind", &**kind)];
-                metric.encode_family(&labels)?.encode_histogram::<NoLabelSet>(
-                    total.nanos as f64 / 1e9,
-                    count,
-                    &buckets,
-                    None,
-                )?;
-            }
-        }
-
-        gauge(&mut encoder, "agent_block_handlers_in_flight", "Handlers running now.", in_flight)?;
-        gauge(
-            &mut encoder,
-            "agent_block_queued_events",
-            "Events waiting in the VM queues for a handler slot.",
-            queued,
-        )?;
-
-        encoder
-            .encode_descriptor(
-                "agent_block_vm_wait_seconds",
-                "Time a handler that could run waited for its VM: from its event taken in, its wait over, \
-                 or its time slice ended with others ready, until it ran.",
-                None,
-                MetricType::Histogram,
-            )?
-            .encode_histogram::<NoLabelSet>(
-                wait_nanos as f64 / 1e9,
-                waits.iter().sum(),
-                &histogram_buckets(&WAIT_BOUNDS, waits.iter().copied()),
-                None,
-            )?;
-        counter(
-            &mut encoder,
-            "agent_block_vm_preemptions",
-            "Handlers suspended at the end of their time slice because others on the VM were ready.",
-            preemptions,
-        )?;
-
-        let (mut rejected, mut dropped) = (0, 0);
-        for stats in lock(&metrics.intake).iter() {
-            rejected += stats.rejected.load(Ordering::Relaxed);
-            dropped += stats.dropped.load(Ordering::Relaxed);
-        }
-        counter(
-            &mut encoder,
-            "agent_block_intake_rejected",
-            "Requests answered 503 because the intake was full.",
-            rejected,
-        )?;
-        counter(
-            &mut encoder,
-            "agent_block_intake_dropped",
-            "Messages without a reply subject dropped because the intake was full.",
-            dropped,
-        )?;
-
+        encode_events(&totals, &mut encoder)?;
+        encode_vms(&totals, &mut encoder)?;
+        encode_intake(metrics, &mut encoder)?;
         encode_nats(metrics, &mut encoder)?;
         encode_consumers(metrics, &mut encoder)
     }
+}
+
+/// Events by kind and outcome, and handler durations by kind.
+fn encode_events(totals: &VmTotals, encoder: &mut DescriptorEncoder) -> std::fmt::Result {
+    let mut events = Vec::new();
+    for (kind, total) in &totals.kinds {
+        for (outcome, count) in OUTCOMES.iter().zip(total.outcomes) {
+            if count > 0 {
+                events.push((vec![("kind", &**kind), ("outcome", *outcome)], count));
+            }
+        }
+    }
+    counters(encoder, "agent_block_events", "Events handled, by kind and outcome.", &events)?;
+    if totals.kinds.is_empty() {
+        return Ok(());
+    }
+    let mut metric = encoder.encode_descriptor(
+        "agent_block_handler_duration_seconds",
+        "Time from handler start to its outcome, by kind.",
+        None,
+        MetricType::Histogram,
+    )?;
+    for (kind, total) in &totals.kinds {
+        let count = total.buckets.iter().sum();
+        let buckets = histogram_buckets(&DURATION_BOUNDS, total.buckets.iter().copied());
+        let labels = vec![("kind", &**kind)];
+        metric.encode_family(&labels)?.encode_histogram::<NoLabelSet>(
+            total.nanos as f64 / 1e9,
+            count,
+            &buckets,
+            None,
+        )?;
+    }
+    Ok(())
+}
+
+/// What the VMs run and hold: handlers in flight, queued events, the wait for
+/// a VM and preemptions.
+fn encode_vms(totals: &VmTotals, encoder: &mut DescriptorEncoder) -> std::fmt::Result {
+    gauge(encoder, "agent_block_handlers_in_flight", "Handlers running now.", totals.in_flight)?;
+    gauge(encoder, "agent_block_queued_events", "Events waiting in the VM queues for a handler slot.", totals.queued)?;
+    encoder
+        .encode_descriptor(
+            "agent_block_vm_wait_seconds",
+            "Time a handler that could run waited for its VM: from its event taken in, its wait over, \
+             or its time slice ended with others ready, until it ran.",
+            None,
+            MetricType::Histogram,
+        )?
+        .encode_histogram::<NoLabelSet>(
+            totals.wait_nanos as f64 / 1e9,
+            totals.waits.iter().sum(),
+            &histogram_buckets(&WAIT_BOUNDS, totals.waits.iter().copied()),
+            None,
+        )?;
+    counter(
+        encoder,
+        "agent_block_vm_preemptions",
+        "Handlers suspended at the end of their time slice because others on the VM were ready.",
+        totals.preemptions,
+    )
+}
+
+/// Events the intake refused because it was full.
+fn encode_intake(metrics: &Metrics, encoder: &mut DescriptorEncoder) -> std::fmt::Result {
+    let (mut rejected, mut dropped) = (0, 0);
+    for stats in lock(&metrics.intake).iter() {
+        rejected += stats.rejected.load(Ordering::Relaxed);
+        dropped += stats.dropped.load(Ordering::Relaxed);
+    }
+    counter(encoder, "agent_block_intake_rejected", "Requests answered 503 because the intake was full.", rejected)?;
+    counter(
+        encoder,
+        "agent_block_intake_dropped",
+        "Messages without a reply subject dropped because the intake was full.",
+        dropped,
+    )
 }
 
 fn encode_nats(metrics: &Metrics, encoder: &mut DescriptorEncoder) -> std::fmt::Result {

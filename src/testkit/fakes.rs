@@ -241,90 +241,61 @@ fn error_table(lua: &Lua, code: u16, message: &str) -> mlua::Result<Value> {
 /// What a raw fake returns: results, then an error table or nil.
 type KvResult = (Value, Value, Value);
 
+/// The raw KV functions the production wrappers (`lua_api::kv::raising`) turn
+/// into `kv.*`: each returns (a, b, error table), as the live ones do.
 fn kv_functions(lua: &Lua, fakes: &Arc<Fakes>) -> mlua::Result<Table> {
     let raw = lua.create_table()?;
-    // Every function returns (a, b, error table); the Lua wrapper raises the error.
-    let with_bucket = |fakes: &Arc<Fakes>,
-                       lua: &Lua,
-                       bucket: &str,
-                       op: &dyn Fn(&mut Bucket) -> mlua::Result<KvResult>|
-     -> mlua::Result<KvResult> {
-        let mut kv = lock(&fakes.kv);
-        match kv.get_mut(bucket) {
-            Some(found) => op(found),
-            None => Ok((Value::Nil, Value::Nil, error_table(lua, 404, &missing_bucket(bucket))?)),
-        }
-    };
-    let f = fakes.clone();
     raw.set(
         "get",
-        lua.create_function(move |lua, (bucket, key): (String, String)| {
-            with_bucket(&f, lua, &bucket, &|b| match b.get(&key) {
-                Some((value, revision)) => {
-                    Ok((crate::lua_api::kv::value_of(lua, value)?, Value::Integer(*revision as i64), Value::Nil))
-                }
-                None => Ok((Value::Nil, Value::Nil, Value::Nil)),
-            })
+        bucket_function(lua, fakes, |lua, _, b, key: String| match b.get(&key) {
+            Some((value, revision)) => {
+                Ok((crate::lua_api::kv::value_of(lua, value)?, Value::Integer(*revision as i64), Value::Nil))
+            }
+            None => Ok((Value::Nil, Value::Nil, Value::Nil)),
         })?,
     )?;
-    let f = fakes.clone();
     raw.set(
         "put",
-        lua.create_function(move |lua, (bucket, key, value): (String, String, Value)| {
-            let bytes = body_of(lua, &value)?;
-            with_bucket(&f, lua, &bucket, &|b| {
-                Ok((Value::Integer(b.write(&key, bytes.clone()) as i64), Value::Nil, Value::Nil))
-            })
+        bucket_function(lua, fakes, |lua, _, b, (key, value): (String, Value)| {
+            Ok(written(b.write(&key, body_of(lua, &value)?)))
         })?,
     )?;
-    let f = fakes.clone();
     raw.set(
         "create",
-        lua.create_function(move |lua, (bucket, key, value): (String, String, Value)| {
+        bucket_function(lua, fakes, |lua, _, b, (key, value): (String, Value)| {
             let bytes = body_of(lua, &value)?;
-            with_bucket(&f, lua, &bucket, &|b| {
-                if b.get(&key).is_some() {
-                    return Ok((Value::Nil, Value::Nil, Value::Nil));
-                }
-                Ok((Value::Integer(b.write(&key, bytes.clone()) as i64), Value::Nil, Value::Nil))
-            })
+            if b.get(&key).is_some() {
+                return Ok((Value::Nil, Value::Nil, Value::Nil));
+            }
+            Ok(written(b.write(&key, bytes)))
         })?,
     )?;
-    let f = fakes.clone();
     raw.set(
         "update",
-        lua.create_function(move |lua, (bucket, key, value, revision): (String, String, Value, i64)| {
+        bucket_function(lua, fakes, |lua, name, b, (key, value, revision): (String, Value, i64)| {
             let bytes = body_of(lua, &value)?;
-            with_bucket(&f, lua, &bucket, &|b| {
-                let current = b.get(&key).map(|(_, r)| *r as i64);
-                if current != Some(revision) {
-                    let message = crate::lua_api::kv::conflict_message(&bucket, &key, revision);
-                    return Ok((Value::Nil, Value::Nil, error_table(lua, 409, &message)?));
-                }
-                Ok((Value::Integer(b.write(&key, bytes.clone()) as i64), Value::Nil, Value::Nil))
-            })
+            let current = b.get(&key).map(|(_, r)| *r as i64);
+            if current != Some(revision) {
+                let message = crate::lua_api::kv::conflict_message(name, &key, revision);
+                return Ok((Value::Nil, Value::Nil, error_table(lua, 409, &message)?));
+            }
+            Ok(written(b.write(&key, bytes)))
         })?,
     )?;
-    let f = fakes.clone();
     raw.set(
         "delete",
-        lua.create_function(move |lua, (bucket, key): (String, String)| {
-            with_bucket(&f, lua, &bucket, &|b| {
-                b.entries.remove(&key);
-                b.last_revision += 1;
-                Ok((Value::Nil, Value::Nil, Value::Nil))
-            })
+        bucket_function(lua, fakes, |_, _, b, key: String| {
+            b.entries.remove(&key);
+            b.last_revision += 1;
+            Ok((Value::Nil, Value::Nil, Value::Nil))
         })?,
     )?;
-    let f = fakes.clone();
     raw.set(
         "keys",
-        lua.create_function(move |lua, (bucket, prefix): (String, Option<String>)| {
-            with_bucket(&f, lua, &bucket, &|b| {
-                let prefix = prefix.as_deref().unwrap_or("");
-                let keys = lua.create_sequence_from(b.entries.keys().filter(|k| k.starts_with(prefix)).cloned())?;
-                Ok((Value::Table(keys), Value::Nil, Value::Nil))
-            })
+        bucket_function(lua, fakes, |lua, _, b, prefix: Option<String>| {
+            let prefix = prefix.as_deref().unwrap_or("");
+            let keys = lua.create_sequence_from(b.entries.keys().filter(|k| k.starts_with(prefix)).cloned())?;
+            Ok((Value::Table(keys), Value::Nil, Value::Nil))
         })?,
     )?;
     let f = fakes.clone();
@@ -336,6 +307,28 @@ fn kv_functions(lua: &Lua, fakes: &Arc<Fakes>) -> mlua::Result<Table> {
         })?,
     )?;
     Ok(raw)
+}
+
+/// A raw KV function whose first argument names the bucket; on a missing
+/// bucket it returns the 404 error table the server's answer becomes.
+fn bucket_function<A: mlua::FromLuaMulti>(
+    lua: &Lua,
+    fakes: &Arc<Fakes>,
+    op: impl Fn(&Lua, &str, &mut Bucket, A) -> mlua::Result<KvResult> + 'static,
+) -> mlua::Result<mlua::Function> {
+    let fakes = fakes.clone();
+    lua.create_function(move |lua, (bucket, args): (String, A)| {
+        let mut kv = lock(&fakes.kv);
+        match kv.get_mut(&bucket) {
+            Some(found) => op(lua, &bucket, found, args),
+            None => Ok((Value::Nil, Value::Nil, error_table(lua, 404, &missing_bucket(&bucket))?)),
+        }
+    })
+}
+
+/// A write's result: the new revision.
+fn written(revision: u64) -> KvResult {
+    (Value::Integer(revision as i64), Value::Nil, Value::Nil)
 }
 
 /// `http.request`'s exchange under test: each request goes to the test's
