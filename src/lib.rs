@@ -36,6 +36,7 @@ pub mod secrets;
 pub mod settings;
 pub mod settle;
 pub mod source;
+pub mod source_spec;
 pub mod telemetry;
 pub mod testkit;
 pub mod transport;

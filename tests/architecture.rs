@@ -16,7 +16,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("worker", &["worker"]),
     ("intake", &["intake", "source/mod"]),
     ("Lua API", &["lua_api"]),
-    ("Lua core", &["lua", "bridge", "connect", "transport", "source/spec", "settings"]),
+    ("Lua core", &["lua", "bridge", "connect", "transport", "source_spec", "settings"]),
     ("settle and telemetry", &["settle", "telemetry"]),
     (
         "leaf types",

@@ -11,7 +11,7 @@ use mlua::{Function, Lua};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use crate::source::spec::SourceSpec;
+use crate::source_spec::SourceSpec;
 use crate::transport::Transport;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

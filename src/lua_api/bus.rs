@@ -10,7 +10,7 @@ use mlua::{Lua, Table, UserData, Value};
 use crate::kind::KindTemplate;
 use crate::lua::state::{Phase, VmState};
 use crate::lua_api::{body_of, duration_of, headers_of};
-use crate::source::spec::{ConsumerSpec, Queue, SourceSpec, SubscriptionSpec};
+use crate::source_spec::{ConsumerSpec, Queue, SourceSpec, SubscriptionSpec};
 
 /// What a handler returned through `bus.reply`, `bus.nak` or `bus.term`.
 pub enum Directive {

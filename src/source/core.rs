@@ -15,7 +15,7 @@ use crate::intake::Sink;
 use crate::lua::context;
 use crate::outcome::{Failure, Outcome};
 use crate::settle::{error_headers, reply_of};
-use crate::source::spec::SubscriptionSpec;
+use crate::source_spec::SubscriptionSpec;
 use crate::source::{Forwarding, Link, OpenError, Placement, Source};
 
 pub struct CoreSource {

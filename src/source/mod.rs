@@ -13,7 +13,6 @@ pub mod core;
 pub mod declared;
 pub mod jetstream;
 pub mod replay;
-pub mod spec;
 
 use std::sync::Arc;
 
@@ -22,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::intake::Sink;
 
-pub use spec::{ConsumerSpec, Queue, SourceSpec, SubscriptionSpec};
+pub use crate::source_spec::{ConsumerSpec, Queue, SourceSpec, SubscriptionSpec};
 
 /// Where a source runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

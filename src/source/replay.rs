@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 use crate::event::{Event, Settle};
 use crate::kind::subject_matches;
 use crate::outcome::Outcome;
-use crate::source::spec::SourceSpec;
+use crate::source_spec::SourceSpec;
 use crate::source::{Forwarding, Link, OpenError, Placement, Source};
 use crate::transport::{Response, Transport, TransportError};
 

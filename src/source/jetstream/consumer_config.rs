@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::{AckPolicy, Config, DeliverPolicy};
 
-use crate::source::spec::ConsumerSpec;
+use crate::source_spec::ConsumerSpec;
 
 const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
 

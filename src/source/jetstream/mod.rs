@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use futures::future::LocalBoxFuture;
 
-use crate::source::spec::ConsumerSpec;
+use crate::source_spec::ConsumerSpec;
 use crate::source::{Forwarding, Link, OpenError, Placement, Source};
 use crate::telemetry::metrics;
 

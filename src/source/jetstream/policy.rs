@@ -9,7 +9,7 @@ use async_nats::HeaderMap;
 use crate::event::Event;
 use crate::lua::context;
 use crate::outcome::{FailureCause, Outcome};
-use crate::source::spec::ConsumerSpec;
+use crate::source_spec::ConsumerSpec;
 
 /// What settling a delivery does.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -15,7 +15,7 @@ use super::policy::{self, Action};
 use crate::event::{Event, Settle};
 use crate::log_limit::LogLimit;
 use crate::outcome::Outcome;
-use crate::source::spec::ConsumerSpec;
+use crate::source_spec::ConsumerSpec;
 use crate::telemetry::metrics;
 
 /// One record per consumer and interval for settlements the server did not

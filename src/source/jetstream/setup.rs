@@ -8,7 +8,7 @@ use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::{self, consumer};
 
 use super::{JetStreamSource, consumer_config};
-use crate::source::spec::ConsumerSpec;
+use crate::source_spec::ConsumerSpec;
 use crate::telemetry::metrics;
 
 /// Why a consumer could not be set up.
