@@ -15,8 +15,8 @@ use crate::intake::Sink;
 use crate::lua::context;
 use crate::outcome::{Failure, Outcome};
 use crate::settle::{error_headers, reply_of};
-use crate::source_spec::SubscriptionSpec;
 use crate::source::{Forwarding, Link, OpenError, Placement, Source};
+use crate::source_spec::SubscriptionSpec;
 
 pub struct CoreSource {
     spec: SubscriptionSpec,

@@ -18,8 +18,8 @@ use tokio::sync::oneshot;
 use crate::event::{Event, Settle};
 use crate::kind::subject_matches;
 use crate::outcome::Outcome;
-use crate::source_spec::SourceSpec;
 use crate::source::{Forwarding, Link, OpenError, Placement, Source};
+use crate::source_spec::SourceSpec;
 use crate::transport::{Response, Transport, TransportError};
 
 /// The output of the replay command: one JSON line per outcome and per publish.

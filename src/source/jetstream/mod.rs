@@ -31,8 +31,8 @@ use std::time::Duration;
 
 use futures::future::LocalBoxFuture;
 
-use crate::source_spec::ConsumerSpec;
 use crate::source::{Forwarding, Link, OpenError, Placement, Source};
+use crate::source_spec::ConsumerSpec;
 use crate::telemetry::metrics;
 
 pub use setup::SetupError;
