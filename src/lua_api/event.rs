@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use async_nats::HeaderMap;
 use std::ffi::c_char;
 
-use mlua::{Lua, Table, UserData, Value, ffi};
+use mlua::{Lua, LuaSerdeExt, Table, UserData, Value, ffi};
 
 use crate::event::{Event, StreamMeta};
 use crate::lua_api::{json, raw};
@@ -23,6 +23,11 @@ const EXTRA: &str = "\0event";
 /// part (at these positions) so building a table does not hash them again.
 const KEYS: [&str; 6] = ["kind", "id", "subject", "reply", "data", EXTRA];
 const EXTRA_KEY: usize = 5;
+/// Slots of the metatable's array part: the key `data` (from [`KEYS`]), the
+/// metatable decoded arrays get, and [`lazy_field`] as a Lua function.
+const DATA_SLOT: ffi::lua_Integer = 5;
+const ARRAY_METATABLE_SLOT: ffi::lua_Integer = 7;
+const LAZY_FIELD_SLOT: ffi::lua_Integer = 8;
 
 struct EventExtra {
     headers: Option<HeaderMap>,
@@ -44,13 +49,16 @@ impl EventTables {
         let metatable = lua.create_table()?;
         // Kept as a Lua string, so reading the body does not hash its key again.
         let data_key = lua.create_string("data")?;
-        metatable.set(
-            "__index",
-            lua.create_function(move |lua, (table, key): (Table, Value)| lazy_field(lua, &data_key, table, key))?,
-        )?;
+        // SAFETY: `event_index` keeps the invariant stated on it.
+        metatable.set("__index", unsafe { lua.create_c_function(event_index)? })?;
         for (index, key) in KEYS.into_iter().enumerate() {
             metatable.raw_set(index + 1, key)?;
         }
+        metatable.raw_set(ARRAY_METATABLE_SLOT, lua.array_metatable())?;
+        metatable.raw_set(
+            LAZY_FIELD_SLOT,
+            lua.create_function(move |lua, (table, key): (Table, Value)| lazy_field(lua, &data_key, table, key))?,
+        )?;
         Ok(EventTables { metatable })
     }
 
@@ -102,6 +110,84 @@ impl EventTables {
             Value::Table(table) => Ok(table),
             _ => unreachable!("the builder pushes a table"),
         }
+    }
+}
+
+/// `__index` of event tables. `ev.payload`, read by nearly every handler, is
+/// decoded here on the handler's own stack, without a Rust callback;
+/// `headers`, `meta`, and a body that is not JSON (whose error the handler
+/// gets) go to [`lazy_field`]; other keys are nil.
+///
+/// Invariant: Lua calls it with two arguments and `LUA_MINSTACK` (20) free
+/// slots, of which it uses at most 8. It checks each value it reads (a script
+/// may call it with anything). Every call that can raise an error (`lua_call`,
+/// `lua_rawset`) runs while no local with a destructor is alive, so an error
+/// unwinding through this frame skips none; the parsed document, which has
+/// one, is pushed inside its own protected call and dropped before caching.
+unsafe extern "C-unwind" fn event_index(state: *mut ffi::lua_State) -> std::ffi::c_int {
+    unsafe {
+        if ffi::lua_type(state, 1) != ffi::LUA_TTABLE || ffi::lua_type(state, 2) != ffi::LUA_TSTRING {
+            return 0;
+        }
+        let mut len = 0;
+        let key = ffi::lua_tolstring(state, 2, &mut len);
+        match std::slice::from_raw_parts(key as *const u8, len) {
+            b"payload" => {
+                if push_payload(state) {
+                    return 1;
+                }
+            }
+            b"headers" | b"meta" => {}
+            _ => return 0,
+        }
+        ffi::lua_settop(state, 2);
+        if ffi::lua_getmetatable(state, 1) == 0 || ffi::lua_rawgeti(state, 3, LAZY_FIELD_SLOT) != ffi::LUA_TFUNCTION {
+            return 0;
+        }
+        ffi::lua_pushvalue(state, 1);
+        ffi::lua_pushvalue(state, 2);
+        ffi::lua_call(state, 2, 1);
+        1
+    }
+}
+
+/// Pushes `ev.payload` decoded from `ev.data` (nil for an empty body) and
+/// caches it in the table at index 1, whose key is at index 2. Returns false,
+/// the stack as it was, when the body is not a string or not JSON.
+///
+/// # Safety
+/// As [`event_index`], whose frame it shares.
+unsafe fn push_payload(state: *mut ffi::lua_State) -> bool {
+    unsafe {
+        // 3: the metatable, 4: the body, 5: the array metatable.
+        if ffi::lua_getmetatable(state, 1) == 0
+            || ffi::lua_rawgeti(state, 3, DATA_SLOT) != ffi::LUA_TSTRING
+            || ffi::lua_rawget(state, 1) != ffi::LUA_TSTRING
+            || ffi::lua_rawgeti(state, 3, ARRAY_METATABLE_SLOT) != ffi::LUA_TTABLE
+        {
+            ffi::lua_settop(state, 2);
+            return false;
+        }
+        let mut len = 0;
+        let body = ffi::lua_tolstring(state, 4, &mut len);
+        if len == 0 {
+            ffi::lua_pushnil(state);
+            return true;
+        }
+        // The body stays on the stack (index 4) while the document borrows it.
+        let pushed = match json::parse(std::slice::from_raw_parts(body as *const u8, len)) {
+            Ok(parsed) => parsed.push_protected(state, 5),
+            Err(_) => false,
+        };
+        if !pushed {
+            ffi::lua_settop(state, 2);
+            return false;
+        }
+        // 6: the value, cached as a plain field.
+        ffi::lua_pushvalue(state, 2);
+        ffi::lua_pushvalue(state, 6);
+        ffi::lua_rawset(state, 1);
+        true
     }
 }
 
@@ -199,4 +285,75 @@ fn meta(lua: &Lua, table: &Table) -> mlua::Result<Table> {
         }
     }
     Ok(meta)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table_for(lua: &Lua, body: &str) -> Table {
+        let event = Event::new("k".into(), "s.k".into(), None, None, bytes::Bytes::copy_from_slice(body.as_bytes()));
+        let table = EventTables::new(lua).unwrap().build(lua, &event, None).unwrap();
+        lua.globals().set("ev", &table).unwrap();
+        table
+    }
+
+    #[test]
+    fn the_payload_is_decoded_once_and_cached() {
+        let lua = Lua::new();
+        table_for(&lua, r#"{"a":[1,2,{"b":null}],"c":"x"}"#);
+        let same: bool = lua.load("return ev.payload == ev.payload and rawget(ev, 'payload') ~= nil").eval().unwrap();
+        assert!(same);
+        let read: String = lua.load("return ev.payload.c .. #ev.payload.a").eval().unwrap();
+        assert_eq!(read, "x3");
+        let marked: bool =
+            lua.load("return getmetatable(ev.payload.a) ~= nil and getmetatable(ev.payload) == nil").eval().unwrap();
+        assert!(marked, "decoded arrays carry the array metatable, objects none");
+    }
+
+    #[test]
+    fn an_empty_body_has_no_payload_and_a_bad_one_raises_the_payload_error() {
+        let lua = Lua::new();
+        table_for(&lua, "");
+        assert_eq!(lua.load("return ev.payload").eval::<Value>().unwrap(), Value::Nil);
+        table_for(&lua, "{not json");
+        let err = lua.load("return ev.payload").eval::<Value>().unwrap_err();
+        assert!(err.to_string().contains("payload is not valid JSON"), "{err}");
+    }
+
+    #[test]
+    fn other_keys_are_nil_and_headers_and_meta_still_work() {
+        let lua = Lua::new();
+        table_for(&lua, "1");
+        let read: (Value, Value, String, String) =
+            lua.load("return ev.other, ev[1], type(ev.headers), ev.meta.subject").eval().unwrap();
+        assert_eq!((read.0, read.1), (Value::Nil, Value::Nil));
+        assert_eq!((read.2.as_str(), read.3.as_str()), ("table", "s.k"));
+    }
+
+    #[test]
+    fn the_index_function_called_by_a_script_with_anything_answers_nil() {
+        let lua = Lua::new();
+        table_for(&lua, "[1]");
+        let answers: (Value, Value, Value) = lua
+            .load(
+                "local index = getmetatable(ev).__index
+                 return index(5, 'payload'), index({}, 'payload'), index(setmetatable({}, {}), 'meta')",
+            )
+            .eval()
+            .unwrap();
+        assert_eq!(answers, (Value::Nil, Value::Nil, Value::Nil));
+    }
+
+    #[test]
+    fn a_payload_over_the_memory_limit_fails_the_read_and_the_vm_stays_sound() {
+        let lua = Lua::new();
+        lua.set_app_data(raw::MemoryLimited);
+        let big = format!("[{}]", vec!["\"some text that takes room\""; 10_000].join(","));
+        table_for(&lua, &big);
+        lua.set_memory_limit(lua.used_memory() + 64 * 1024).unwrap();
+        assert!(lua.load("return ev.payload").eval::<Value>().is_err());
+        lua.set_memory_limit(0).unwrap();
+        assert_eq!(lua.load("return #ev.payload").eval::<i64>().unwrap(), 10_000);
+    }
 }

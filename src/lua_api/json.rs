@@ -58,6 +58,56 @@ pub fn decode(lua: &Lua, bytes: &[u8]) -> Result<Value, DecodeError> {
     .map_err(DecodeError::Lua)
 }
 
+/// A JSON document parsed in Rust and not yet on a Lua stack: the event
+/// table's `__index` decodes `ev.payload` with it on the handler's own stack.
+pub struct Parsed<'a>(Tape<'a>);
+
+/// Parses `bytes`; a failure is what [`decode`] would report.
+pub fn parse(bytes: &[u8]) -> Result<Parsed<'_>, serde_json::Error> {
+    Tape::parse(bytes).map(Parsed)
+}
+
+impl Parsed<'_> {
+    /// Pushes the document onto `state` inside a protected call, so a Lua
+    /// error (memory) stops at that call and never unwinds through the
+    /// caller's frame, which owns this document. Decoded arrays get the
+    /// metatable at stack index `array_metatable`. Returns whether it
+    /// succeeded; on failure the stack is as it was.
+    ///
+    /// # Safety
+    /// `state` has 4 free slots and `array_metatable` is an absolute index of
+    /// a table on it; the protected call reserves what the value needs.
+    pub unsafe fn push_protected(&self, state: *mut ffi::lua_State, array_metatable: c_int) -> bool {
+        unsafe {
+            let top = ffi::lua_gettop(state);
+            ffi::lua_pushcfunction(state, push_parsed);
+            ffi::lua_pushlightuserdata(state, self as *const Parsed as *mut std::ffi::c_void);
+            ffi::lua_pushvalue(state, array_metatable);
+            if ffi::lua_pcall(state, 2, 1, 0) == ffi::LUA_OK {
+                return true;
+            }
+            ffi::lua_settop(state, top);
+            false
+        }
+    }
+}
+
+/// The protected body of [`Parsed::push_protected`]: arguments (the parsed
+/// document as a light userdata, the array metatable), result the value. It
+/// holds only references and plain numbers, so an error raised by a push
+/// unwinds out of it skipping no destructor.
+unsafe extern "C-unwind" fn push_parsed(state: *mut ffi::lua_State) -> c_int {
+    unsafe {
+        // SAFETY: `push_protected` passes a `Parsed` that outlives this call.
+        let parsed = &*(ffi::lua_touserdata(state, 1) as *const Parsed);
+        let slots = c_int::try_from(3 * (parsed.0.depth + 1) + 2).unwrap_or(c_int::MAX);
+        ffi::luaL_checkstack(state, slots, c"JSON value too deep for the Lua stack".as_ptr());
+        let mut position = 0;
+        push_token(state, &parsed.0.tokens, &mut position, 2);
+        1
+    }
+}
+
 /// Encodes a Lua value as JSON.
 pub fn encode(lua: &Lua, value: &Value) -> Result<Vec<u8>, String> {
     let mut out = Vec::with_capacity(128);
