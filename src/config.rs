@@ -34,7 +34,7 @@ pub fn secret_variables() -> &'static [SecretVariable] {
 
 /// Declares [`secret_variables`] to the sandbox ([`crate::secrets`]).
 pub fn declare_secrets() {
-    crate::secrets::declare(|| secret_variables().to_vec());
+    crate::secrets::declare(secret_variables());
 }
 
 impl ConnectionConfig {

@@ -5,18 +5,22 @@ use std::error::Error;
 
 /// `err`'s message followed by each cause's, separated by `": "`.
 pub fn chain(err: &dyn Error) -> String {
-    let mut line = err.to_string();
-    let mut cause = err.source();
+    with_causes(err.to_string(), err.source())
+}
+
+/// `message` followed by `cause`'s message and each further cause's, except
+/// those it already contains (some libraries repeat their cause in their own
+/// message).
+pub fn with_causes(mut message: String, mut cause: Option<&dyn Error>) -> String {
     while let Some(next) = cause {
         let text = next.to_string();
-        // Some libraries repeat their cause in their own message.
-        if !line.ends_with(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
         }
         cause = next.source();
     }
-    line
+    message
 }
 
 #[cfg(test)]

@@ -25,11 +25,11 @@ pub struct SecretVariable {
     pub secret: Secret,
 }
 
-static DECLARED: OnceLock<Vec<SecretVariable>> = OnceLock::new();
+static DECLARED: OnceLock<&'static [SecretVariable]> = OnceLock::new();
 
 /// Fixes the process's secret variables; later calls change nothing.
-pub fn declare(variables: impl FnOnce() -> Vec<SecretVariable>) {
-    DECLARED.get_or_init(variables);
+pub fn declare(variables: &'static [SecretVariable]) {
+    DECLARED.get_or_init(|| variables);
 }
 
 /// Whether the variable `name`, set to `value`, carries one of the worker's

@@ -71,15 +71,6 @@ pub fn too_large(max_body: usize) -> HttpFailure {
 fn transport_failure(err: reqwest::Error) -> HttpFailure {
     let code = if err.is_timeout() { 504 } else { 502 };
     let err = err.without_url();
-    let mut message = if err.is_timeout() { "timed out".to_string() } else { err.to_string() };
-    let mut source = std::error::Error::source(&err);
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !message.contains(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        source = cause.source();
-    }
-    HttpFailure { code, message }
+    let message = if err.is_timeout() { "timed out".to_string() } else { err.to_string() };
+    HttpFailure { code, message: crate::report::with_causes(message, std::error::Error::source(&err)) }
 }
