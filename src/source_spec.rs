@@ -20,12 +20,12 @@ impl SourceSpec {
             SourceSpec::Subscribe(spec) => Endpoint {
                 name: spec.subject.clone(),
                 subject: spec.subject.clone(),
-                queue_group: spec.queue_group(worker_name).unwrap_or_default(),
+                queue_group: spec.queue_group(worker_name).unwrap_or_default().into(),
             },
             SourceSpec::Consume(spec) => Endpoint {
                 name: spec.consumer.clone(),
                 subject: spec.subject.clone().unwrap_or_else(|| format!("{}.>", spec.stream)),
-                queue_group: spec.consumer.clone(),
+                queue_group: spec.consumer.as_str().into(),
             },
         }
     }

@@ -63,11 +63,15 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// What an OTLP receiver collected.
+/// What an OTLP receiver collected, and the `x-`headers of the HTTP requests.
 #[derive(Clone, Default)]
-struct Spans(Arc<(Mutex<Vec<Received>>, Notify)>);
+struct Spans(Arc<(Mutex<Vec<Received>>, Notify)>, Arc<Mutex<Vec<(String, String)>>>);
 
 impl Spans {
+    fn headers(&self) -> Vec<(String, String)> {
+        self.1.lock().unwrap().clone()
+    }
+
     fn add(&self, request: ExportTraceServiceRequest) {
         let mut spans = self.0.0.lock().unwrap();
         for resource_spans in request.resource_spans {
@@ -117,9 +121,15 @@ async fn http_receiver() -> (String, Spans) {
     let collected = spans.clone();
     let app = axum::Router::new().route(
         "/v1/traces",
-        axum::routing::post(move |body: bytes::Bytes| {
+        axum::routing::post(move |headers: axum::http::HeaderMap, body: bytes::Bytes| {
             let collected = collected.clone();
             async move {
+                for (name, value) in &headers {
+                    if name.as_str().starts_with("x-") {
+                        let value = value.to_str().unwrap_or_default().to_string();
+                        collected.1.lock().unwrap().push((name.to_string(), value));
+                    }
+                }
                 match ExportTraceServiceRequest::decode(body) {
                     Ok(request) => collected.add(request),
                     Err(err) => panic!("the exporter sent a body that is not OTLP protobuf: {err}"),
@@ -184,8 +194,14 @@ async fn spans_reach_an_http_receiver_and_continue_the_callers_trace() {
     let server = server();
     let scripts = Scripts::new();
     let script = scripts.write("app.lua", APP);
-    // A short batch delay so the spans arrive while the worker runs.
-    let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "100")];
+    // A short batch delay so the spans arrive while the worker runs; headers as
+    // collectors' API keys are given, the traces' own overriding the general ones.
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ("OTEL_EXPORTER_OTLP_HEADERS", "x-api-key=s3cr%3Dt,x-team=ops"),
+        ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "x-team=shop"),
+    ];
     let worker = run_traced(&server, &script, &env, &["--workers", "2"]);
     let client = client(&server).await;
 
@@ -199,6 +215,11 @@ async fn spans_reach_an_http_receiver_and_continue_the_callers_trace() {
     assert_eq!(reply_parent, Some(format!("00-{TRACE_ID}-{handler_span}-01")), "the reply names the handler's span");
 
     let orders = spans.wait_for("process orders").await;
+    let sent = spans.headers();
+    assert!(sent.contains(&("x-api-key".to_string(), "s3cr=t".to_string())), "{sent:?}");
+    assert!(sent.contains(&("x-team".to_string(), "shop".to_string())), "{sent:?}");
+    assert!(!sent.contains(&("x-team".to_string(), "ops".to_string())), "{sent:?}");
+    assert!(!worker.stderr.text().contains("s3cr"), "the API key is never logged");
     assert_eq!(orders.service, "shop", "the service is named after --name");
     assert_eq!(hex(&orders.span.trace_id), TRACE_ID);
     assert_eq!(orders.parent_id(), "00f067aa0ba902b7", "the caller's span is the parent");
@@ -300,8 +321,18 @@ async fn a_collector_that_never_answers_neither_fails_nor_slows_the_worker() {
     let server = server();
     let scripts = Scripts::new();
     let script = scripts.write("app.lua", APP);
-    let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "50")];
-    let mut worker = run_traced(&server, &script, &env, &[]);
+    // A queue of 8 spans: what the hung export cannot take is dropped and counted.
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "8"),
+    ];
+    let url = server.url();
+    let (mut worker, addr) = with_probes(|addr| {
+        let args = ["run", script.to_str().unwrap(), "--nats-url", &url, "--name", "shop", "--metrics-addr", addr];
+        Worker::spawn_with_env(&args, &env)
+    });
+    worker.expect_ready();
     let client = client(&server).await;
     // Requests until an export hangs on the collector.
     let deadline = std::time::Instant::now() + PATIENCE;
@@ -319,6 +350,16 @@ async fn a_collector_that_never_answers_neither_fails_nor_slows_the_worker() {
         slowest = slowest.max(started.elapsed());
     }
     assert!(slowest < Duration::from_secs(1), "a request took {slowest:?} while the export hung");
+    let page = tokio::task::spawn_blocking(move || http_get(&addr, "/metrics")).await.unwrap().expect("scrape");
+    let dropped = page
+        .1
+        .lines()
+        .find_map(|line| line.strip_prefix("agent_block_spans_dropped_total "))
+        .and_then(|count| count.trim().parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no span drop count on the metrics page:\n{}", page.1));
+    // 200 spans while one batch hangs: at most 8 wait in the queue.
+    assert!(dropped >= 150, "{dropped} spans counted as dropped");
+    assert!(worker.stderr.text().contains("span export queue full"), "log:\n{}", worker.stderr.text());
     worker.terminate();
     // The exporter gives up after its bounded shutdown wait (3 s); PATIENCE is
     // far above it.

@@ -1,26 +1,11 @@
-//! W3C trace context in NATS headers: reading `traceparent`/`tracestate` from an
-//! incoming message (case-insensitively: `async_nats::HeaderMap` lookups are
-//! case-sensitive and Go clients send `Traceparent`), and writing a handler's
-//! context into outgoing messages (the caller passes it in).
+//! W3C trace context in outgoing NATS headers: a handler's context written into
+//! the messages it sends (the caller passes it in), replacing trace headers of
+//! any case (Go clients send `Traceparent`).
 
 use async_nats::HeaderMap;
-use opentelemetry::propagation::Extractor;
 
 pub const TRACEPARENT: &str = "traceparent";
 pub const TRACESTATE: &str = "tracestate";
-
-/// Reads propagation fields from NATS headers for the OpenTelemetry propagator.
-pub struct HeaderExtractor<'a>(pub &'a HeaderMap);
-
-impl Extractor for HeaderExtractor<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        header(self.0, key)
-    }
-
-    fn keys(&self) -> Vec<&str> {
-        Vec::new()
-    }
-}
 
 pub use crate::event::header;
 
@@ -59,17 +44,6 @@ mod tests {
     use super::*;
 
     const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-
-    #[test]
-    fn reads_headers_in_any_case() {
-        let mut headers = HeaderMap::new();
-        headers.insert("Traceparent", TP);
-        headers.insert("TraceState", "k=v");
-        let extractor = HeaderExtractor(&headers);
-        assert_eq!(extractor.get("traceparent"), Some(TP));
-        assert_eq!(extractor.get("tracestate"), Some("k=v"));
-        assert_eq!(extractor.get("baggage"), None);
-    }
 
     #[test]
     fn replaces_trace_headers_whatever_their_case() {

@@ -26,7 +26,7 @@ pub struct Endpoint {
     pub subject: String,
     /// The queue group of a subscription, the durable name of a consumer; empty
     /// for a subscription without a group.
-    pub queue_group: String,
+    pub queue_group: Arc<str>,
 }
 
 static ENDPOINTS: RwLock<Vec<Endpoint>> = RwLock::new(Vec::new());
@@ -37,7 +37,7 @@ pub fn set_endpoints(endpoints: Vec<Endpoint>) {
 }
 
 /// The queue group of the source at `index`, for span attributes.
-pub fn group_of(index: u32) -> Option<String> {
+pub fn group_of(index: u32) -> Option<Arc<str>> {
     let endpoints = ENDPOINTS.read().unwrap_or_else(|poisoned| poisoned.into_inner());
     endpoints.get(index as usize).map(|e| e.queue_group.clone()).filter(|group| !group.is_empty())
 }
@@ -91,7 +91,7 @@ impl Instance {
                 .map(|e| endpoint::Info {
                     name: e.name.clone(),
                     subject: e.subject.clone(),
-                    queue_group: e.queue_group.clone(),
+                    queue_group: e.queue_group.to_string(),
                     metadata: HashMap::new(),
                 })
                 .collect(),
@@ -113,7 +113,7 @@ impl Instance {
                 average_processing_time: average(total.processing_time, total.requests),
                 last_error: total.last_error.map(|(code, status)| error::Error { code: code as usize, status }),
                 data: None,
-                queue_group: e.queue_group.clone(),
+                queue_group: e.queue_group.to_string(),
             })
             .collect();
         service::Stats {

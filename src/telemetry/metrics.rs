@@ -458,7 +458,7 @@ fn encode_vms(totals: &VmTotals, encoder: &mut DescriptorEncoder) -> std::fmt::R
     )
 }
 
-/// Events the intake refused because it was full.
+/// Events the intake refused, and spans the export queue dropped, because they were full.
 fn encode_intake(metrics: &Metrics, encoder: &mut DescriptorEncoder) -> std::fmt::Result {
     let (mut rejected, mut dropped) = (0, 0);
     for stats in lock(&metrics.intake).iter() {
@@ -471,6 +471,12 @@ fn encode_intake(metrics: &Metrics, encoder: &mut DescriptorEncoder) -> std::fmt
         "agent_block_intake_dropped",
         "Messages without a reply subject dropped because the intake was full.",
         dropped,
+    )?;
+    counter(
+        encoder,
+        "agent_block_spans_dropped",
+        "Event spans dropped because the span export queue was full.",
+        crate::telemetry::span_export::dropped(),
     )
 }
 

@@ -6,5 +6,8 @@
 pub mod carrier;
 pub mod discovery;
 pub mod metrics;
+pub mod otlp_settings;
+pub mod otlp_wire;
 pub mod overload;
+pub mod span_export;
 pub mod trace;

@@ -2,29 +2,36 @@
 //! variables. Without an endpoint nothing is set up and [`start`] is a single
 //! load of an empty cell, so a worker that exports nothing pays nothing.
 //!
-//! Spans are batched by the SDK's batch processor on its own thread: a full
-//! queue drops spans rather than blocking a handler, and an unreachable collector
-//! only costs that thread its export timeouts. The gRPC exporter needs a tokio
-//! runtime; it gets a small one of its own, so shutting the exporter down never
-//! waits on a runtime that the caller itself blocks (the tonic exporter deadlocks
-//! on a current-thread runtime otherwise).
+//! An event span has a fixed shape, so it is recorded as plain data
+//! ([`FinishedSpan`]) rather than through the SDK's general span machinery, and
+//! encoded straight into OTLP protobuf on the exporter thread
+//! ([`span_export`]). The SDK still decides what the environment asks for: the
+//! sampler (`OTEL_TRACES_SAMPLER`), the ids and the resource.
 
-use std::borrow::Cow;
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use opentelemetry::propagation::TextMapPropagator;
-use opentelemetry::trace::{Span as _, SpanKind, Status, Tracer as _, TracerProvider as _};
-use opentelemetry::{Context, KeyValue};
+use opentelemetry::Context;
+use opentelemetry::trace::{SpanContext, SpanId, SpanKind, TraceContextExt, TraceFlags, TraceId, TraceState};
 use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider, Span};
+use opentelemetry_sdk::trace::{Config, IdGenerator, RandomIdGenerator, SamplingDecision, ShouldSample};
 
-use crate::event::Event;
+use crate::event::{Event, header};
 use crate::outcome::Outcome;
-use crate::telemetry::carrier::HeaderExtractor;
+use crate::telemetry::otlp_settings::{self, ExportSettings};
+use crate::telemetry::otlp_wire::{Encoder, FinishedSpan};
+use crate::telemetry::span_export::{SpanExporter, SpanQueue};
 
-static TRACER: OnceLock<SdkTracer> = OnceLock::new();
+pub use crate::telemetry::otlp_settings::{TraceSetupError, export_requested};
+
+/// What starting a span needs, set once when export is configured.
+struct Exporting {
+    sampler: Box<dyn ShouldSample>,
+    ids: RandomIdGenerator,
+    queue: std::sync::Arc<SpanQueue>,
+}
+
+static EXPORTING: OnceLock<Exporting> = OnceLock::new();
 
 /// The `OTEL_*` variables that can carry a secret: headers (where collectors' API
 /// keys and bearer tokens go) are secret whole, endpoints when they carry
@@ -43,50 +50,9 @@ pub const SECRET_VARIABLES: &[(&str, bool)] = &[
 /// How long shutdown waits for the last spans to reach the collector.
 const SHUTDOWN_LIMIT: Duration = Duration::from_secs(3);
 
-/// Why tracing could not be set up from the environment.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct TraceSetupError(String);
-
 /// The exporter of a running worker; [`Tracing::shutdown`] sends the last spans.
 pub struct Tracing {
-    provider: SdkTracerProvider,
-    /// The gRPC exporter's own runtime, kept alive until shutdown.
-    runtime: Option<tokio::runtime::Runtime>,
-}
-
-/// The export protocol from `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL` or
-/// `OTEL_EXPORTER_OTLP_PROTOCOL`; `http/protobuf` when unset.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Protocol {
-    HttpProtobuf,
-    Grpc,
-}
-
-fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok().map(|v| v.trim().to_string()).filter(|v| !v.is_empty())
-}
-
-fn protocol() -> Result<Protocol, TraceSetupError> {
-    let name = ["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"]
-        .into_iter()
-        .find_map(|var| env(var).map(|value| (var, value)));
-    match name {
-        None => Ok(Protocol::HttpProtobuf),
-        Some((_, value)) if value.eq_ignore_ascii_case("http/protobuf") => Ok(Protocol::HttpProtobuf),
-        Some((_, value)) if value.eq_ignore_ascii_case("grpc") => Ok(Protocol::Grpc),
-        Some((var, value)) => Err(TraceSetupError(format!(
-            "{var}={value:?} is not supported; use \"http/protobuf\" (the default) or \"grpc\""
-        ))),
-    }
-}
-
-/// Whether the environment asks for span export at all.
-pub fn export_requested() -> bool {
-    let disabled = env("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"));
-    let exporter_none = env("OTEL_TRACES_EXPORTER").is_some_and(|v| v.eq_ignore_ascii_case("none"));
-    let endpoint = env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"));
-    !disabled && !exporter_none && endpoint.is_some()
+    exporter: SpanExporter,
 }
 
 /// Sets up span export when an OTLP endpoint is configured; `default_service` (the
@@ -96,82 +62,51 @@ pub fn init(default_service: &str) -> Result<Option<Tracing>, TraceSetupError> {
     if !export_requested() {
         return Ok(None);
     }
-    let protocol = protocol()?;
-    let failed = |err: &dyn std::fmt::Display| TraceSetupError(format!("cannot set up OTLP span export: {err}"));
-    let (exporter, runtime) = match protocol {
-        Protocol::HttpProtobuf => {
-            let exporter = opentelemetry_otlp::SpanExporter::builder().with_http().build().map_err(|e| failed(&e))?;
-            (exporter, None)
-        }
-        Protocol::Grpc => {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .thread_name("otlp-grpc")
-                .enable_all()
-                .build()
-                .map_err(|e| failed(&e))?;
-            // The channel's background tasks go to the exporter's own runtime.
-            let exporter = {
-                let _entered = runtime.enter();
-                opentelemetry_otlp::SpanExporter::builder().with_tonic().build().map_err(|e| failed(&e))?
-            };
-            (exporter, Some(runtime))
-        }
-    };
-    let provider =
-        SdkTracerProvider::builder().with_resource(resource(default_service)).with_batch_exporter(exporter).build();
-    let tracer = provider.tracer("agent-block");
-    if TRACER.set(tracer).is_err() {
+    let Some(settings) = otlp_settings::from_env()? else { return Ok(None) };
+    let (exporter, sampler) = start_exporter(settings, default_service)?;
+    let exporting = Exporting { sampler, ids: RandomIdGenerator::default(), queue: exporter.queue.clone() };
+    if EXPORTING.set(exporting).is_err() {
         tracing::warn!("span export was already set up in this process; keeping the first exporter");
     }
-    Ok(Some(Tracing { provider, runtime }))
+    Ok(Some(Tracing { exporter }))
+}
+
+fn start_exporter(
+    settings: ExportSettings,
+    default_service: &str,
+) -> Result<(SpanExporter, Box<dyn ShouldSample>), TraceSetupError> {
+    // The SDK's configuration reads `OTEL_TRACES_SAMPLER` and the resource variables.
+    let config = Config::default();
+    let encoder = Encoder::new(&resource(&config.resource, default_service), "agent-block");
+    let exporter = SpanExporter::start(settings, encoder).map_err(TraceSetupError)?;
+    Ok((exporter, config.sampler))
 }
 
 /// The SDK's resource (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`), with the
 /// worker's name when neither names the service.
-fn resource(default_service: &str) -> Resource {
-    let detected = Resource::builder().build();
+fn resource(detected: &Resource, default_service: &str) -> Resource {
     let named = detected
         .get(&opentelemetry::Key::from_static_str("service.name"))
         .is_some_and(|name| !name.as_str().starts_with("unknown_service"));
-    if named { detected } else { Resource::builder().with_service_name(default_service.to_string()).build() }
+    if named { detected.clone() } else { Resource::builder().with_service_name(default_service.to_string()).build() }
 }
 
 impl Tracing {
     /// Exports the spans still queued, waiting at most a few seconds (an
-    /// unreachable collector must not hold up shutdown). Runs off the async
-    /// runtime because the SDK blocks while it flushes.
-    pub async fn shutdown(mut self) {
-        let provider = self.provider.clone();
-        let runtime = self.runtime.take();
-        let flushed = tokio::task::spawn_blocking(move || {
-            let result = provider.shutdown_with_timeout(SHUTDOWN_LIMIT);
-            if let Some(runtime) = runtime {
-                runtime.shutdown_timeout(Duration::from_millis(100));
-            }
-            result
-        });
-        match tokio::time::timeout(SHUTDOWN_LIMIT + Duration::from_secs(1), flushed).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(err))) => tracing::warn!(error = %err, "the last spans may not have been exported"),
-            Ok(Err(_)) | Err(_) => tracing::warn!("span export did not shut down in time; the last spans may be lost"),
-        }
-    }
-}
-
-impl Drop for Tracing {
-    /// A runtime cannot be dropped on an async thread; on early exits it is
-    /// left to stop in the background.
-    fn drop(&mut self) {
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
+    /// unreachable collector must not hold up shutdown).
+    pub async fn shutdown(self) {
+        let exporter = self.exporter;
+        let flushed = tokio::task::spawn_blocking(move || exporter.shutdown(SHUTDOWN_LIMIT)).await;
+        if !matches!(flushed, Ok(true)) {
+            tracing::warn!("span export did not shut down in time; the last spans may be lost");
         }
     }
 }
 
 /// The span of one event, and the trace context its outgoing messages carry.
 pub struct EventSpan {
-    span: Span,
+    /// `None` when the sampler dropped the span: its context is still passed on.
+    recording: Option<FinishedSpan>,
     /// `traceparent` naming this span, for replies, publishes and requests.
     pub traceparent: String,
     pub tracestate: Option<String>,
@@ -181,57 +116,107 @@ pub struct EventSpan {
 
 /// Starts the span of `event`, a child of the span its headers name; `None` when
 /// no exporter is set up. `group` gives the queue group or durable consumer.
-pub fn start(event: &Event, group: impl FnOnce() -> Option<String>) -> Option<EventSpan> {
-    let tracer = TRACER.get()?;
-    Some(start_with(tracer, event, group().as_deref()))
+pub fn start(event: &Event, group: impl FnOnce() -> Option<std::sync::Arc<str>>) -> Option<EventSpan> {
+    let exporting = EXPORTING.get()?;
+    Some(start_with(exporting.sampler.as_ref(), &exporting.ids, event, group))
 }
 
-fn start_with(tracer: &SdkTracer, event: &Event, group: Option<&str>) -> EventSpan {
-    let parent = match &event.headers {
-        Some(headers) => TraceContextPropagator::new().extract(&HeaderExtractor(headers)),
-        None => Context::new(),
+/// The remote parent named by a valid `traceparent`: trace id, span id, flags.
+fn parent_of(event: &Event) -> Option<(TraceId, SpanId, TraceFlags)> {
+    let value = event.traceparent()?;
+    let trace_id = TraceId::from_hex(&value[3..35]).ok()?;
+    let span_id = SpanId::from_hex(&value[36..52]).ok()?;
+    let flags = u8::from_str_radix(&value[53..55], 16).ok()?;
+    Some((trace_id, span_id, TraceFlags::new(flags)))
+}
+
+fn start_with(
+    sampler: &dyn ShouldSample,
+    ids: &RandomIdGenerator,
+    event: &Event,
+    group: impl FnOnce() -> Option<std::sync::Arc<str>>,
+) -> EventSpan {
+    let start_unix_nanos = unix_nanos();
+    let parent = parent_of(event);
+    let trace_state = match (&parent, event.headers.as_ref().and_then(|h| header(h, "tracestate"))) {
+        (Some(_), Some(state)) => state.parse::<TraceState>().unwrap_or_default(),
+        _ => TraceState::default(),
     };
-    let mut attributes = Vec::with_capacity(8);
-    attributes.push(KeyValue::new("messaging.system", "nats"));
-    attributes.push(KeyValue::new("messaging.destination.name", event.subject.to_string()));
-    attributes.push(KeyValue::new("messaging.operation.type", "process"));
-    attributes.push(KeyValue::new("messaging.operation.name", "process"));
-    attributes.push(KeyValue::new("messaging.message.id", event.id.to_string()));
-    attributes.push(KeyValue::new("messaging.message.body.size", event.data.len() as i64));
-    if let Some(group) = group {
-        attributes.push(KeyValue::new("messaging.consumer.group.name", group.to_string()));
-    }
-    attributes.push(KeyValue::new("agent_block.kind", event.kind.to_string()));
-    if let Some(stream) = &event.stream {
-        attributes.push(KeyValue::new("agent_block.delivered", stream.delivered as i64));
-    }
-    let span = tracer
-        .span_builder(format!("process {}", event.subject))
-        .with_kind(SpanKind::Consumer)
-        .with_attributes(attributes)
-        .start_with_context(tracer, &parent);
-    let context = span.span_context();
-    let trace_id = context.trace_id().to_string();
-    let span_id = context.span_id().to_string();
-    let traceparent = format!("00-{trace_id}-{span_id}-{:02x}", context.trace_flags().to_u8());
-    let state = context.trace_state().header();
+    let trace_id = parent.map_or_else(|| ids.new_trace_id(), |(trace_id, _, _)| trace_id);
+    let parent_context = parent.map(|(trace_id, span_id, flags)| {
+        Context::new().with_remote_span_context(SpanContext::new(trace_id, span_id, flags, true, trace_state.clone()))
+    });
+    let sampled =
+        sampler.should_sample(parent_context.as_ref(), trace_id, event.subject.as_str(), &SpanKind::Consumer, &[], &[]);
+    let span_id = ids.new_span_id();
+    let parent_flags = parent.map_or(TraceFlags::default(), |(_, _, flags)| flags);
+    let record = sampled.decision == SamplingDecision::RecordAndSample;
+    let flags = if record { parent_flags.with_sampled(true) } else { parent_flags.with_sampled(false) };
+    let state = sampled.trace_state.header();
     let tracestate = (!state.is_empty()).then_some(state);
-    EventSpan { span, traceparent, tracestate, trace_id, span_id }
+    let traceparent = traceparent(&trace_id.to_bytes(), &span_id.to_bytes(), flags.to_u8());
+    let (trace_id_hex, span_id_hex) = (traceparent[3..35].to_string(), traceparent[36..52].to_string());
+    let recording = record.then(|| FinishedSpan {
+        trace_id: trace_id.to_bytes(),
+        span_id: span_id.to_bytes(),
+        parent_span_id: parent.map(|(_, span_id, _)| span_id.to_bytes()),
+        trace_flags: flags.to_u8(),
+        trace_state: tracestate.clone(),
+        start_unix_nanos,
+        end_unix_nanos: start_unix_nanos,
+        subject: event.subject.clone(),
+        id: event.id.clone(),
+        kind: event.kind.clone(),
+        group: group(),
+        body_size: event.data.len(),
+        delivered: event.stream.as_ref().map(|stream| stream.delivered),
+        outcome: "",
+        error: None,
+    });
+    EventSpan { recording, traceparent, tracestate, trace_id: trace_id_hex, span_id: span_id_hex }
+}
+
+/// `00-<trace id>-<span id>-<flags>` in lowercase hex.
+fn traceparent(trace_id: &[u8; 16], span_id: &[u8; 8], flags: u8) -> String {
+    fn hex(text: &mut Vec<u8>, bytes: &[u8]) {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        for byte in bytes {
+            text.push(DIGITS[usize::from(byte >> 4)]);
+            text.push(DIGITS[usize::from(byte & 0xf)]);
+        }
+    }
+    let mut text = Vec::with_capacity(55);
+    text.extend_from_slice(b"00-");
+    hex(&mut text, trace_id);
+    text.push(b'-');
+    hex(&mut text, span_id);
+    text.push(b'-');
+    hex(&mut text, &[flags]);
+    // Only ASCII digits and dashes were written.
+    String::from_utf8(text).unwrap_or_default()
+}
+
+fn unix_nanos() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |since| since.as_nanos() as u64)
 }
 
 impl EventSpan {
     /// Records what the handler did: `agent_block.outcome`, and for a failure the
     /// error status, `error.type` and the message.
     pub fn record(&mut self, outcome: &Outcome) {
-        self.span.set_attribute(KeyValue::new("agent_block.outcome", outcome.label()));
-        if let Outcome::Error(failure) = outcome {
-            self.span.set_attribute(KeyValue::new("error.type", failure.code.to_string()));
-            self.span.set_status(Status::Error { description: Cow::Owned(failure.message.clone()) });
+        if let Some(span) = self.recording.as_mut() {
+            span.outcome = outcome.label();
+            if let Outcome::Error(failure) = outcome {
+                span.error = Some((failure.code, failure.message.clone()));
+            }
         }
     }
 
-    pub fn end(mut self) {
-        self.span.end();
+    pub fn end(self) {
+        if let (Some(mut span), Some(exporting)) = (self.recording, EXPORTING.get()) {
+            span.end_unix_nanos = unix_nanos();
+            exporting.queue.push(span);
+        }
     }
 }
 
@@ -239,31 +224,69 @@ impl EventSpan {
 mod tests {
     use super::*;
     use async_nats::HeaderMap;
-    use opentelemetry_sdk::trace::InMemorySpanExporter;
+    use opentelemetry_sdk::trace::Sampler;
+
+    const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    fn event_with(traceparent: Option<&str>) -> Event {
+        let headers = traceparent.map(|value| {
+            let mut headers = HeaderMap::new();
+            headers.insert("Traceparent", value);
+            headers.insert("tracestate", "k=v");
+            headers
+        });
+        Event::new("orders".into(), "orders.new".into(), None, headers, "{}".into())
+    }
+
+    fn parent_based(root: Sampler) -> Sampler {
+        Sampler::ParentBased(Box::new(root))
+    }
 
     #[test]
     fn an_event_span_continues_the_incoming_trace() {
-        let exporter = InMemorySpanExporter::default();
-        let provider = SdkTracerProvider::builder().with_simple_exporter(exporter.clone()).build();
-        let tracer = provider.tracer("test");
-        let mut headers = HeaderMap::new();
-        headers.insert("Traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
-        let event = Event::new("orders".into(), "orders.new".into(), None, Some(headers), "{}".into());
-        let mut span = start_with(&tracer, &event, Some("pool"));
+        let ids = RandomIdGenerator::default();
+        let sampler = parent_based(Sampler::AlwaysOn);
+        let mut span = start_with(&sampler, &ids, &event_with(Some(PARENT)), || Some("pool".into()));
         assert_eq!(span.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
-        assert!(span.traceparent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
-        assert!(!span.traceparent.contains("00f067aa0ba902b7"), "the handler's span is a new child");
+        assert_eq!(span.traceparent, format!("00-{}-{}-01", span.trace_id, span.span_id));
+        assert_ne!(span.span_id, "00f067aa0ba902b7", "the handler's span is a new child");
+        assert_eq!(span.tracestate.as_deref(), Some("k=v"));
         span.record(&Outcome::Error(crate::outcome::Failure::timeout(Duration::from_secs(1))));
-        span.end();
-        let spans = exporter.get_finished_spans().expect("spans");
-        let span = &spans[0];
-        assert_eq!(span.name, "process orders.new");
-        assert_eq!(span.span_kind, SpanKind::Consumer);
-        assert_eq!(span.parent_span_id.to_string(), "00f067aa0ba902b7");
-        assert!(matches!(span.status, Status::Error { .. }));
-        let attribute = |key: &str| span.attributes.iter().find(|kv| kv.key.as_str() == key).map(|kv| kv.value.clone());
-        assert_eq!(attribute("messaging.consumer.group.name").map(|v| v.to_string()), Some("pool".to_string()));
-        assert_eq!(attribute("messaging.message.body.size").map(|v| v.to_string()), Some("2".to_string()));
-        assert_eq!(attribute("agent_block.outcome").map(|v| v.to_string()), Some("error".to_string()));
+        let recorded = span.recording.as_ref().expect("a sampled span records");
+        assert_eq!(recorded.parent_span_id, Some([0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7]));
+        assert_eq!(recorded.group.as_deref(), Some("pool"));
+        assert_eq!(recorded.body_size, 2);
+        assert_eq!(recorded.outcome, "error");
+        assert_eq!(recorded.error.as_ref().map(|(code, _)| *code), Some(504));
+        assert_eq!(recorded.trace_state.as_deref(), Some("k=v"));
+    }
+
+    #[test]
+    fn a_message_without_valid_trace_context_starts_a_sampled_root() {
+        let ids = RandomIdGenerator::default();
+        let sampler = parent_based(Sampler::AlwaysOn);
+        for traceparent in [None, Some("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")] {
+            let span = start_with(&sampler, &ids, &event_with(traceparent), || None);
+            assert_ne!(span.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+            assert!(span.traceparent.ends_with("-01"), "{}", span.traceparent);
+            assert_eq!(span.tracestate, None, "no trace state without a parent");
+            let recorded = span.recording.expect("recorded");
+            assert_eq!(recorded.parent_span_id, None);
+            assert_eq!(recorded.group, None);
+        }
+    }
+
+    #[test]
+    fn a_dropped_span_records_nothing_and_passes_an_unsampled_context_on() {
+        let ids = RandomIdGenerator::default();
+        let off = start_with(&Sampler::AlwaysOff, &ids, &event_with(None), || None);
+        assert!(off.recording.is_none());
+        assert!(off.traceparent.ends_with("-00"), "{}", off.traceparent);
+        let unsampled_parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+        let sampler = parent_based(Sampler::AlwaysOn);
+        let child = start_with(&sampler, &ids, &event_with(Some(unsampled_parent)), || None);
+        assert!(child.recording.is_none(), "parent-based sampling follows an unsampled parent");
+        assert_eq!(child.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert!(child.traceparent.ends_with("-00"));
     }
 }

@@ -6,6 +6,7 @@
 use std::future::{Future, poll_fn};
 use std::pin::{Pin, pin};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -75,9 +76,9 @@ pub async fn process(vm: &Rc<Vm>, event: Event, slot: Slot) {
 }
 
 /// The queue group or durable consumer that received `event`.
-fn consumer_group(event: &Event) -> Option<String> {
+fn consumer_group(event: &Event) -> Option<Arc<str>> {
     match &event.stream {
-        Some(stream) => Some(stream.consumer.to_string()),
+        Some(stream) => Some(stream.consumer.clone()),
         None => event.source_index.and_then(discovery::group_of),
     }
 }
