@@ -51,10 +51,10 @@ pub struct TaskContext {
     pub id: Option<EventId>,
     /// The `traceparent` outgoing messages carry: the handler's span when spans
     /// are exported, else the incoming one unchanged.
-    pub traceparent: Option<String>,
-    pub tracestate: Option<String>,
-    /// The handler's span, when spans are exported.
-    pub span_id: Option<String>,
+    pub traceparent: Option<Rc<str>>,
+    pub tracestate: Option<Rc<str>>,
+    /// Whether `traceparent` names the handler's own span (spans are exported).
+    pub own_span: bool,
 }
 
 impl TaskContext {
@@ -72,8 +72,13 @@ impl TaskContext {
             id: None,
             traceparent: None,
             tracestate: None,
-            span_id: None,
+            own_span: false,
         }
+    }
+
+    /// The handler's span id, when spans are exported.
+    pub fn span_id(&self) -> Option<&str> {
+        self.traceparent.as_deref().filter(|_| self.own_span).and_then(|tp| tp.get(36..52))
     }
 
     pub fn set_deadline(&self, deadline: Option<Instant>) {
@@ -133,7 +138,7 @@ impl TaskContext {
             id: self.id.clone(),
             traceparent: self.traceparent.clone(),
             tracestate: self.tracestate.clone(),
-            span_id: self.span_id.clone(),
+            own_span: self.own_span,
         })
     }
 
@@ -173,7 +178,7 @@ pub fn current() -> Option<Rc<TaskContext>> {
 /// handler.
 pub fn continue_trace(headers: &mut Option<async_nats::HeaderMap>) {
     let Some(current) = current() else { return };
-    let (Some(traceparent), Some(_)) = (current.traceparent.as_deref(), current.span_id.as_deref()) else {
+    let Some(traceparent) = current.traceparent.as_deref().filter(|_| current.own_span) else {
         return;
     };
     let headers = headers.get_or_insert_with(async_nats::HeaderMap::new);

@@ -19,15 +19,18 @@ pub struct PayloadError(pub String);
 
 /// Key of the hidden per-event data the lazy fields are built from.
 const EXTRA: &str = "\0event";
+/// Key of the hidden `traceparent` of the handler's span, for `ev.meta` of an
+/// event that needs no other hidden data.
+const SPAN: &str = "\0span";
 /// The keys every event table gets, kept as Lua strings in the metatable's array
 /// part (at these positions) so building a table does not hash them again.
-const KEYS: [&str; 6] = ["kind", "id", "subject", "reply", "data", EXTRA];
+const KEYS: [&str; 7] = ["kind", "id", "subject", "reply", "data", EXTRA, SPAN];
 const EXTRA_KEY: usize = 5;
 /// Slots of the metatable's array part: the key `data` (from [`KEYS`]), the
 /// metatable decoded arrays get, and [`lazy_field`] as a Lua function.
 const DATA_SLOT: ffi::lua_Integer = 5;
-const ARRAY_METATABLE_SLOT: ffi::lua_Integer = 7;
-const LAZY_FIELD_SLOT: ffi::lua_Integer = 8;
+const ARRAY_METATABLE_SLOT: ffi::lua_Integer = 8;
+const LAZY_FIELD_SLOT: ffi::lua_Integer = 9;
 
 struct EventExtra {
     headers: Option<HeaderMap>,
@@ -64,27 +67,30 @@ impl EventTables {
 
     /// Builds the table in one raw section: this runs for every event, and
     /// per-field mlua calls cost more than the fields themselves. `span` is the
-    /// (trace id, span id) of the handler's span, when spans are exported.
-    pub fn build(&self, lua: &Lua, event: &Event, span: Option<(&str, &str)>) -> mlua::Result<Table> {
+    /// `traceparent` of the handler's span, when spans are exported.
+    pub fn build(&self, lua: &Lua, event: &Event, span: Option<&str>) -> mlua::Result<Table> {
         // Core messages without headers (most) skip the userdata: the receipt time
-        // is all the lazy fields need.
-        let extra = if event.headers.is_some() || event.stream.is_some() || span.is_some() {
+        // and the span's `traceparent` (a plain hidden field) are all the lazy
+        // fields need.
+        let extra = if event.headers.is_some() || event.stream.is_some() {
             Value::UserData(lua.create_userdata(EventExtra {
                 headers: event.headers.clone(),
                 received: event.received,
-                trace_id: span.map(|(trace, _)| trace).or_else(|| event.trace_id()).map(str::to_string),
-                span_id: span.map(|(_, span)| span.to_string()),
+                trace_id: span.and_then(trace_id_of).or_else(|| event.trace_id()).map(str::to_string),
+                span_id: span.and_then(span_id_of).map(str::to_string),
                 stream: event.stream.as_deref().cloned(),
             })?)
         } else {
             Value::Number(seconds_since_epoch(event.received))
         };
-        let values: [Option<&[u8]>; 5] = [
+        let values: [Option<&[u8]>; 7] = [
             Some(event.kind.as_bytes()),
             Some(event.id.as_str().as_bytes()),
             Some(event.subject.as_bytes()),
             event.reply.as_ref().map(|r| r.as_bytes()),
             Some(&event.data),
+            None,
+            if matches!(extra, Value::Number(_)) { span.map(str::as_bytes) } else { None },
         ];
         let metatable = Value::Table(self.metatable.clone());
         // SAFETY: the builder pushes one table using 3 slots and holds only
@@ -256,6 +262,16 @@ pub fn headers_table(lua: &Lua, headers: Option<&HeaderMap>) -> mlua::Result<Tab
     Ok(table)
 }
 
+/// The trace id of a valid `traceparent`.
+fn trace_id_of(traceparent: &str) -> Option<&str> {
+    crate::event::trace_id_of(traceparent)
+}
+
+/// The span id of a valid `traceparent`.
+fn span_id_of(traceparent: &str) -> Option<&str> {
+    crate::event::trace_id_of(traceparent).map(|_| &traceparent[36..52])
+}
+
 fn meta(lua: &Lua, table: &Table) -> mlua::Result<Table> {
     let meta = lua.create_table()?;
     meta.raw_set("subject", table.raw_get::<Value>("subject")?)?;
@@ -280,6 +296,11 @@ fn meta(lua: &Lua, table: &Table) -> mlua::Result<Table> {
             }
         }
         Extra::ReceivedAt(received) => {
+            if let Some(span) = table.raw_get::<Option<mlua::LuaString>>(SPAN)? {
+                let span = span.to_str()?;
+                meta.raw_set("trace_id", trace_id_of(&span))?;
+                meta.raw_set("span_id", span_id_of(&span))?;
+            }
             meta.raw_set("delivered", 1)?;
             meta.raw_set("timestamp", received)?;
         }
@@ -329,6 +350,27 @@ mod tests {
             lua.load("return ev.other, ev[1], type(ev.headers), ev.meta.subject").eval().unwrap();
         assert_eq!((read.0, read.1), (Value::Nil, Value::Nil));
         assert_eq!((read.2.as_str(), read.3.as_str()), ("table", "s.k"));
+    }
+
+    #[test]
+    fn meta_names_the_handlers_span_with_and_without_headers() {
+        let lua = Lua::new();
+        let tables = EventTables::new(&lua).unwrap();
+        let span = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut headers = HeaderMap::new();
+        headers.insert("x-a", "1");
+        for headers in [None, Some(headers)] {
+            let event = Event::new("k".into(), "s".into(), None, headers, bytes::Bytes::new());
+            lua.globals().set("ev", tables.build(&lua, &event, Some(span)).unwrap()).unwrap();
+            let ids: (String, String, f64) =
+                lua.load("return ev.meta.trace_id, ev.meta.span_id, ev.meta.timestamp").eval().unwrap();
+            assert_eq!((ids.0.as_str(), ids.1.as_str()), ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"));
+            assert!(ids.2 > 1.7e9, "the receipt time: {}", ids.2);
+        }
+        let event = Event::new("k".into(), "s".into(), None, None, bytes::Bytes::new());
+        lua.globals().set("ev", tables.build(&lua, &event, None).unwrap()).unwrap();
+        let untraced: (Value, Value) = lua.load("return ev.meta.trace_id, ev.meta.span_id").eval().unwrap();
+        assert_eq!(untraced, (Value::Nil, Value::Nil));
     }
 
     #[test]

@@ -32,7 +32,7 @@ fn emit(level: &str, message: &str, fields: Option<&Value>) {
     let kind = current.as_ref().and_then(|c| c.kind.as_deref()).unwrap_or("");
     let id = current.as_ref().and_then(|c| c.id.as_ref()).map(|id| id.as_str()).unwrap_or("");
     let trace_id = current.as_ref().and_then(|c| c.traceparent.as_deref()).and_then(trace_id_of).unwrap_or("");
-    let span_id = current.as_ref().and_then(|c| c.span_id.as_deref()).unwrap_or("");
+    let span_id = current.as_ref().and_then(|c| c.span_id()).unwrap_or("");
     let fields = fields
         .map(|f| serde_json::to_string(f).unwrap_or_else(|err| format!("<unencodable fields: {err}>")))
         .unwrap_or_default();

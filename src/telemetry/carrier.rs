@@ -3,14 +3,26 @@
 //! any case (Go clients send `Traceparent`).
 
 use async_nats::HeaderMap;
+use async_nats::header::HeaderName;
 
 pub const TRACEPARENT: &str = "traceparent";
 pub const TRACESTATE: &str = "tracestate";
+/// The names built once: a name from a `&str` is validated and copied each time.
+const TRACEPARENT_NAME: HeaderName = HeaderName::from_static(TRACEPARENT);
+const TRACESTATE_NAME: HeaderName = HeaderName::from_static(TRACESTATE);
 
 pub use crate::event::header;
 
 /// Replaces the trace headers of `headers`, whatever their case.
 pub fn set_trace_headers(headers: &mut HeaderMap, traceparent: &str, tracestate: Option<&str>) {
+    if headers.is_empty() {
+        // Most replies: nothing to replace.
+        headers.insert(TRACEPARENT_NAME, traceparent);
+        if let Some(state) = tracestate.filter(|state| !state.is_empty()) {
+            headers.insert(TRACESTATE_NAME, state);
+        }
+        return;
+    }
     let stale = headers.iter().any(|(key, _)| {
         let key: &str = key.as_ref();
         key != TRACEPARENT && key != TRACESTATE && is_trace_header(key)
@@ -27,10 +39,10 @@ pub fn set_trace_headers(headers: &mut HeaderMap, traceparent: &str, tracestate:
         }
         *headers = kept;
     }
-    headers.insert(TRACEPARENT, traceparent);
+    headers.insert(TRACEPARENT_NAME, traceparent);
     match tracestate {
-        Some(state) if !state.is_empty() => headers.insert(TRACESTATE, state),
-        _ if headers.get(TRACESTATE).is_some() => headers.insert(TRACESTATE, ""),
+        Some(state) if !state.is_empty() => headers.insert(TRACESTATE_NAME, state),
+        _ if headers.get(TRACESTATE).is_some() => headers.insert(TRACESTATE_NAME, ""),
         _ => {}
     }
 }

@@ -8,6 +8,7 @@
 //! ([`span_export`]). The SDK still decides what the environment asks for: the
 //! sampler (`OTEL_TRACES_SAMPLER`), the ids and the resource.
 
+use std::rc::Rc;
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -108,10 +109,8 @@ pub struct EventSpan {
     /// `None` when the sampler dropped the span: its context is still passed on.
     recording: Option<FinishedSpan>,
     /// `traceparent` naming this span, for replies, publishes and requests.
-    pub traceparent: String,
-    pub tracestate: Option<String>,
-    pub trace_id: String,
-    pub span_id: String,
+    pub traceparent: Rc<str>,
+    pub tracestate: Option<Rc<str>>,
 }
 
 /// Starts the span of `event`, a child of the span its headers name; `None` when
@@ -155,13 +154,12 @@ fn start_with(
     let state = sampled.trace_state.header();
     let tracestate = (!state.is_empty()).then_some(state);
     let traceparent = traceparent(&trace_id.to_bytes(), &span_id.to_bytes(), flags.to_u8());
-    let (trace_id_hex, span_id_hex) = (traceparent[3..35].to_string(), traceparent[36..52].to_string());
     let recording = record.then(|| FinishedSpan {
         trace_id: trace_id.to_bytes(),
         span_id: span_id.to_bytes(),
         parent_span_id: parent.map(|(_, span_id, _)| span_id.to_bytes()),
         trace_flags: flags.to_u8(),
-        trace_state: tracestate.clone(),
+        trace_state: tracestate.as_deref().map(str::to_string),
         start_unix_nanos,
         end_unix_nanos: start_unix_nanos,
         subject: event.subject.clone(),
@@ -173,27 +171,24 @@ fn start_with(
         outcome: "",
         error: None,
     });
-    EventSpan { recording, traceparent, tracestate, trace_id: trace_id_hex, span_id: span_id_hex }
+    EventSpan { recording, traceparent, tracestate: tracestate.map(Rc::from) }
 }
 
 /// `00-<trace id>-<span id>-<flags>` in lowercase hex.
-fn traceparent(trace_id: &[u8; 16], span_id: &[u8; 8], flags: u8) -> String {
-    fn hex(text: &mut Vec<u8>, bytes: &[u8]) {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
-        for byte in bytes {
-            text.push(DIGITS[usize::from(byte >> 4)]);
-            text.push(DIGITS[usize::from(byte & 0xf)]);
+fn traceparent(trace_id: &[u8; 16], span_id: &[u8; 8], flags: u8) -> Rc<str> {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    fn hex(out: &mut [u8], bytes: &[u8]) {
+        for (pair, byte) in out.chunks_exact_mut(2).zip(bytes) {
+            pair[0] = DIGITS[usize::from(byte >> 4)];
+            pair[1] = DIGITS[usize::from(byte & 0xf)];
         }
     }
-    let mut text = Vec::with_capacity(55);
-    text.extend_from_slice(b"00-");
-    hex(&mut text, trace_id);
-    text.push(b'-');
-    hex(&mut text, span_id);
-    text.push(b'-');
-    hex(&mut text, &[flags]);
+    let mut text = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    hex(&mut text[3..35], trace_id);
+    hex(&mut text[36..52], span_id);
+    hex(&mut text[53..55], &[flags]);
     // Only ASCII digits and dashes were written.
-    String::from_utf8(text).unwrap_or_default()
+    Rc::from(std::str::from_utf8(&text).unwrap_or_default())
 }
 
 fn unix_nanos() -> u64 {
@@ -201,6 +196,14 @@ fn unix_nanos() -> u64 {
 }
 
 impl EventSpan {
+    pub fn trace_id(&self) -> &str {
+        &self.traceparent[3..35]
+    }
+
+    pub fn span_id(&self) -> &str {
+        &self.traceparent[36..52]
+    }
+
     /// Records what the handler did: `agent_block.outcome`, and for a failure the
     /// error status, `error.type` and the message.
     pub fn record(&mut self, outcome: &Outcome) {
@@ -247,9 +250,9 @@ mod tests {
         let ids = RandomIdGenerator::default();
         let sampler = parent_based(Sampler::AlwaysOn);
         let mut span = start_with(&sampler, &ids, &event_with(Some(PARENT)), || Some("pool".into()));
-        assert_eq!(span.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
-        assert_eq!(span.traceparent, format!("00-{}-{}-01", span.trace_id, span.span_id));
-        assert_ne!(span.span_id, "00f067aa0ba902b7", "the handler's span is a new child");
+        assert_eq!(span.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(&*span.traceparent, format!("00-{}-{}-01", span.trace_id(), span.span_id()));
+        assert_ne!(span.span_id(), "00f067aa0ba902b7", "the handler's span is a new child");
         assert_eq!(span.tracestate.as_deref(), Some("k=v"));
         span.record(&Outcome::Error(crate::outcome::Failure::timeout(Duration::from_secs(1))));
         let recorded = span.recording.as_ref().expect("a sampled span records");
@@ -267,13 +270,21 @@ mod tests {
         let sampler = parent_based(Sampler::AlwaysOn);
         for traceparent in [None, Some("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")] {
             let span = start_with(&sampler, &ids, &event_with(traceparent), || None);
-            assert_ne!(span.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+            assert_ne!(span.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
             assert!(span.traceparent.ends_with("-01"), "{}", span.traceparent);
             assert_eq!(span.tracestate, None, "no trace state without a parent");
             let recorded = span.recording.expect("recorded");
             assert_eq!(recorded.parent_span_id, None);
             assert_eq!(recorded.group, None);
         }
+    }
+
+    #[test]
+    fn traceparent_is_lowercase_hex_in_w3c_layout() {
+        let trace_id = TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap().to_bytes();
+        let span_id = SpanId::from_hex("00f067aa0ba902b7").unwrap().to_bytes();
+        assert_eq!(&*traceparent(&trace_id, &span_id, 1), PARENT);
+        assert_eq!(&*traceparent(&[0xff; 16], &[0xab; 8], 0), format!("00-{}-{}-00", "f".repeat(32), "ab".repeat(8)));
     }
 
     #[test]
@@ -286,7 +297,7 @@ mod tests {
         let sampler = parent_based(Sampler::AlwaysOn);
         let child = start_with(&sampler, &ids, &event_with(Some(unsampled_parent)), || None);
         assert!(child.recording.is_none(), "parent-based sampling follows an unsampled parent");
-        assert_eq!(child.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(child.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert!(child.traceparent.ends_with("-00"));
     }
 }

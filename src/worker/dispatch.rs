@@ -94,9 +94,9 @@ fn task_context(vm: &Vm, event: &Event, span: Option<&EventSpan>) -> TaskContext
         Some(span) => {
             context.traceparent = Some(span.traceparent.clone());
             context.tracestate = span.tracestate.clone();
-            context.span_id = Some(span.span_id.clone());
+            context.own_span = true;
         }
-        None => context.traceparent = event.traceparent().map(str::to_string),
+        None => context.traceparent = event.traceparent().map(Rc::from),
     }
     context
 }
@@ -107,8 +107,7 @@ async fn run(vm: &Vm, event: &Event, started: Instant, context: &Rc<TaskContext>
     let Some(handler) = vm.state.handlers.borrow().lookup(&event.kind) else {
         return Outcome::Error(Failure::no_handler(&event.kind));
     };
-    let ids = span.map(|span| (span.trace_id.as_str(), span.span_id.as_str()));
-    let table = match vm.events.build(&vm.lua, event, ids) {
+    let table = match vm.events.build(&vm.lua, event, span.map(|span| &*span.traceparent)) {
         Ok(table) => table,
         Err(err) => return internal(format!("cannot build the event table: {err}")),
     };
