@@ -48,6 +48,8 @@ pub struct Encoder {
     /// `ResourceSpans.resource` and the start of its scope, the same in every request.
     resource_field: Vec<u8>,
     scope_field: Vec<u8>,
+    /// The attributes every span has with the same value, written once.
+    constant_attributes: Vec<u8>,
     spans: Vec<u8>,
     span: Vec<u8>,
 }
@@ -64,7 +66,11 @@ impl Encoder {
         put_bytes(&mut scope, 1, scope_name.as_bytes());
         let mut scope_field = Vec::new();
         put_bytes(&mut scope_field, 1, &scope);
-        Encoder { resource_field, scope_field, spans: Vec::new(), span: Vec::new() }
+        let mut constant_attributes = Vec::new();
+        put_string_attribute(&mut constant_attributes, 9, "messaging.system", "nats");
+        put_string_attribute(&mut constant_attributes, 9, "messaging.operation.type", "process");
+        put_string_attribute(&mut constant_attributes, 9, "messaging.operation.name", "process");
+        Encoder { resource_field, scope_field, constant_attributes, spans: Vec::new(), span: Vec::new() }
     }
 
     /// Writes an `ExportTraceServiceRequest` holding `spans` into `out` (cleared first).
@@ -72,7 +78,7 @@ impl Encoder {
         self.spans.clear();
         for span in spans {
             self.span.clear();
-            put_span(&mut self.span, span);
+            put_span(&mut self.span, span, &self.constant_attributes);
             put_bytes(&mut self.spans, 2, &self.span);
         }
         let scope_spans_len = self.scope_field.len() + self.spans.len();
@@ -89,7 +95,7 @@ impl Encoder {
     }
 }
 
-fn put_span(out: &mut Vec<u8>, span: &FinishedSpan) {
+fn put_span(out: &mut Vec<u8>, span: &FinishedSpan, constant_attributes: &[u8]) {
     put_bytes(out, 1, &span.trace_id);
     put_bytes(out, 2, &span.span_id);
     if let Some(state) = span.trace_state.as_deref().filter(|state| !state.is_empty()) {
@@ -109,10 +115,8 @@ fn put_span(out: &mut Vec<u8>, span: &FinishedSpan) {
     out.extend_from_slice(&span.start_unix_nanos.to_le_bytes());
     put_key(out, 8, FIXED64);
     out.extend_from_slice(&span.end_unix_nanos.to_le_bytes());
-    put_string_attribute(out, 9, "messaging.system", "nats");
+    out.extend_from_slice(constant_attributes);
     put_string_attribute(out, 9, "messaging.destination.name", &span.subject);
-    put_string_attribute(out, 9, "messaging.operation.type", "process");
-    put_string_attribute(out, 9, "messaging.operation.name", "process");
     put_string_attribute(out, 9, "messaging.message.id", span.id.as_str());
     put_int_attribute(out, 9, "messaging.message.body.size", span.body_size as i64);
     if let Some(group) = &span.group {
@@ -155,6 +159,7 @@ fn decimal(mut value: u16, digits: &mut [u8; 5]) -> &str {
 }
 
 /// A `KeyValue` whose value is a string, as field `field` of its message.
+#[inline(always)]
 fn put_string_attribute(out: &mut Vec<u8>, field: u32, key: &str, value: &str) {
     let any_len = 1 + varint_len(value.len() as u64) + value.len();
     let key_value_len = 1 + varint_len(key.len() as u64) + key.len() + 1 + varint_len(any_len as u64) + any_len;
@@ -167,6 +172,7 @@ fn put_string_attribute(out: &mut Vec<u8>, field: u32, key: &str, value: &str) {
 }
 
 /// A `KeyValue` whose value is an integer.
+#[inline(always)]
 fn put_int_attribute(out: &mut Vec<u8>, field: u32, key: &str, value: i64) {
     let any_len = 1 + varint_len(value as u64);
     let key_value_len = 1 + varint_len(key.len() as u64) + key.len() + 1 + varint_len(any_len as u64) + any_len;
@@ -208,16 +214,19 @@ fn put_any_value(out: &mut Vec<u8>, value: &Value) {
     }
 }
 
+#[inline(always)]
 fn put_bytes(out: &mut Vec<u8>, field: u32, bytes: &[u8]) {
     put_key(out, field, LEN);
     put_varint(out, bytes.len() as u64);
     out.extend_from_slice(bytes);
 }
 
+#[inline(always)]
 fn put_key(out: &mut Vec<u8>, field: u32, wire_type: u8) {
     put_varint(out, (u64::from(field) << 3) | u64::from(wire_type));
 }
 
+#[inline(always)]
 fn put_varint(out: &mut Vec<u8>, mut value: u64) {
     while value >= 0x80 {
         out.push((value as u8) | 0x80);
@@ -226,6 +235,7 @@ fn put_varint(out: &mut Vec<u8>, mut value: u64) {
     out.push(value as u8);
 }
 
+#[inline(always)]
 fn varint_len(value: u64) -> usize {
     (64 - (value | 1).leading_zeros() as usize).div_ceil(7)
 }
@@ -303,6 +313,9 @@ mod tests {
         assert_eq!(ok.end_time_unix_nano, 1_700_000_000_000_500_000);
         assert_eq!(ok.flags, 0x301);
         assert_eq!(attribute(ok, "messaging.system"), Some(AnyValue::StringValue("nats".into())));
+        assert_eq!(attribute(ok, "messaging.operation.type"), Some(AnyValue::StringValue("process".into())));
+        assert_eq!(attribute(ok, "messaging.operation.name"), Some(AnyValue::StringValue("process".into())));
+        assert_eq!(ok.attributes.len(), 10);
         assert_eq!(attribute(ok, "messaging.destination.name"), Some(AnyValue::StringValue("orders.new".into())));
         assert_eq!(attribute(ok, "messaging.message.id"), Some(AnyValue::StringValue("m-1".into())));
         assert_eq!(attribute(ok, "messaging.message.body.size"), Some(AnyValue::IntValue(300)));
