@@ -42,6 +42,9 @@ pub struct StreamMeta {
     pub stream_sequence: u64,
     pub pending: u64,
     pub published: SystemTime,
+    /// The ack subject these were read from ([`crate::ack_subject`]), so
+    /// `ev.meta` can read them again when a handler asks.
+    pub ack_subject: Option<Subject>,
 }
 
 /// How a source finishes an event: a core reply, a JetStream ack, a replay line.
@@ -115,7 +118,7 @@ impl Event {
         data: Bytes,
         meta: StreamMeta,
     ) -> Self {
-        let sequence_id = || EventId::Given(format!("{}:{}", meta.stream, meta.stream_sequence).into());
+        let sequence_id = || EventId::Given(sequence_id(&meta.stream, meta.stream_sequence));
         let mut event = Self::with_id_or(kind, subject, None, headers, data, sequence_id);
         event.stream = Some(Box::new(meta));
         event
@@ -181,6 +184,26 @@ impl Event {
     }
 }
 
+/// `STREAM:seq`, written without the formatting machinery (once per message).
+fn sequence_id(stream: &str, sequence: u64) -> Box<str> {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    let mut rest = sequence;
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    let mut id = String::with_capacity(stream.len() + 1 + digits.len() - start);
+    id.push_str(stream);
+    id.push(':');
+    id.extend(digits[start..].iter().map(|&digit| char::from(digit)));
+    id.into_boxed_str()
+}
+
 /// The first value of header `name`, matched exactly first and then ignoring case.
 pub fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     if let Some(value) = headers.get(name) {
@@ -217,6 +240,13 @@ pub fn trace_id_of(traceparent: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stream_message_without_its_own_id_is_named_by_its_sequence() {
+        assert_eq!(&*sequence_id("ORDERS", 0), "ORDERS:0");
+        assert_eq!(&*sequence_id("ORDERS", 1042), "ORDERS:1042");
+        assert_eq!(&*sequence_id("S", u64::MAX), "S:18446744073709551615");
+    }
 
     #[test]
     fn trace_id_comes_from_a_valid_traceparent_only() {

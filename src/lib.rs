@@ -8,6 +8,7 @@
 //! that outcome back to the event's own delivery (reply, JetStream ack, replay
 //! output).
 
+pub mod ack_subject;
 pub mod bridge;
 pub mod cli;
 pub mod command;

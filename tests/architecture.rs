@@ -22,6 +22,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         "leaf types",
         &[
             "event",
+            "ack_subject",
             "outcome",
             "kind",
             "duration",

@@ -172,6 +172,25 @@ pub fn current() -> Option<Rc<TaskContext>> {
     CURRENT.with(|c| c.borrow().clone())
 }
 
+/// Runs `inner`, which runs no Lua, with `context` current, so the messages it
+/// sends carry the handler's trace context. Unlike [`Scoped`] it arms no
+/// deadline and needs no closing context: settling an event does neither.
+pub async fn with_current<F: Future>(context: Rc<TaskContext>, inner: F) -> F::Output {
+    struct Previous(Option<Rc<TaskContext>>);
+    impl Drop for Previous {
+        fn drop(&mut self) {
+            let previous = self.0.take();
+            CURRENT.with(|c| *c.borrow_mut() = previous);
+        }
+    }
+    let mut inner = std::pin::pin!(inner);
+    std::future::poll_fn(|cx| {
+        let _previous = Previous(CURRENT.with(|c| c.replace(Some(context.clone()))));
+        inner.as_mut().poll(cx)
+    })
+    .await
+}
+
 /// Sets `traceparent` (and `tracestate`) to the running handler's span, replacing
 /// any spelling of them already there (a dead letter copies the incoming headers,
 /// whose traceparent names the caller's span). Does nothing outside a traced

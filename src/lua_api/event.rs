@@ -22,15 +22,18 @@ const EXTRA: &str = "\0event";
 /// Key of the hidden `traceparent` of the handler's span, for `ev.meta` of an
 /// event that needs no other hidden data.
 const SPAN: &str = "\0span";
+/// Key of the hidden ack subject of a JetStream message without headers, which
+/// `ev.meta` reads the stream position from ([`crate::ack_subject`]).
+const ACK_SUBJECT: &str = "\0ack";
 /// The keys every event table gets, kept as Lua strings in the metatable's array
 /// part (at these positions) so building a table does not hash them again.
-const KEYS: [&str; 7] = ["kind", "id", "subject", "reply", "data", EXTRA, SPAN];
+const KEYS: [&str; 8] = ["kind", "id", "subject", "reply", "data", EXTRA, SPAN, ACK_SUBJECT];
 const EXTRA_KEY: usize = 5;
 /// Slots of the metatable's array part: the key `data` (from [`KEYS`]), the
 /// metatable decoded arrays get, and [`lazy_field`] as a Lua function.
 const DATA_SLOT: ffi::lua_Integer = 5;
-const ARRAY_METATABLE_SLOT: ffi::lua_Integer = 8;
-const LAZY_FIELD_SLOT: ffi::lua_Integer = 9;
+const ARRAY_METATABLE_SLOT: ffi::lua_Integer = 9;
+const LAZY_FIELD_SLOT: ffi::lua_Integer = 10;
 
 struct EventExtra {
     headers: Option<HeaderMap>,
@@ -69,10 +72,11 @@ impl EventTables {
     /// per-field mlua calls cost more than the fields themselves. `span` is the
     /// `traceparent` of the handler's span, when spans are exported.
     pub fn build(&self, lua: &Lua, event: &Event, span: Option<&str>) -> mlua::Result<Table> {
-        // Core messages without headers (most) skip the userdata: the receipt time
-        // and the span's `traceparent` (a plain hidden field) are all the lazy
-        // fields need.
-        let extra = if event.headers.is_some() || event.stream.is_some() {
+        // Messages without headers (most) skip the userdata: the receipt time,
+        // the span's `traceparent` and a JetStream message's ack subject (plain
+        // hidden fields) are all the lazy fields need.
+        let ack_subject = event.stream.as_ref().and_then(|stream| stream.ack_subject.as_ref());
+        let extra = if event.headers.is_some() || (event.stream.is_some() && ack_subject.is_none()) {
             Value::UserData(lua.create_userdata(EventExtra {
                 headers: event.headers.clone(),
                 received: event.received,
@@ -83,14 +87,16 @@ impl EventTables {
         } else {
             Value::Number(seconds_since_epoch(event.received))
         };
-        let values: [Option<&[u8]>; 7] = [
+        let plain = matches!(extra, Value::Number(_));
+        let values: [Option<&[u8]>; 8] = [
             Some(event.kind.as_bytes()),
             Some(event.id.as_str().as_bytes()),
             Some(event.subject.as_bytes()),
             event.reply.as_ref().map(|r| r.as_bytes()),
             Some(&event.data),
             None,
-            if matches!(extra, Value::Number(_)) { span.map(str::as_bytes) } else { None },
+            if plain { span.map(str::as_bytes) } else { None },
+            if plain { ack_subject.map(|subject| subject.as_bytes()) } else { None },
         ];
         let metatable = Value::Table(self.metatable.clone());
         // SAFETY: the builder pushes one table using 3 slots and holds only
@@ -301,8 +307,23 @@ fn meta(lua: &Lua, table: &Table) -> mlua::Result<Table> {
                 meta.raw_set("trace_id", trace_id_of(&span))?;
                 meta.raw_set("span_id", span_id_of(&span))?;
             }
-            meta.raw_set("delivered", 1)?;
-            meta.raw_set("timestamp", received)?;
+            let ack_subject = table.raw_get::<Option<mlua::LuaString>>(ACK_SUBJECT)?;
+            let ack_subject = ack_subject.as_ref().map(|subject| subject.to_str()).transpose()?;
+            match ack_subject.as_deref().and_then(crate::ack_subject::parse) {
+                Some(at) => {
+                    meta.raw_set("stream", at.stream)?;
+                    meta.raw_set("consumer", at.consumer)?;
+                    meta.raw_set("delivered", at.delivered)?;
+                    meta.raw_set("stream_seq", at.stream_sequence)?;
+                    meta.raw_set("pending", at.pending)?;
+                    let published = UNIX_EPOCH + std::time::Duration::from_nanos(at.published_unix_nanos);
+                    meta.raw_set("timestamp", seconds_since_epoch(published))?;
+                }
+                None => {
+                    meta.raw_set("delivered", 1)?;
+                    meta.raw_set("timestamp", received)?;
+                }
+            }
         }
     }
     Ok(meta)
@@ -371,6 +392,42 @@ mod tests {
         lua.globals().set("ev", tables.build(&lua, &event, None).unwrap()).unwrap();
         let untraced: (Value, Value) = lua.load("return ev.meta.trace_id, ev.meta.span_id").eval().unwrap();
         assert_eq!(untraced, (Value::Nil, Value::Nil));
+    }
+
+    #[test]
+    fn a_stream_messages_meta_is_the_same_read_from_its_ack_subject_or_kept() {
+        let lua = Lua::new();
+        let tables = EventTables::new(&lua).unwrap();
+        let ack = "$JS.ACK.ORDERS.work.3.1042.1040.1700000000123456789.7";
+        let at = crate::ack_subject::parse(ack).unwrap();
+        let meta = |ack_subject: Option<&str>, headers: Option<HeaderMap>| {
+            let stream = StreamMeta {
+                stream: at.stream.into(),
+                consumer: at.consumer.into(),
+                delivered: at.delivered,
+                stream_sequence: at.stream_sequence,
+                pending: at.pending,
+                published: UNIX_EPOCH + std::time::Duration::from_nanos(at.published_unix_nanos),
+                ack_subject: ack_subject.map(Into::into),
+            };
+            let event = Event::of_stream("k".into(), "orders.new".into(), headers, bytes::Bytes::new(), stream);
+            lua.globals().set("ev", tables.build(&lua, &event, None).unwrap()).unwrap();
+            let read: String = lua
+                .load(
+                    "local m = ev.meta
+                     return table.concat({ m.stream, m.consumer, m.delivered, m.stream_seq, m.pending,
+                                           string.format('%.9f', m.timestamp), m.subject, ev.id }, ' ')",
+                )
+                .eval()
+                .unwrap();
+            read
+        };
+        let expected = "ORDERS work 3 1042 7 1700000000.123456717 orders.new ORDERS:1042";
+        assert_eq!(meta(Some(ack), None), expected, "read from the hidden ack subject");
+        assert_eq!(meta(None, None), expected, "kept in the userdata");
+        let mut headers = HeaderMap::new();
+        headers.insert("x-a", "1");
+        assert_eq!(meta(Some(ack), Some(headers)), expected, "with headers");
     }
 
     #[test]

@@ -179,6 +179,7 @@ impl TestWorker {
                     stream_sequence: delivery.sequence,
                     pending: 0,
                     published: SystemTime::now(),
+                    ack_subject: None,
                 };
                 Event::of_stream(kind, subject, headers, data, meta)
             }

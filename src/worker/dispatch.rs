@@ -14,7 +14,7 @@ use mlua::{Table, Value};
 
 use crate::event::Event;
 use crate::intake::Slot;
-use crate::lua::context::{Interrupt, Scoped, TaskContext};
+use crate::lua::context::{self, Interrupt, Scoped, TaskContext};
 use crate::lua_api::bus::Directive;
 use crate::lua_api::event::PayloadError;
 use crate::lua_api::json;
@@ -65,7 +65,7 @@ pub async fn process(vm: &Rc<Vm>, event: Event, slot: Slot) {
     match span.as_mut() {
         Some(span) => {
             span.record(&outcome);
-            Scoped::new(context, settle::settle(event, outcome)).await;
+            context::with_current(context, settle::settle(event, outcome)).await;
         }
         None => settle::settle(event, outcome).await,
     }

@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use super::JetStreamSource;
 use super::acks::AckConfirmer;
 use super::settle::JetStreamAck;
+use crate::ack_subject;
 use crate::event::{Event, StreamMeta};
 use crate::outcome::Outcome;
 use crate::source::{Link, Source};
@@ -50,7 +51,7 @@ impl Puller {
         // Ask again once this much room is free, so a busy VM sends fewer, larger
         // pulls, while an idle one asks as soon as anything frees.
         let threshold = (capacity / 4).max(1);
-        let js = jetstream::new(self.client.clone());
+        let js = Arc::new(jetstream::new(self.client.clone()));
         let mut last_heard = Instant::now();
         loop {
             self.forget_expired();
@@ -92,9 +93,10 @@ impl Puller {
         // immediate redelivery to another worker.
         if subscriber.drain().await.is_ok() {
             while let Ok(Some(message)) = tokio::time::timeout(DRAIN_LIMIT, subscriber.next()).await {
-                if message.status.is_none() {
-                    let message = jetstream::Message { message, context: js.clone() };
-                    let _ = message.ack_with(AckKind::Nak(None)).await;
+                if message.status.is_none()
+                    && let Some(reply) = message.reply
+                {
+                    let _ = self.client.publish(reply, AckKind::Nak(None).into()).await;
                 }
             }
         }
@@ -134,7 +136,7 @@ impl Puller {
     fn receive(
         &mut self,
         source: &Arc<JetStreamSource>,
-        js: &jetstream::Context,
+        js: &Arc<jetstream::Context>,
         message: async_nats::Message,
     ) -> Option<Event> {
         if let Some(status) = message.status {
@@ -159,39 +161,50 @@ impl Puller {
                 self.requests.pop_front();
             }
         }
-        let message = jetstream::Message { message, context: js.clone() };
-        Some(event_of(source, message, &self.acks))
+        Some(event_of(source, message, js, &self.acks))
     }
 }
 
-fn event_of(source: &Arc<JetStreamSource>, message: jetstream::Message, acks: &AckConfirmer) -> Event {
+fn event_of(
+    source: &Arc<JetStreamSource>,
+    message: async_nats::Message,
+    js: &Arc<jetstream::Context>,
+    acks: &AckConfirmer,
+) -> Event {
     let spec = &source.spec;
     // The message came from this consumer, so its names are the source's.
     let (stream, consumer) = (source.stream.clone(), source.consumer.clone());
-    let meta = match message.info() {
-        Ok(info) => StreamMeta {
+    let meta = match message.reply.as_deref().and_then(ack_subject::parse) {
+        Some(at) => StreamMeta {
             stream,
             consumer,
-            delivered: u64::try_from(info.delivered).unwrap_or(1),
-            stream_sequence: info.stream_sequence,
-            pending: info.pending,
-            published: system_time(info.published.unix_timestamp_nanos()),
+            delivered: at.delivered,
+            stream_sequence: at.stream_sequence,
+            pending: at.pending,
+            published: UNIX_EPOCH + Duration::from_nanos(at.published_unix_nanos),
+            ack_subject: message.reply.clone(),
         },
-        Err(_) => {
-            StreamMeta { stream, consumer, delivered: 1, stream_sequence: 0, pending: 0, published: SystemTime::now() }
-        }
+        None => StreamMeta {
+            stream,
+            consumer,
+            delivered: 1,
+            stream_sequence: 0,
+            pending: 0,
+            published: SystemTime::now(),
+            ack_subject: None,
+        },
     };
     let delivered = meta.delivered;
-    let subject = message.message.subject.clone();
+    let async_nats::Message { subject, reply, headers, payload, .. } = message;
     let kind = spec.kind.render(&subject);
-    let (headers, data) = (message.message.headers.clone(), message.message.payload.clone());
-    let mut event = Event::of_stream(kind, subject, headers, data, meta);
+    let mut event = Event::of_stream(kind, subject, headers, payload, meta);
     event.timeout = spec.timeout;
     if delivered > 1 {
         source.metrics.redelivered();
     }
     event.delivery = Some(Box::new(JetStreamAck {
-        message,
+        reply,
+        js: js.clone(),
         acks: acks.clone(),
         spec: spec.clone(),
         delivered,
@@ -201,8 +214,4 @@ fn event_of(source: &Arc<JetStreamSource>, message: jetstream::Message, acks: &A
         metrics: source.metrics.clone(),
     }));
     event
-}
-
-fn system_time(unix_nanos: i128) -> SystemTime {
-    u64::try_from(unix_nanos).map(|n| UNIX_EPOCH + Duration::from_nanos(n)).unwrap_or(UNIX_EPOCH)
 }

@@ -24,7 +24,10 @@ static UNCONFIRMED_LOG: LogLimit<String> = LogLimit::new(Duration::from_secs(5))
 
 /// Settles a JetStream message: ack, nak with backoff, or dead letter and term.
 pub(super) struct JetStreamAck {
-    pub(super) message: jetstream::Message,
+    /// The message's ack subject.
+    pub(super) reply: Option<Subject>,
+    /// The VM's JetStream context, shared by its messages.
+    pub(super) js: Arc<jetstream::Context>,
     pub(super) acks: AckConfirmer,
     pub(super) spec: Arc<ConsumerSpec>,
     pub(super) delivered: u64,
@@ -39,12 +42,12 @@ impl Settle for JetStreamAck {
         Box::pin(async move {
             let result = match policy::action(&self.spec, self.delivered, &outcome) {
                 // Confirmed: success is not reported until the server has the ack.
-                Action::Ack => match &self.message.reply {
+                Action::Ack => match &self.reply {
                     Some(reply) => self.acks.ack(reply.clone()).await,
                     None => Ok(()),
                 },
-                Action::Nak(delay) => self.message.ack_with(AckKind::Nak(delay)).await,
-                Action::Term => self.message.ack_with(AckKind::Term).await,
+                Action::Nak(delay) => self.send(AckKind::Nak(delay)).await,
+                Action::Term => self.send(AckKind::Term).await,
                 Action::DeadLetter(error) => self.dead_letter_and_term(event, &error).await,
             };
             if let Err(err) = result
@@ -69,7 +72,7 @@ impl Settle for JetStreamAck {
             let mut next = self.received + interval;
             loop {
                 tokio::time::sleep_until(next).await;
-                match self.message.ack_with(AckKind::Progress).await {
+                match self.send(AckKind::Progress).await {
                     Ok(()) => self.metrics.in_progress_ack(),
                     Err(err) => tracing::debug!(error = %err, "in-progress ack not sent"),
                 }
@@ -80,6 +83,13 @@ impl Settle for JetStreamAck {
 }
 
 impl JetStreamAck {
+    /// Publishes `kind` (`-NAK`, `+TERM`, `+WPI`) to the ack subject.
+    async fn send(&self, kind: AckKind) -> Result<(), async_nats::Error> {
+        let Some(reply) = &self.reply else { return Ok(()) };
+        self.js.client().publish(reply.clone(), kind.into()).await?;
+        Ok(())
+    }
+
     /// Publishes the message to the dead-letter subject, then terminates it; if
     /// the publish is not confirmed the message is nak'ed instead, so nothing is
     /// lost.
@@ -90,20 +100,20 @@ impl JetStreamAck {
                     kind = %event.kind, id = %event.id, dead_letter = %subject, error = %err,
                     "dead letter not published; the message will be redelivered"
                 );
-                return self.message.ack_with(AckKind::Nak(self.spec.backoff_after(self.delivered))).await;
+                return self.send(AckKind::Nak(self.spec.backoff_after(self.delivered))).await;
             }
             self.metrics.dead_lettered();
             tracing::warn!(kind = %event.kind, id = %event.id, dead_letter = %subject, error, "dead-lettered");
         } else {
             tracing::warn!(kind = %event.kind, id = %event.id, error, "terminated (no dead_letter subject)");
         }
-        self.message.ack_with(AckKind::Term).await
+        self.send(AckKind::Term).await
     }
 
     async fn publish_dead_letter(&self, subject: &str, event: &Event, error: &str) -> Result<(), async_nats::Error> {
         let headers = policy::dead_letter_headers(&self.spec, event, self.delivered, error);
         let subject = Subject::from(subject);
-        let js = &self.message.context;
+        let js = &self.js;
         if self.dead_letter_stored {
             js.publish_with_headers(subject, headers, event.data.clone()).await?.await?;
         } else {
