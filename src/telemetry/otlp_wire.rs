@@ -7,6 +7,7 @@
 //! output with the generated types.
 
 use async_nats::Subject;
+use bytes::Bytes;
 use opentelemetry::Value;
 use opentelemetry_sdk::Resource;
 
@@ -50,8 +51,9 @@ pub struct Encoder {
     scope_field: Vec<u8>,
     /// The attributes every span has with the same value, written once.
     constant_attributes: Vec<u8>,
-    spans: Vec<u8>,
     span: Vec<u8>,
+    /// The size of the last request, to allocate the next one at once.
+    last_len: usize,
 }
 
 impl Encoder {
@@ -70,28 +72,35 @@ impl Encoder {
         put_string_attribute(&mut constant_attributes, 9, "messaging.system", "nats");
         put_string_attribute(&mut constant_attributes, 9, "messaging.operation.type", "process");
         put_string_attribute(&mut constant_attributes, 9, "messaging.operation.name", "process");
-        Encoder { resource_field, scope_field, constant_attributes, spans: Vec::new(), span: Vec::new() }
+        Encoder { resource_field, scope_field, constant_attributes, span: Vec::new(), last_len: 0 }
     }
 
-    /// Writes an `ExportTraceServiceRequest` holding `spans` into `out` (cleared first).
-    pub fn encode(&mut self, spans: &[FinishedSpan], out: &mut Vec<u8>) {
-        self.spans.clear();
+    /// An `ExportTraceServiceRequest` holding `spans`. The spans are written
+    /// once, after room for the message headers, whose lengths are known only
+    /// then: the batch is never copied.
+    pub fn encode(&mut self, spans: &[FinishedSpan]) -> Bytes {
+        // Two keys and two varints of at most 10 bytes, the resource and the scope.
+        let room = 2 * (1 + 10) + self.resource_field.len() + self.scope_field.len();
+        let mut buffer = Vec::with_capacity(self.last_len.max(room + 512 * spans.len()));
+        buffer.resize(room, 0);
         for span in spans {
             self.span.clear();
             put_span(&mut self.span, span, &self.constant_attributes);
-            put_bytes(&mut self.spans, 2, &self.span);
+            put_bytes(&mut buffer, 2, &self.span);
         }
-        let scope_spans_len = self.scope_field.len() + self.spans.len();
+        let scope_spans_len = self.scope_field.len() + buffer.len() - room;
         let resource_spans_len = self.resource_field.len() + 1 + varint_len(scope_spans_len as u64) + scope_spans_len;
-        out.clear();
-        out.reserve(resource_spans_len + 8);
-        put_key(out, 1, LEN);
-        put_varint(out, resource_spans_len as u64);
-        out.extend_from_slice(&self.resource_field);
-        put_key(out, 2, LEN);
-        put_varint(out, scope_spans_len as u64);
-        out.extend_from_slice(&self.scope_field);
-        out.extend_from_slice(&self.spans);
+        let mut head = Vec::with_capacity(room);
+        put_key(&mut head, 1, LEN);
+        put_varint(&mut head, resource_spans_len as u64);
+        head.extend_from_slice(&self.resource_field);
+        put_key(&mut head, 2, LEN);
+        put_varint(&mut head, scope_spans_len as u64);
+        head.extend_from_slice(&self.scope_field);
+        let start = room - head.len();
+        buffer[start..room].copy_from_slice(&head);
+        self.last_len = buffer.len();
+        Bytes::from(buffer).slice(start..)
     }
 }
 
@@ -274,11 +283,11 @@ mod tests {
             .with_attribute(opentelemetry::KeyValue::new("replicas", 3))
             .build();
         let mut encoder = Encoder::new(&resource, "agent-block");
-        let mut out = Vec::new();
         // Twice, so leftovers of an earlier batch would show.
-        encoder.encode(&[finished("other", None)], &mut out);
-        encoder.encode(spans, &mut out);
-        ExportTraceServiceRequest::decode(out.as_slice()).expect("a valid ExportTraceServiceRequest")
+        let many: Vec<FinishedSpan> = (0..300).map(|_| finished("other", None)).collect();
+        let first = ExportTraceServiceRequest::decode(encoder.encode(&many)).expect("a valid request");
+        assert_eq!(first.resource_spans[0].scope_spans[0].spans.len(), 300);
+        ExportTraceServiceRequest::decode(encoder.encode(spans)).expect("a valid ExportTraceServiceRequest")
     }
 
     fn attribute(span: &Span, key: &str) -> Option<AnyValue> {

@@ -128,15 +128,13 @@ impl SpanExporter {
 
 fn export_loop(queue: &SpanQueue, mut encoder: Encoder, mut transport: Transport, runtime: &tokio::runtime::Runtime) {
     let mut spans = Vec::new();
-    let mut body = Vec::new();
     let mut last_export = Instant::now();
     let mut failures = 0u64;
     loop {
         let closing = queue.take(last_export, &mut spans);
         last_export = Instant::now();
         for batch in spans.chunks(queue.batch.max_export_batch_size.max(1)) {
-            encoder.encode(batch, &mut body);
-            let sent = runtime.block_on(transport.send(Bytes::copy_from_slice(&body)));
+            let sent = runtime.block_on(transport.send(encoder.encode(batch)));
             if let Err(err) = sent {
                 failures += 1;
                 // The first failure, then every hundredth: a collector that is
