@@ -424,6 +424,15 @@ unsafe fn lua_bytes<'a>(state: *mut ffi::lua_State, index: c_int) -> &'a [u8] {
 }
 
 fn write_string(out: &mut Vec<u8>, bytes: &[u8]) -> Result<(), String> {
+    // Most keys and values are printable ASCII with nothing to escape: one
+    // copy, without the UTF-8 check and the escaping writer.
+    if bytes.iter().all(|&byte| (0x20..0x80).contains(&byte) && byte != b'"' && byte != b'\\') {
+        out.reserve(bytes.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(bytes);
+        out.push(b'"');
+        return Ok(());
+    }
     let text =
         std::str::from_utf8(bytes).map_err(|_| "cannot encode a string that is not UTF-8 as JSON".to_string())?;
     serde_json::to_writer(&mut *out, text).map_err(|err| err.to_string())
@@ -458,6 +467,16 @@ mod tests {
         assert_eq!(roundtrip("18446744073709551615"), "1.8446744073709552e+19");
         assert_eq!(roundtrip("-9223372036854775808"), "-9223372036854775808");
         assert_eq!(roundtrip("[[[[1]]]]"), "[[[[1]]]]");
+    }
+
+    #[test]
+    fn strings_are_escaped_as_serde_json_escapes_them() {
+        for text in ["plain", "", "q\"uote", "back\\slash", "tab\tnew\nline", "\u{1}\u{1f}", "\u{7f}", "héllo", "/", "日本"] {
+            let mut out = Vec::new();
+            write_string(&mut out, text.as_bytes()).unwrap();
+            assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(text).unwrap(), "{text:?}");
+        }
+        assert!(write_string(&mut Vec::new(), b"\xff").is_err());
     }
 
     #[test]
