@@ -304,11 +304,14 @@ pub fn check_current() -> HookAction {
 pub struct Scoped<F> {
     context: Rc<TaskContext>,
     inner: ManuallyDrop<F>,
+    /// The Lua call returned: its coroutine ended normally, with nothing left
+    /// to close, so dropping it runs no Lua and needs no closing context.
+    returned: bool,
 }
 
 impl<F: Future> Scoped<F> {
     pub fn new(context: Rc<TaskContext>, inner: F) -> Self {
-        Scoped { context, inner: ManuallyDrop::new(inner) }
+        Scoped { context, inner: ManuallyDrop::new(inner), returned: false }
     }
 }
 
@@ -323,7 +326,7 @@ impl<F> Scoped<F> {
     }
 }
 
-impl<F: Future> Future for Scoped<F> {
+impl<T, F: Future<Output = mlua::Result<T>>> Future for Scoped<F> {
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
@@ -331,14 +334,22 @@ impl<F: Future> Future for Scoped<F> {
         // dropped in place by `Drop`.
         let this = unsafe { self.get_unchecked_mut() };
         let _restore = Self::enter(&this.context);
-        unsafe { Pin::new_unchecked(&mut *this.inner) }.poll(cx)
+        let polled = unsafe { Pin::new_unchecked(&mut *this.inner) }.poll(cx);
+        this.returned = matches!(polled, Poll::Ready(Ok(_)));
+        polled
     }
 }
 
 impl<F> Drop for Scoped<F> {
     fn drop(&mut self) {
-        // Dropping a Lua call closes its coroutine, which runs pending `__close`
-        // handlers and drops the bridge calls it waits in, under a limit.
+        if self.returned {
+            // SAFETY: dropped exactly once, here, in place.
+            unsafe { ManuallyDrop::drop(&mut self.inner) };
+            return;
+        }
+        // Dropping a Lua call that did not return closes its coroutine, which
+        // runs pending `__close` handlers and drops the bridge calls it waits
+        // in, under a limit.
         let closing = self.context.for_closing();
         let _restore = Self::enter(&closing);
         // SAFETY: dropped exactly once, here, in place.

@@ -471,7 +471,9 @@ mod tests {
 
     #[test]
     fn strings_are_escaped_as_serde_json_escapes_them() {
-        for text in ["plain", "", "q\"uote", "back\\slash", "tab\tnew\nline", "\u{1}\u{1f}", "\u{7f}", "héllo", "/", "日本"] {
+        for text in
+            ["plain", "", "q\"uote", "back\\slash", "tab\tnew\nline", "\u{1}\u{1f}", "\u{7f}", "héllo", "/", "日本"]
+        {
             let mut out = Vec::new();
             write_string(&mut out, text.as_bytes()).unwrap();
             assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(text).unwrap(), "{text:?}");
