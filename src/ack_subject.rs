@@ -21,31 +21,38 @@ const PREFIX: &str = "$JS.ACK.";
 /// Parses `reply`; `None` when it is not an ack subject.
 pub fn parse(reply: &str) -> Option<AckSubject<'_>> {
     let rest = reply.strip_prefix(PREFIX)?;
-    let mut tokens = [""; 9];
+    // Where the first nine dots are; the dots are ASCII, so every token
+    // between them is a `str` of its own.
+    let bytes = rest.as_bytes();
+    let mut dots = [0usize; 9];
     let mut count = 0;
-    let mut start = 0;
-    // By bytes: the dots are ASCII, so every token is a `str` boundary.
-    for end in rest.bytes().enumerate().filter(|(_, byte)| *byte == b'.').map(|(at, _)| at).chain([rest.len()]) {
-        if count < tokens.len() {
-            tokens[count] = &rest[start..end];
+    for (at, &byte) in bytes.iter().enumerate() {
+        if byte == b'.' {
+            if count < dots.len() {
+                dots[count] = at;
+            }
+            count += 1;
         }
-        count += 1;
-        start = end + 1;
     }
-    // 7 tokens after the prefix in the original form, 9 or more with domain
-    // and account hash.
-    let at = match count {
-        7 => &tokens[..7],
-        n if n >= 9 => &tokens[2..9],
+    let token = |index: usize| {
+        let start = if index == 0 { 0 } else { dots[index - 1] + 1 };
+        let end = if index < count.min(dots.len()) { dots[index] } else { bytes.len() };
+        &rest[start..end]
+    };
+    // 7 tokens (6 dots) after the prefix in the original form, 9 or more with
+    // domain and account hash.
+    let first = match count + 1 {
+        7 => 0,
+        tokens if tokens >= 9 => 2,
         _ => return None,
     };
     Some(AckSubject {
-        stream: at[0],
-        consumer: at[1],
-        delivered: number(at[2])?,
-        stream_sequence: number(at[3])?,
-        published_unix_nanos: number(at[5])?,
-        pending: number(at[6])?,
+        stream: token(first),
+        consumer: token(first + 1),
+        delivered: number(token(first + 2))?,
+        stream_sequence: number(token(first + 3))?,
+        published_unix_nanos: number(token(first + 5))?,
+        pending: number(token(first + 6))?,
     })
 }
 
@@ -53,10 +60,15 @@ fn number(token: &str) -> Option<u64> {
     if token.is_empty() || token.len() > 20 {
         return None;
     }
-    token.bytes().try_fold(0u64, |value, byte| {
-        let digit = byte.checked_sub(b'0').filter(|digit| *digit <= 9)?;
-        value.checked_mul(10)?.checked_add(u64::from(digit))
-    })
+    let mut value = 0u64;
+    for &byte in token.as_bytes() {
+        let digit = byte.wrapping_sub(b'0');
+        if digit > 9 {
+            return None;
+        }
+        value = value.checked_mul(10)?.checked_add(u64::from(digit))?;
+    }
+    Some(value)
 }
 
 #[cfg(test)]

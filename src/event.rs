@@ -71,7 +71,8 @@ impl std::fmt::Debug for dyn Settle {
 /// `Nats-Msg-Id` header, else a unique generated id (kept inline: no allocation).
 #[derive(Debug, Clone)]
 pub enum EventId {
-    Given(Box<str>),
+    /// Shared: the handler's context and the span keep it too.
+    Given(Arc<str>),
     Generated([u8; NUID_LENGTH]),
 }
 
@@ -185,7 +186,7 @@ impl Event {
 }
 
 /// `STREAM:seq`, written without the formatting machinery (once per message).
-fn sequence_id(stream: &str, sequence: u64) -> Box<str> {
+fn sequence_id(stream: &str, sequence: u64) -> Arc<str> {
     let mut digits = [0u8; 20];
     let mut start = digits.len();
     let mut rest = sequence;
@@ -197,11 +198,18 @@ fn sequence_id(stream: &str, sequence: u64) -> Box<str> {
             break;
         }
     }
-    let mut id = String::with_capacity(stream.len() + 1 + digits.len() - start);
-    id.push_str(stream);
-    id.push(':');
-    id.extend(digits[start..].iter().map(|&digit| char::from(digit)));
-    id.into_boxed_str()
+    let digits = &digits[start..];
+    // Written on the stack when it fits, so the id is allocated once.
+    let mut text = [0u8; 128];
+    let len = stream.len() + 1 + digits.len();
+    if len > text.len() {
+        return Arc::from(format!("{stream}:{sequence}"));
+    }
+    text[..stream.len()].copy_from_slice(stream.as_bytes());
+    text[stream.len()] = b':';
+    text[stream.len() + 1..len].copy_from_slice(digits);
+    // A `str` followed by ASCII.
+    Arc::from(std::str::from_utf8(&text[..len]).unwrap_or(stream))
 }
 
 /// The first value of header `name`, matched exactly first and then ignoring case.
@@ -246,6 +254,8 @@ mod tests {
         assert_eq!(&*sequence_id("ORDERS", 0), "ORDERS:0");
         assert_eq!(&*sequence_id("ORDERS", 1042), "ORDERS:1042");
         assert_eq!(&*sequence_id("S", u64::MAX), "S:18446744073709551615");
+        let long = "L".repeat(120);
+        assert_eq!(&*sequence_id(&long, 12345678), format!("{long}:12345678"));
     }
 
     #[test]
