@@ -426,7 +426,7 @@ unsafe fn lua_bytes<'a>(state: *mut ffi::lua_State, index: c_int) -> &'a [u8] {
 fn write_string(out: &mut Vec<u8>, bytes: &[u8]) -> Result<(), String> {
     // Most keys and values are printable ASCII with nothing to escape: one
     // copy, without the UTF-8 check and the escaping writer.
-    if bytes.iter().all(|&byte| (0x20..0x80).contains(&byte) && byte != b'"' && byte != b'\\') {
+    if is_plain(bytes) {
         out.reserve(bytes.len() + 2);
         out.push(b'"');
         out.extend_from_slice(bytes);
@@ -436,6 +436,29 @@ fn write_string(out: &mut Vec<u8>, bytes: &[u8]) -> Result<(), String> {
     let text =
         std::str::from_utf8(bytes).map_err(|_| "cannot encode a string that is not UTF-8 as JSON".to_string())?;
     serde_json::to_writer(&mut *out, text).map_err(|err| err.to_string())
+}
+
+/// Whether every byte is printable ASCII other than `"` and `\`, tested eight
+/// bytes at a time (the classic "has a byte less than n / equal to c" word
+/// tricks, exact when answering "any?").
+fn is_plain(bytes: &[u8]) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
+    let has_zero = |word: u64| word.wrapping_sub(ONES) & !word & HIGHS != 0;
+    let plain_byte = |byte: u8| (0x20..0x80).contains(&byte) && byte != b'"' && byte != b'\\';
+    let mut words = bytes.chunks_exact(8);
+    for chunk in &mut words {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let word = u64::from_ne_bytes(word);
+        let below_space = word.wrapping_sub(ONES * 0x20) & !word & HIGHS != 0;
+        let quote = has_zero(word ^ (ONES * u64::from(b'"')));
+        let backslash = has_zero(word ^ (ONES * u64::from(b'\\')));
+        if word & HIGHS != 0 || below_space || quote || backslash {
+            return false;
+        }
+    }
+    words.remainder().iter().all(|&byte| plain_byte(byte))
 }
 
 fn write_integer(out: &mut Vec<u8>, value: i64) {
@@ -479,6 +502,17 @@ mod tests {
             assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(text).unwrap(), "{text:?}");
         }
         assert!(write_string(&mut Vec::new(), b"\xff").is_err());
+        // Each byte that needs care, at every position of a word and its remainder.
+        for special in [0x00u8, 0x01, 0x1f, b'"', b'\\', 0x80, 0xc3, 0xff] {
+            for at in 0..19 {
+                let mut bytes = vec![b'a'; 19];
+                bytes[at] = special;
+                assert!(!is_plain(&bytes), "{special:#x} at {at}");
+            }
+        }
+        for plain in [0x20u8, 0x21, 0x23, 0x5b, 0x5d, 0x7e, 0x7f] {
+            assert!(is_plain(&[plain; 19]), "{plain:#x}");
+        }
     }
 
     #[test]
