@@ -299,8 +299,9 @@ pub fn check_current() -> HookAction {
     })
 }
 
-/// A future that runs with `context` as the current context while polled or
-/// dropped, its deadline armed in the watchdog.
+/// A future that runs with `context` as the current context while polled, and
+/// while dropped before its Lua call returned, its deadline armed in the
+/// watchdog.
 pub struct Scoped<F> {
     context: Rc<TaskContext>,
     inner: ManuallyDrop<F>,

@@ -1,9 +1,9 @@
 //! Finished spans on their way to the collector: a bounded queue that handlers'
 //! threads push into under a short lock, and one exporter thread that takes the
 //! queue whole when a batch is full or the schedule delay has passed, encodes it
-//! ([`otlp_wire`]) and sends it over OTLP/HTTP or gRPC. A full queue drops the
-//! span and counts it (`agent_block_spans_dropped_total`); an unreachable
-//! collector only costs the exporter thread its timeouts.
+//! ([`crate::telemetry::otlp_wire`]) and sends it over OTLP/HTTP or gRPC. A
+//! full queue drops the span and counts it (`agent_block_spans_dropped_total`);
+//! an unreachable collector only costs the exporter thread its timeouts.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};

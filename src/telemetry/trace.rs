@@ -5,8 +5,9 @@
 //! An event span has a fixed shape, so it is recorded as plain data
 //! ([`FinishedSpan`]) rather than through the SDK's general span machinery, and
 //! encoded straight into OTLP protobuf on the exporter thread
-//! ([`span_export`]). The SDK still decides what the environment asks for: the
-//! sampler (`OTEL_TRACES_SAMPLER`), the ids and the resource.
+//! ([`crate::telemetry::span_export`]). The SDK still decides what the
+//! environment asks for: the sampler (`OTEL_TRACES_SAMPLER`), the ids and the
+//! resource.
 
 use std::rc::Rc;
 use std::sync::OnceLock;
