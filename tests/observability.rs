@@ -153,6 +153,12 @@ impl TraceService for GrpcReceiver {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        for (name, value) in request.metadata().clone().into_headers().iter() {
+            if name.as_str().starts_with("x-") {
+                let value = value.to_str().unwrap_or_default().to_string();
+                self.0.1.lock().unwrap().push((name.to_string(), value));
+            }
+        }
         self.0.add(request.into_inner());
         Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
     }
@@ -273,6 +279,7 @@ async fn grpc_export_flushes_the_last_spans_at_shutdown() {
         ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
         ("OTEL_SERVICE_NAME", "shop-grpc"),
         ("OTEL_BSP_SCHEDULE_DELAY", "600000"),
+        ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "X-Api-Key=s3cr%3Dt"),
     ];
     let mut worker = run_traced(&server, &script, &env, &[]);
     let client = client(&server).await;
@@ -284,6 +291,8 @@ async fn grpc_export_flushes_the_last_spans_at_shutdown() {
     assert!(status.success(), "exit status {status:?}; log:\n{}", worker.stderr.text());
     let stock = spans.wait_for("process stock").await;
     assert_eq!(stock.service, "shop-grpc");
+    let sent = spans.headers();
+    assert!(sent.contains(&("x-api-key".to_string(), "s3cr=t".to_string())), "gRPC metadata: {sent:?}");
     assert_eq!(stock.span.parent_span_id, Vec::<u8>::new(), "no incoming trace: a root span");
 }
 
