@@ -187,18 +187,8 @@ impl Event {
 
 /// `STREAM:seq`, written without the formatting machinery (once per message).
 fn sequence_id(stream: &str, sequence: u64) -> Arc<str> {
-    let mut digits = [0u8; 20];
-    let mut start = digits.len();
-    let mut rest = sequence;
-    loop {
-        start -= 1;
-        digits[start] = b'0' + (rest % 10) as u8;
-        rest /= 10;
-        if rest == 0 {
-            break;
-        }
-    }
-    let digits = &digits[start..];
+    let mut number = itoa::Buffer::new();
+    let digits = number.format(sequence).as_bytes();
     // Written on the stack when it fits, so the id is allocated once.
     let mut text = [0u8; 128];
     let len = stream.len() + 1 + digits.len();
@@ -222,6 +212,11 @@ pub fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .find(|(key, _)| AsRef::<str>::as_ref(*key).eq_ignore_ascii_case(name))
         .and_then(|(_, values)| values.first())
         .map(|value| value.as_str())
+}
+
+/// The span (parent) id of a valid W3C `traceparent` value.
+pub fn span_id_of(traceparent: &str) -> Option<&str> {
+    trace_id_of(traceparent).map(|_| &traceparent[36..52])
 }
 
 /// Extracts the trace id from a valid W3C `traceparent` value

@@ -78,7 +78,7 @@ impl TaskContext {
 
     /// The handler's span id, when spans are exported.
     pub fn span_id(&self) -> Option<&str> {
-        self.traceparent.as_deref().filter(|_| self.own_span).and_then(|tp| tp.get(36..52))
+        self.traceparent.as_deref().filter(|_| self.own_span).and_then(crate::event::span_id_of)
     }
 
     pub fn set_deadline(&self, deadline: Option<Instant>) {

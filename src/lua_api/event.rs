@@ -9,7 +9,7 @@ use std::ffi::c_char;
 
 use mlua::{Lua, LuaSerdeExt, Table, UserData, Value, ffi};
 
-use crate::event::{Event, StreamMeta};
+use crate::event::{Event, StreamMeta, span_id_of, trace_id_of};
 use crate::lua_api::{json, raw};
 
 /// A body that the handler read as `ev.payload` is not JSON: the event fails with 400.
@@ -266,16 +266,6 @@ pub fn headers_table(lua: &Lua, headers: Option<&HeaderMap>) -> mlua::Result<Tab
         }
     }
     Ok(table)
-}
-
-/// The trace id of a valid `traceparent`.
-fn trace_id_of(traceparent: &str) -> Option<&str> {
-    crate::event::trace_id_of(traceparent)
-}
-
-/// The span id of a valid `traceparent`.
-fn span_id_of(traceparent: &str) -> Option<&str> {
-    crate::event::trace_id_of(traceparent).map(|_| &traceparent[36..52])
 }
 
 fn meta(lua: &Lua, table: &Table) -> mlua::Result<Table> {

@@ -137,8 +137,7 @@ fn put_span(out: &mut Vec<u8>, span: &FinishedSpan, constant_attributes: &[u8]) 
     }
     put_string_attribute(out, 9, "agent_block.outcome", span.outcome);
     if let Some((code, message)) = &span.error {
-        let mut digits = [0u8; 5];
-        put_string_attribute(out, 9, "error.type", decimal(*code, &mut digits));
+        put_string_attribute(out, 9, "error.type", itoa::Buffer::new().format(*code));
         let message_len = 1 + varint_len(message.len() as u64) + message.len();
         let status_len = if message.is_empty() { 0 } else { message_len } + 2;
         put_key(out, 15, LEN);
@@ -154,44 +153,31 @@ fn put_span(out: &mut Vec<u8>, span: &FinishedSpan, constant_attributes: &[u8]) 
     out.extend_from_slice(&(u32::from(span.trace_flags) | HAS_IS_REMOTE | remote).to_le_bytes());
 }
 
-fn decimal(mut value: u16, digits: &mut [u8; 5]) -> &str {
-    let mut start = digits.len();
-    loop {
-        start -= 1;
-        digits[start] = b'0' + (value % 10) as u8;
-        value /= 10;
-        if value == 0 {
-            break;
-        }
-    }
-    std::str::from_utf8(&digits[start..]).unwrap_or("0")
-}
-
 /// A `KeyValue` whose value is a string, as field `field` of its message.
 #[inline(always)]
 fn put_string_attribute(out: &mut Vec<u8>, field: u32, key: &str, value: &str) {
-    let any_len = 1 + varint_len(value.len() as u64) + value.len();
-    let key_value_len = 1 + varint_len(key.len() as u64) + key.len() + 1 + varint_len(any_len as u64) + any_len;
-    put_key(out, field, LEN);
-    put_varint(out, key_value_len as u64);
-    put_bytes(out, 1, key.as_bytes());
-    put_key(out, 2, LEN);
-    put_varint(out, any_len as u64);
+    put_key_value_head(out, field, key, 1 + varint_len(value.len() as u64) + value.len());
     put_bytes(out, 1, value.as_bytes());
 }
 
 /// A `KeyValue` whose value is an integer.
 #[inline(always)]
 fn put_int_attribute(out: &mut Vec<u8>, field: u32, key: &str, value: i64) {
-    let any_len = 1 + varint_len(value as u64);
+    put_key_value_head(out, field, key, 1 + varint_len(value as u64));
+    put_key(out, 3, VARINT);
+    put_varint(out, value as u64);
+}
+
+/// A `KeyValue`'s framing and key, up to its `AnyValue` of `any_len` bytes,
+/// which the caller writes next.
+#[inline(always)]
+fn put_key_value_head(out: &mut Vec<u8>, field: u32, key: &str, any_len: usize) {
     let key_value_len = 1 + varint_len(key.len() as u64) + key.len() + 1 + varint_len(any_len as u64) + any_len;
     put_key(out, field, LEN);
     put_varint(out, key_value_len as u64);
     put_bytes(out, 1, key.as_bytes());
     put_key(out, 2, LEN);
     put_varint(out, any_len as u64);
-    put_key(out, 3, VARINT);
-    put_varint(out, value as u64);
 }
 
 /// A `KeyValue` of any attribute value (the resource's, written once).
@@ -366,8 +352,5 @@ mod tests {
             put_varint(&mut out, value);
             assert_eq!(out.len(), varint_len(value), "{value}");
         }
-        let mut digits = [0; 5];
-        assert_eq!(decimal(0, &mut digits), "0");
-        assert_eq!(decimal(65535, &mut digits), "65535");
     }
 }
