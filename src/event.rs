@@ -45,6 +45,15 @@ pub struct StreamMeta {
     /// The ack subject these were read from ([`crate::ack_subject`]), so
     /// `ev.meta` can read them again when a handler asks.
     pub ack_subject: Option<Subject>,
+    /// The partition and key of a keyed consumer's message.
+    pub keyed: Option<KeyedMeta>,
+}
+
+/// Where a keyed consumer's message belongs: `ev.meta.partition` and `ev.meta.key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyedMeta {
+    pub partition: u32,
+    pub key: String,
 }
 
 /// How a source finishes an event: a core reply, a JetStream ack, a replay line.

@@ -53,6 +53,21 @@ impl KindTemplate {
         Ok(KindTemplate { source: template.to_string(), parts, wildcards })
     }
 
+    /// The wildcards the template names, in its order (1-based).
+    pub fn wildcard_references(&self) -> Vec<usize> {
+        self.parts.iter().filter_map(|part| if let Part::Wildcard(n) = part { Some(*n) } else { None }).collect()
+    }
+
+    /// Whether the template contains `{{subject}}`.
+    pub fn mentions_subject(&self) -> bool {
+        self.parts.contains(&Part::Subject)
+    }
+
+    /// The template applied to a subject given as text.
+    pub fn render_str(&self, subject: &str) -> String {
+        self.render_text(subject)
+    }
+
     /// The kind of a message that arrived on `subject`. The default template
     /// shares the subject's buffer instead of copying it.
     pub fn render(&self, subject: &Subject) -> Subject {

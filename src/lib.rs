@@ -29,6 +29,7 @@ pub mod nats_server;
 pub mod nats_url;
 pub mod outcome;
 pub mod panics;
+pub mod partitioning;
 pub mod preflight;
 pub mod probes;
 pub mod report;

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::kind::KindTemplate;
+use crate::partitioning::Partitioning;
 use crate::telemetry::discovery::Endpoint;
 
 /// One declared source.
@@ -107,6 +108,8 @@ pub struct ConsumerSpec {
     pub timeout: Option<Duration>,
     /// Subjects of the stream to create when it does not exist.
     pub create_stream: Option<Vec<String>>,
+    /// `key` and `partitions`: messages of one key one at a time, in order.
+    pub keyed: Option<Box<Partitioning>>,
 }
 
 impl ConsumerSpec {
@@ -125,6 +128,7 @@ impl ConsumerSpec {
             dead_letter: None,
             timeout: None,
             create_stream: None,
+            keyed: None,
         }
     }
 
@@ -136,6 +140,14 @@ impl ConsumerSpec {
         line.push_str(&format!(" kind={}", self.kind));
         if let Some(max) = self.max_deliver {
             line.push_str(&format!(" max_deliver={max}"));
+        }
+        if let Some(keyed) = &self.keyed {
+            line.push_str(&format!(
+                " key={} partitions={} (consumers {})",
+                keyed.key,
+                keyed.partitions,
+                keyed.consumers(&self.consumer)
+            ));
         }
         if let Some(dead_letter) = &self.dead_letter {
             line.push_str(&format!(" dead_letter={dead_letter}"));
@@ -168,6 +180,7 @@ mod tests {
             dead_letter: None,
             timeout: None,
             create_stream: None,
+            keyed: None,
         };
         assert_eq!(spec.backoff_after(1), Some(Duration::from_secs(1)));
         assert_eq!(spec.backoff_after(2), Some(Duration::from_secs(5)));

@@ -23,6 +23,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         &[
             "event",
             "ack_subject",
+            "partitioning",
             "outcome",
             "kind",
             "duration",

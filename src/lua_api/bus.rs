@@ -10,6 +10,7 @@ use mlua::{Lua, Table, UserData, Value};
 use crate::kind::KindTemplate;
 use crate::lua::state::{Phase, VmState};
 use crate::lua_api::{body_of, duration_of, headers_of};
+use crate::partitioning::Partitioning;
 use crate::source_spec::{ConsumerSpec, Queue, SourceSpec, SubscriptionSpec};
 
 /// What a handler returned through `bus.reply`, `bus.nak` or `bus.term`.
@@ -104,6 +105,8 @@ const CONSUME_OPTIONS: &[&str] = &[
     "dead_letter",
     "timeout",
     "create_stream",
+    "key",
+    "partitions",
 ];
 
 fn consume(lua: &Lua, opts: Table) -> mlua::Result<()> {
@@ -132,7 +135,9 @@ fn consume(lua: &Lua, opts: Table) -> mlua::Result<()> {
         max_ack_pending: positive(&opts, "max_ack_pending")?,
         dead_letter: dead_letter(&opts)?,
         timeout: optional_duration(&opts, "timeout", "bus.consume")?,
+        keyed: None,
     };
+    let spec = ConsumerSpec { keyed: keyed(&opts, &spec)?, ..spec };
     let mut sources = state.sources.borrow_mut();
     let duplicate = sources.iter().any(
         |s| matches!(s, SourceSpec::Consume(other) if other.stream == spec.stream && other.consumer == spec.consumer),
@@ -145,6 +150,33 @@ fn consume(lua: &Lua, opts: Table) -> mlua::Result<()> {
     }
     sources.push(SourceSpec::Consume(spec));
     Ok(())
+}
+
+/// `key` and `partitions`: one partition when only `key` is given; the
+/// consumer's own ack-pending limit is what keeps a partition in order, so it
+/// cannot be set.
+fn keyed(opts: &Table, spec: &ConsumerSpec) -> mlua::Result<Option<Box<Partitioning>>> {
+    let key = opts.get::<Option<String>>("key")?;
+    let partitions = opts.get::<Option<i64>>("partitions")?;
+    let Some(key) = key else {
+        return match partitions {
+            Some(_) => Err(mlua::Error::runtime("bus.consume: partitions needs a key, e.g. key = \"{{wildcard(1)}}\"")),
+            None => Ok(None),
+        };
+    };
+    let Some(subject) = &spec.subject else {
+        return Err(mlua::Error::runtime("bus.consume: a keyed consumer needs a subject whose wildcards make the key"));
+    };
+    if spec.max_ack_pending.is_some() {
+        return Err(mlua::Error::runtime(
+            "bus.consume: a keyed consumer handles one message per partition at a time; remove max_ack_pending \
+             (raise partitions for more parallelism)",
+        ));
+    }
+    let partitions = u32::try_from(partitions.unwrap_or(1)).unwrap_or(0);
+    Partitioning::parse(&key, partitions, subject)
+        .map(|keyed| Some(Box::new(keyed)))
+        .map_err(|err| mlua::Error::runtime(format!("bus.consume: {err}")))
 }
 
 /// Refuses an option `bus.consume` does not know (a typo would be ignored).

@@ -76,7 +76,8 @@ impl EventTables {
         // the span's `traceparent` and a JetStream message's ack subject (plain
         // hidden fields) are all the lazy fields need.
         let ack_subject = event.stream.as_ref().and_then(|stream| stream.ack_subject.as_ref());
-        let extra = if event.headers.is_some() || (event.stream.is_some() && ack_subject.is_none()) {
+        let full = event.stream.as_ref().is_some_and(|stream| stream.ack_subject.is_none() || stream.keyed.is_some());
+        let extra = if event.headers.is_some() || full {
             Value::UserData(lua.create_userdata(EventExtra {
                 headers: event.headers.clone(),
                 received: event.received,
@@ -284,6 +285,10 @@ fn meta(lua: &Lua, table: &Table) -> mlua::Result<Table> {
                     meta.raw_set("stream_seq", stream.stream_sequence)?;
                     meta.raw_set("pending", stream.pending)?;
                     meta.raw_set("timestamp", seconds_since_epoch(stream.published))?;
+                    if let Some(keyed) = &stream.keyed {
+                        meta.raw_set("partition", keyed.partition)?;
+                        meta.raw_set("key", keyed.key.as_str())?;
+                    }
                 }
                 None => {
                     meta.raw_set("delivered", 1)?;
@@ -399,6 +404,7 @@ mod tests {
                 pending: at.pending,
                 published: UNIX_EPOCH + std::time::Duration::from_nanos(at.published_unix_nanos),
                 ack_subject: ack_subject.map(Into::into),
+                keyed: None,
             };
             let event = Event::of_stream("k".into(), "orders.new".into(), headers, bytes::Bytes::new(), stream);
             lua.globals().set("ev", tables.build(&lua, &event, None).unwrap()).unwrap();

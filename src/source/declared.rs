@@ -16,6 +16,9 @@ pub async fn build(
     for spec in specs {
         match spec {
             SourceSpec::Subscribe(spec) => sources.push(Arc::new(core::CoreSource::new(spec.clone(), worker_name))),
+            SourceSpec::Consume(spec) if spec.keyed.is_some() => {
+                sources.push(Arc::new(jetstream::KeyedSource::prepare(client, spec.clone()).await?))
+            }
             SourceSpec::Consume(spec) => {
                 sources.push(Arc::new(jetstream::JetStreamSource::prepare(client, spec.clone()).await?))
             }

@@ -67,6 +67,12 @@ pub enum OpenError {
         #[source]
         cause: async_nats::SubscribeError,
     },
+    #[error("cannot join the workers sharing {what}")]
+    Membership {
+        what: String,
+        #[source]
+        cause: async_nats::Error,
+    },
     #[error("cannot confirm subscriptions with NATS")]
     Unconfirmed(#[from] crate::connect::RoundTripError),
     #[error("a Lua VM stopped before its sources were open")]

@@ -36,6 +36,22 @@ pub fn set_endpoints(endpoints: Vec<Endpoint>) {
     *ENDPOINTS.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = endpoints;
 }
 
+static PARTITIONS: RwLock<Vec<(String, String)>> = RwLock::new(Vec::new());
+
+/// Lists the partitions this worker serves for the keyed consumer endpoint
+/// `endpoint`, in its `$SRV.INFO` metadata (`"partitions": "0,3"`).
+pub fn set_partitions(endpoint: &str, partitions: &[u32]) {
+    let list = partitions.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    let mut all = PARTITIONS.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+    all.retain(|(name, _)| name != endpoint);
+    all.push((endpoint.to_string(), list));
+}
+
+fn partitions_of(endpoint: &str) -> HashMap<String, String> {
+    let all = PARTITIONS.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+    all.iter().filter(|(name, _)| name == endpoint).map(|(_, list)| ("partitions".to_string(), list.clone())).collect()
+}
+
 /// The queue group of the source at `index`, for span attributes.
 pub fn group_of(index: u32) -> Option<Arc<str>> {
     let endpoints = ENDPOINTS.read().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -92,7 +108,7 @@ impl Instance {
                     name: e.name.clone(),
                     subject: e.subject.clone(),
                     queue_group: e.queue_group.to_string(),
-                    metadata: HashMap::new(),
+                    metadata: partitions_of(&e.name),
                 })
                 .collect(),
         }

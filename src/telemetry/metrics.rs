@@ -93,6 +93,9 @@ pub struct ConsumerMetrics {
     in_progress_acks: AtomicU64,
     pulls: [AtomicU64; PULL_BOUNDS.len() + 1],
     pulled: AtomicU64,
+    received: AtomicU64,
+    /// Partitions of a keyed consumer this worker serves; -1 for other consumers.
+    partitions_owned: std::sync::atomic::AtomicI64,
 }
 
 impl ConsumerMetrics {
@@ -107,6 +110,16 @@ impl ConsumerMetrics {
 
     pub fn in_progress_ack(&self) {
         self.in_progress_acks.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A message arrived (a keyed consumer's partitions count under their own consumers).
+    pub fn received(&self) {
+        self.received.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many partitions of this keyed consumer this worker serves now.
+    pub fn set_partitions_owned(&self, count: usize) {
+        self.partitions_owned.store(count as i64, Ordering::Relaxed);
     }
 
     /// A pull request for `batch` messages was sent.
@@ -167,6 +180,8 @@ impl Metrics {
             in_progress_acks: AtomicU64::new(0),
             pulls: Default::default(),
             pulled: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            partitions_owned: std::sync::atomic::AtomicI64::new(-1),
         });
         consumers.push(created.clone());
         created
@@ -524,6 +539,24 @@ fn encode_consumers(metrics: &Metrics, encoder: &mut DescriptorEncoder) -> std::
     let series = |read: &dyn Fn(&ConsumerMetrics) -> u64| -> Vec<(Labels<'_>, u64)> {
         consumers.iter().map(|c| (labels(c), read(c))).collect()
     };
+    counters(
+        encoder,
+        "agent_block_jetstream_messages",
+        "JetStream messages received, by consumer (partition p of a keyed consumer C is consumer C-p).",
+        &series(&|c| load(&c.received)),
+    )?;
+    let keyed: Vec<_> = consumers.iter().filter(|c| c.partitions_owned.load(Ordering::Relaxed) >= 0).collect();
+    if !keyed.is_empty() {
+        let mut owned = encoder.encode_descriptor(
+            "agent_block_jetstream_partitions_owned",
+            "Partitions of a keyed consumer this worker serves.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for consumer in keyed {
+            owned.encode_family(&labels(consumer))?.encode_gauge(&consumer.partitions_owned.load(Ordering::Relaxed))?;
+        }
+    }
     counters(
         encoder,
         "agent_block_jetstream_redeliveries",

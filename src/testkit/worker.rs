@@ -180,6 +180,7 @@ impl TestWorker {
                     pending: 0,
                     published: SystemTime::now(),
                     ack_subject: None,
+                    keyed: None,
                 };
                 Event::of_stream(kind, subject, headers, data, meta)
             }

@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{AckPolicy, Config, DeliverPolicy};
+use async_nats::jetstream::consumer::{AckPolicy, Config, DeliverPolicy, PriorityPolicy};
 
 use crate::source_spec::ConsumerSpec;
 
@@ -26,7 +26,7 @@ const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
 /// reads it back as `backoff[0]`) and apply to ack timeouts only. So what the
 /// server reads back is what was sent, and comparisons need no translation.
 pub fn declared(spec: &ConsumerSpec) -> Config {
-    Config {
+    let config = Config {
         durable_name: Some(spec.consumer.clone()),
         filter_subject: spec.subject.clone().unwrap_or_default(),
         deliver_policy: DeliverPolicy::All,
@@ -36,8 +36,24 @@ pub fn declared(spec: &ConsumerSpec) -> Config {
         // 0 leaves it to the server (its default and the stream's limits).
         max_ack_pending: spec.max_ack_pending.unwrap_or(0),
         ..Default::default()
+    };
+    match spec.keyed {
+        // One pinned client per partition consumer (see `keyed`).
+        Some(_) => Config {
+            priority_policy: PriorityPolicy::PinnedClient,
+            priority_groups: vec![PIN_GROUP.to_string()],
+            priority_timeout: PIN_TIMEOUT,
+            ..config
+        },
+        None => config,
     }
 }
+
+/// The priority group a keyed consumer's workers pull in.
+pub const PIN_GROUP: &str = "agent-block";
+/// How long a partition stays pinned to a worker that stopped pulling; its pulls
+/// expire every 2 s, so only a stalled or dead worker loses its pin this way.
+const PIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What decides whether a change is safe on the server in use.
 #[derive(Debug, Clone, Copy)]

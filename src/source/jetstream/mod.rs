@@ -21,6 +21,8 @@ pub mod consumer_config;
 pub mod policy;
 
 mod acks;
+mod keyed;
+mod membership;
 mod pull;
 mod settle;
 mod setup;
@@ -35,6 +37,7 @@ use crate::source::{Forwarding, Link, OpenError, Placement, Source};
 use crate::source_spec::ConsumerSpec;
 use crate::telemetry::metrics;
 
+pub use keyed::KeyedSource;
 pub use setup::SetupError;
 
 /// A consumer made ready on the server.
@@ -49,6 +52,35 @@ pub struct JetStreamSource {
     /// confirms a dead letter; otherwise a flush does.
     dead_letter_stored: bool,
     metrics: Arc<metrics::ConsumerMetrics>,
+    /// The partition this consumer serves, for a keyed consumer's partitions.
+    partition: Option<u32>,
+}
+
+impl JetStreamSource {
+    /// The pull loop of this consumer on `client`, receiving on a new inbox.
+    async fn puller(
+        &self,
+        client: async_nats::Client,
+        pinning: Option<pull::Pinning>,
+    ) -> Result<(pull::Puller, async_nats::Subscriber), OpenError> {
+        let inbox = client.new_inbox();
+        let subscriber = client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|cause| OpenError::Subscribe { what: self.describe(), cause })?;
+        let timing = if pinning.is_some() { pull::PARTITION_PULL_TIMING } else { pull::PULL_TIMING };
+        let puller = pull::Puller {
+            timing,
+            pinning,
+            acks: acks::AckConfirmer::start(client.clone()),
+            next_subject: format!("$JS.API.CONSUMER.MSG.NEXT.{}.{}", self.stream, self.consumer).into(),
+            inbox: inbox.into(),
+            client,
+            requests: VecDeque::new(),
+            outstanding: 0,
+        };
+        Ok((puller, subscriber))
+    }
 }
 
 impl Source for JetStreamSource {
@@ -70,20 +102,7 @@ impl Source for JetStreamSource {
             let Some(client) = link.client.clone() else {
                 return Err(OpenError::NoConnection(self.describe()));
             };
-            let inbox = client.new_inbox();
-            let subscriber = client
-                .subscribe(inbox.clone())
-                .await
-                .map_err(|cause| OpenError::Subscribe { what: self.describe(), cause })?;
-            let acks = acks::AckConfirmer::start(client.clone());
-            let puller = pull::Puller {
-                acks,
-                next_subject: format!("$JS.API.CONSUMER.MSG.NEXT.{}.{}", self.spec.stream, self.spec.consumer).into(),
-                inbox: inbox.into(),
-                client,
-                requests: VecDeque::new(),
-                outstanding: 0,
-            };
+            let (puller, subscriber) = self.puller(client, None).await?;
             Ok(Box::pin(puller.run(self, subscriber, link)) as Forwarding)
         })
     }

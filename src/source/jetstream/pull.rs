@@ -1,12 +1,14 @@
 //! The pull protocol of one VM: it asks only for as many messages as it has
 //! room for, and turns each message into an event whose delivery settles it.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::{self, AckKind};
-use async_nats::{StatusCode, Subject};
+use async_nats::{HeaderMap, StatusCode, Subject};
 use bytes::Bytes;
 use futures::StreamExt;
 use tokio::time::Instant;
@@ -15,21 +17,42 @@ use super::JetStreamSource;
 use super::acks::AckConfirmer;
 use super::settle::JetStreamAck;
 use crate::ack_subject;
-use crate::event::{Event, StreamMeta};
+use crate::event::{Event, KeyedMeta, StreamMeta};
 use crate::outcome::Outcome;
+use crate::partitioning;
 use crate::source::{Link, Source};
 
-/// How long a pull request waits on the server for messages.
-const PULL_EXPIRES: Duration = Duration::from_secs(10);
-/// The server's sign of life while a pull request waits.
-const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
+/// How long a pull request waits on the server for messages, and the server's
+/// sign of life while it waits.
+pub(super) const PULL_TIMING: PullTiming =
+    PullTiming { expires: Duration::from_secs(10), heartbeat: Duration::from_secs(2) };
+/// A partition's pulls are short, so the pin follows its owner within seconds
+/// (see [`super::keyed`]).
+pub(super) const PARTITION_PULL_TIMING: PullTiming =
+    PullTiming { expires: Duration::from_secs(2), heartbeat: Duration::from_secs(1) };
 /// Silence after which the pull requests are taken as lost.
 const HEARTBEAT_MISSED: Duration = Duration::from_secs(5);
 /// How long a stopping source waits for messages already on their way.
 const DRAIN_LIMIT: Duration = Duration::from_secs(1);
 
+#[derive(Debug, Clone, Copy)]
+pub(super) struct PullTiming {
+    expires: Duration,
+    heartbeat: Duration,
+}
+
+/// A pull in a priority group whose server pins one client at a time: the pin
+/// the server gave (sent back with every pull) and whether there is one.
+pub(super) struct Pinning {
+    pub(super) group: &'static str,
+    pub(super) id: Option<String>,
+    pub(super) pinned: Rc<Cell<bool>>,
+}
+
 /// The pull requests of one VM and the messages still owed on them.
 pub(super) struct Puller {
+    pub(super) timing: PullTiming,
+    pub(super) pinning: Option<Pinning>,
     pub(super) acks: AckConfirmer,
     pub(super) next_subject: Subject,
     pub(super) inbox: Subject,
@@ -103,14 +126,20 @@ impl Puller {
     }
 
     async fn pull(&mut self, batch: usize) -> Result<(), async_nats::PublishError> {
-        let request = serde_json::json!({
+        let mut request = serde_json::json!({
             "batch": batch,
-            "expires": PULL_EXPIRES.as_nanos() as u64,
-            "idle_heartbeat": PULL_HEARTBEAT.as_nanos() as u64,
+            "expires": self.timing.expires.as_nanos() as u64,
+            "idle_heartbeat": self.timing.heartbeat.as_nanos() as u64,
         });
+        if let Some(pinning) = &self.pinning {
+            request["group"] = pinning.group.into();
+            if let Some(id) = &pinning.id {
+                request["id"] = id.as_str().into();
+            }
+        }
         let body = Bytes::from(request.to_string());
         self.client.publish_with_reply(self.next_subject.clone(), self.inbox.clone(), body).await?;
-        self.requests.push_back((batch, Instant::now() + PULL_EXPIRES));
+        self.requests.push_back((batch, Instant::now() + self.timing.expires));
         self.outstanding += batch;
         Ok(())
     }
@@ -118,7 +147,7 @@ impl Puller {
     fn forget_expired(&mut self) {
         let now = Instant::now();
         while let Some(&(owed, expires)) = self.requests.front() {
-            if expires + PULL_HEARTBEAT > now {
+            if expires + self.timing.heartbeat > now {
                 break;
             }
             self.requests.pop_front();
@@ -143,6 +172,13 @@ impl Puller {
             if status == StatusCode::IDLE_HEARTBEAT {
                 return None;
             }
+            if status == StatusCode::PIN_ID_MISMATCH
+                && let Some(pinning) = &mut self.pinning
+            {
+                // The pin moved to another client: pull again without it.
+                pinning.id = None;
+                pinning.pinned.set(false);
+            }
             if status == StatusCode::REQUEST_TERMINATED {
                 let reason = message.description.as_deref().unwrap_or("");
                 // nats-server ends a pull with 409 and this description when the
@@ -161,6 +197,13 @@ impl Puller {
                 self.requests.pop_front();
             }
         }
+        if let Some(pinning) = &mut self.pinning
+            && let Some(id) = message.headers.as_ref().and_then(|headers| headers.get_last(PIN_ID))
+            && pinning.id.as_deref() != Some(id.as_str())
+        {
+            pinning.id = Some(id.as_str().to_string());
+            pinning.pinned.set(true);
+        }
         Some(event_of(source, message, js, &self.acks))
     }
 }
@@ -174,7 +217,7 @@ fn event_of(
     let spec = &source.spec;
     // The message came from this consumer, so its names are the source's.
     let (stream, consumer) = (source.stream.clone(), source.consumer.clone());
-    let meta = match message.reply.as_deref().and_then(ack_subject::parse) {
+    let mut meta = match message.reply.as_deref().and_then(ack_subject::parse) {
         Some(at) => StreamMeta {
             stream,
             consumer,
@@ -183,6 +226,7 @@ fn event_of(
             pending: at.pending,
             published: UNIX_EPOCH + Duration::from_nanos(at.published_unix_nanos),
             ack_subject: message.reply.clone(),
+            keyed: None,
         },
         None => StreamMeta {
             stream,
@@ -192,13 +236,23 @@ fn event_of(
             pending: 0,
             published: SystemTime::now(),
             ack_subject: None,
+            keyed: None,
         },
     };
     let delivered = meta.delivered;
     let async_nats::Message { subject, reply, headers, payload, .. } = message;
+    let (subject, headers) = match (source.partition, &spec.keyed) {
+        (Some(partition), Some(keyed)) => {
+            let published = Subject::from(partitioning::published_subject(&subject));
+            meta.keyed = Some(KeyedMeta { partition, key: keyed.key.render_str(&published) });
+            (published, headers.and_then(without_pin_id))
+        }
+        _ => (subject, headers),
+    };
     let kind = spec.kind.render(&subject);
     let mut event = Event::of_stream(kind, subject, headers, payload, meta);
     event.timeout = spec.timeout;
+    source.metrics.received();
     if delivered > 1 {
         source.metrics.redelivered();
     }
@@ -214,4 +268,23 @@ fn event_of(
         metrics: source.metrics.clone(),
     }));
     event
+}
+
+/// The header the server pins a client with; the pull loop's business, not the handler's.
+const PIN_ID: &str = "Nats-Pin-Id";
+
+/// `headers` without the server's pin header; `None` when nothing else is left.
+fn without_pin_id(headers: HeaderMap) -> Option<HeaderMap> {
+    if headers.get(PIN_ID).is_none() {
+        return Some(headers);
+    }
+    let mut kept = HeaderMap::new();
+    for (name, values) in headers.iter() {
+        if AsRef::<str>::as_ref(name) != PIN_ID {
+            for value in values {
+                kept.append(name.clone(), value.clone());
+            }
+        }
+    }
+    (!kept.is_empty()).then_some(kept)
 }

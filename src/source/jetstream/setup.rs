@@ -90,6 +90,7 @@ impl JetStreamSource {
             spec: Arc::new(spec),
             dead_letter_stored,
             metrics,
+            partition: None,
         })
     }
 }
