@@ -426,3 +426,34 @@ fn bad_keyed_declarations_are_script_errors() {
         assert!(stderr.contains(expected), "{options}: {stderr}");
     }
 }
+
+#[tokio::test]
+async fn metrics_count_messages_by_partition_and_the_partitions_served() {
+    let server = server();
+    if !supports_keyed(&server).await {
+        return refused_on_old_server(&server).await;
+    }
+    let client = client(&server).await;
+    let mut marks = client.subscribe("marks").await.unwrap();
+    client.flush().await.unwrap();
+    let scripts = Scripts::new();
+    let script = scripts.write("app.lua", &keyed_app("w1", 0));
+    let url = server.url();
+    let (worker, addr) = with_probes(|addr| {
+        Worker::spawn(&["run", script.to_str().unwrap(), "--nats-url", &url, "--metrics-addr", addr])
+    });
+    worker.expect_ready();
+    let js = jetstream::new(client.clone());
+    publish_keys(&js, 12, 2, None).await;
+    let mut check = OrderCheck::default();
+    follow(&mut marks, &mut check, 12, 2, |_| {}).await;
+    let (status, text) = http_get(&addr, "/metrics").expect("scrape");
+    assert_eq!(status, 200);
+    assert!(text.contains(r#"agent_block_jetstream_partitions_owned{stream="ORD",consumer="ord"} 6"#), "{text}");
+    let by_partition: u64 = text
+        .lines()
+        .filter(|line| line.starts_with(r#"agent_block_jetstream_messages_total{stream="ORD",consumer="ord-"#))
+        .map(|line| line.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(by_partition, 24, "{text}");
+}

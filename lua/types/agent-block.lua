@@ -18,6 +18,8 @@
 ---@field pending integer? messages left in the consumer
 ---@field timestamp number seconds since the epoch (publish time for JetStream, receipt otherwise)
 ---@field trace_id string? from the `traceparent` header
+---@field partition integer? a keyed consumer's partition (from 0)
+---@field key string? a keyed consumer's key
 
 ---The event passed to a handler.
 ---@class agent_block.Event
@@ -61,6 +63,8 @@
 ---@field dead_letter string? subject for messages that failed for good
 ---@field timeout agent_block.Duration? handler deadline for this consumer
 ---@field create_stream agent_block.CreateStream? create the stream when missing
+---@field key string? keyed ordering: a template of the subject's wildcards, e.g. "{{wildcard(1)}}"
+---@field partitions integer? how many partitions the keys are spread over (1 to 1024, default 1)
 
 ---@class agent_block.ReplyOptions
 ---@field headers agent_block.Headers?
