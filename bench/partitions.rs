@@ -125,7 +125,8 @@ async fn fill(js: &jetstream::Context, layout: &Layout, messages: usize) -> Resu
     );
     let mut pending = Vec::with_capacity(1000);
     for n in 0..messages {
-        let ack = js.publish(format!("{prefix}key{}", n % KEYS), body.clone().into()).await.map_err(|e| e.to_string())?;
+        let ack =
+            js.publish(format!("{prefix}key{}", n % KEYS), body.clone().into()).await.map_err(|e| e.to_string())?;
         pending.push(ack);
         if pending.len() == 1000 {
             for ack in pending.drain(..) {
@@ -141,7 +142,13 @@ async fn fill(js: &jetstream::Context, layout: &Layout, messages: usize) -> Resu
 
 /// Starts `count` workers on consumer `name` of `layout`'s stream and waits
 /// until the consumer (every partition's, when keyed) has nothing left.
-async fn drain(js: &jetstream::Context, url: &str, layout: &Layout, name: &str, count: usize) -> Result<Duration, String> {
+async fn drain(
+    js: &jetstream::Context,
+    url: &str,
+    layout: &Layout,
+    name: &str,
+    count: usize,
+) -> Result<Duration, String> {
     let started = Instant::now();
     let mut children: Vec<Child> = Vec::new();
     for _ in 0..count {

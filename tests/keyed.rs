@@ -201,7 +201,7 @@ async fn started_pool(
     (pool, jetstream::new(client), marks)
 }
 
-/// Partitions each worker lists in `$SRV.INFO`, by worker pid-less id.
+/// The partitions each worker lists in `$SRV.INFO`, sorted.
 async fn shares(client: &async_nats::Client) -> Vec<Vec<u32>> {
     let inbox = client.new_inbox();
     let mut replies = client.subscribe(inbox.clone()).await.unwrap();
@@ -209,7 +209,8 @@ async fn shares(client: &async_nats::Client) -> Vec<Vec<u32>> {
     client.flush().await.unwrap();
     let mut shares = Vec::new();
     while let Ok(Some(reply)) = tokio::time::timeout(Duration::from_millis(500), replies.next()).await {
-        let info: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+        // No worker answering yet (after a server restart) is a status, not a reply.
+        let Ok(info) = serde_json::from_slice::<serde_json::Value>(&reply.payload) else { continue };
         let list = info["endpoints"][0]["metadata"]["partitions"].as_str().unwrap_or("").to_string();
         let mut owned: Vec<u32> = list.split(',').filter(|p| !p.is_empty()).map(|p| p.parse().unwrap()).collect();
         owned.sort();
@@ -456,4 +457,36 @@ async fn metrics_count_messages_by_partition_and_the_partitions_served() {
         .map(|line| line.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
         .sum();
     assert_eq!(by_partition, 24, "{text}");
+}
+
+#[tokio::test]
+async fn shares_and_order_come_back_after_a_server_restart() {
+    let mut server = server();
+    if !supports_keyed(&server).await {
+        return refused_on_old_server(&server).await;
+    }
+    let (_pool, js, _) = started_pool(&server, &["w1", "w2"], 0).await;
+    assert_shares_become(&js.client(), &[3, 3], PATIENCE).await;
+    server.restart().expect("restart the server");
+    // The membership bucket lived in memory: the workers create it again and
+    // find each other; the stream and its consumers were on disk.
+    let client = client(&server).await;
+    let mut marks = client.subscribe("marks").await.unwrap();
+    client.flush().await.unwrap();
+    let js = jetstream::new(client.clone());
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Ok(bucket) = js.get_key_value("agent-block-members").await
+            && let Ok(keys) = bucket.keys().await
+            && keys.count().await == 2
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the workers did not announce themselves again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_shares_become(&client, &[3, 3], PATIENCE).await;
+    publish_keys(&js, 12, 5, None).await;
+    let mut check = OrderCheck::default();
+    follow(&mut marks, &mut check, 12, 5, |_| {}).await;
 }

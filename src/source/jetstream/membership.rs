@@ -64,6 +64,7 @@ impl Members {
 
 /// This worker's place among the workers of one keyed consumer.
 pub struct Membership {
+    js: jetstream::Context,
     kv: kv::Store,
     /// `<stream>.<consumer>`, the prefix of every member's key.
     prefix: String,
@@ -77,27 +78,10 @@ impl Membership {
     /// members already there, so its first view is not "alone".
     pub async fn join(client: &async_nats::Client, stream: &str, consumer: &str) -> Result<Self, async_nats::Error> {
         let js = jetstream::new(client.clone());
-        let kv = match js.get_key_value(BUCKET).await {
-            Ok(kv) => kv,
-            Err(_) => {
-                let config = kv::Config {
-                    bucket: BUCKET.to_string(),
-                    description: "agent-block: workers sharing keyed consumers' partitions".to_string(),
-                    history: 1,
-                    max_age: BUCKET_MAX_AGE,
-                    storage: jetstream::stream::StorageType::Memory,
-                    ..Default::default()
-                };
-                match js.create_key_value(config).await {
-                    Ok(kv) => kv,
-                    // Another worker created it first.
-                    Err(created) => js.get_key_value(BUCKET).await.map_err(|_| created)?,
-                }
-            }
-        };
+        let kv = bucket(&js).await?;
         let prefix = format!("{}.{}", key_token(stream), key_token(consumer));
         let me = nuid::next().to_string();
-        let mut membership = Membership { kv, prefix, me, watcher: None, last_seen: HashMap::new() };
+        let mut membership = Membership { js, kv, prefix, me, watcher: None, last_seen: HashMap::new() };
         membership.beat().await?;
         let mut watcher = membership.kv.watch_with_history(format!("{}.*", membership.prefix)).await?;
         let caught_up = Instant::now() + CATCH_UP_LIMIT;
@@ -152,6 +136,11 @@ impl Membership {
             if now >= next_beat {
                 if let Err(err) = self.beat().await {
                     tracing::debug!(error = %err, "cannot renew partition membership");
+                    // A restarted server has lost the bucket (memory storage).
+                    if let Ok(kv) = bucket(&self.js).await {
+                        self.kv = kv;
+                        self.watcher = None;
+                    }
                 }
                 next_beat = now + HEARTBEAT;
             }
@@ -190,6 +179,26 @@ impl Membership {
             }
             _ => {}
         }
+    }
+}
+
+/// The membership bucket, created when missing.
+async fn bucket(js: &jetstream::Context) -> Result<kv::Store, async_nats::Error> {
+    if let Ok(kv) = js.get_key_value(BUCKET).await {
+        return Ok(kv);
+    }
+    let config = kv::Config {
+        bucket: BUCKET.to_string(),
+        description: "agent-block: workers sharing keyed consumers' partitions".to_string(),
+        history: 1,
+        max_age: BUCKET_MAX_AGE,
+        storage: jetstream::stream::StorageType::Memory,
+        ..Default::default()
+    };
+    match js.create_key_value(config).await {
+        Ok(kv) => Ok(kv),
+        // Another worker created it first.
+        Err(created) => js.get_key_value(BUCKET).await.map_err(|_| created.into()),
     }
 }
 
