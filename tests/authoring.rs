@@ -272,3 +272,107 @@ async fn a_kv_conflict_on_a_worker() {
     });
     assert_eq!(json(&reply), expected, "the same as {KV_ANSWER}");
 }
+
+/// An order consumer whose first delivery of a `fail` message raises; `{key}`
+/// is replaced by the keyed options, or by nothing for a plain consumer.
+const ORDERING_APP: &str = r#"
+bus.consume({ stream = "ORD", consumer = "ord", subject = "ord.*", kind = "order", {key}
+              max_deliver = 3, backoff = { "5s" } })
+bus.on("order", function(ev)
+  if ev.payload.fail and ev.meta.delivered == 1 then error("not yet") end
+  return { key = ev.meta.key, partition = ev.meta.partition, consumer = ev.meta.consumer }
+end)
+"#;
+
+/// Prints each delivery of `w:consume_all` as "a1#1 nak" (message, delivery,
+/// outcome); the list is a1 (failing once), a2, b1.
+const ORDERING_TEST_HEAD: &str = r##"local w = test.worker("app.lua")
+local function trace(history)
+  local lines = {}
+  for _, out in ipairs(history) do
+    lines[#lines + 1] = ({ "a1", "a2", "b1" })[out.index] .. "#" .. out.delivered .. " " .. out.outcome
+  end
+  return lines
+end
+local messages = {
+  { "ord.a", { fail = true } },
+  { "ord.a", {} },
+  { "ord.b", {} },
+}
+"##;
+
+/// Runs `agent-block test` on [`ORDERING_APP`] with `key` and a test file of
+/// [`ORDERING_TEST_HEAD`] followed by `tests`; asserts they all pass.
+fn run_ordering_tests(key: &str, tests: &str) {
+    let scripts = Scripts::new();
+    scripts.write("app.lua", &ORDERING_APP.replace("{key}", key));
+    scripts.write("app_test.lua", &format!("{ORDERING_TEST_HEAD}{tests}"));
+    let (code, stdout, stderr) = run_command(&["test", scripts.path().to_str().unwrap()], None);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
+}
+
+/// With a key, the second message of key "a" waits until the first succeeded
+/// on its retry, while key "b" (another partition) goes ahead; the handler sees
+/// the key, the partition nats-server would give and the partition's consumer.
+#[test]
+fn consume_all_holds_a_key_back_behind_its_failing_message() {
+    run_ordering_tests(
+        r#"key = "{{wildcard(1)}}", partitions = 6,"#,
+        r#"test("keyed", function()
+  local started = w:now()
+  local history = w:consume_all(messages)
+  test.eq(trace(history), { "a1#1 nak", "b1#1 ack", "a1#2 ack", "a2#1 ack" })
+  test.eq(w:now() - started, 5)
+  test.eq(history[1].subject, "ord.a")
+  test.eq(history[3].payload, { key = "a", partition = 4, consumer = "ord-4" })
+  test.eq(history[2].payload, { key = "b", partition = 1, consumer = "ord-1" })
+end)
+"#,
+    );
+}
+
+/// Without a key nothing waits: the second message of "a" is handled before
+/// the first one's retry.
+#[test]
+fn consume_all_without_a_key_lets_later_messages_overtake_a_retry() {
+    run_ordering_tests(
+        "",
+        r#"test("unkeyed", function()
+  local history = w:consume_all(messages)
+  test.eq(trace(history), { "a1#1 nak", "a2#1 ack", "b1#1 ack", "a1#2 ack" })
+  test.eq(history[2].payload, { consumer = "ord" })
+end)
+"#,
+    );
+}
+
+/// Keys sharing a partition share its order, as the partition's consumer with
+/// one message in flight does: with one partition, "b" waits behind "a" too.
+#[test]
+fn consume_all_holds_back_the_keys_sharing_a_partition() {
+    run_ordering_tests(
+        r#"key = "{{wildcard(1)}}","#,
+        r#"test("one partition", function()
+  test.eq(trace(w:consume_all(messages)), { "a1#1 nak", "a1#2 ack", "a2#1 ack", "b1#1 ack" })
+end)
+"#,
+    );
+}
+
+/// Every subject must be a consumer's; a message that is not
+/// `{ subject, ... }` is named by its position.
+#[test]
+fn consume_all_refuses_a_subject_no_consumer_reads() {
+    run_ordering_tests(
+        "",
+        r#"test("not consumed", function()
+  test.raises(function() w:consume_all({ { "ord.a", {} }, { "other.x", {} } }) end,
+    'w:consume_all: subject "other.x" is not read by a bus.consume of .*app.lua')
+  test.raises(function() w:consume_all({ { "ord.a", {} }, { subject = "ord.b" } }) end,
+    "w:consume_all: message 2 is not { subject, data, opts%? }")
+  test.eq(#w:consume_all({}), 0)
+end)
+"#,
+    );
+}

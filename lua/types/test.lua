@@ -32,6 +32,15 @@
 ---@field deliveries integer deliveries made by `w:consume`
 ---@field history agent_block.test.Outcome[] every outcome of `w:consume`
 
+---One delivery made by `w:consume_all`: its outcome, and which message it was.
+---@class agent_block.test.Delivery: agent_block.test.Outcome
+---@field subject string
+---@field index integer the message's position in the list given to `w:consume_all`
+---@field delivered integer the message's delivery count (`ev.meta.delivered`)
+
+---A message for `w:consume_all`: `{ subject, data?, opts? }`, as `w:consume` takes them.
+---@alias agent_block.test.QueuedMessage [string, any?, agent_block.test.SendOptions?]
+
 ---A worker under test.
 ---@class agent_block.test.Worker
 local Worker = {}
@@ -49,6 +58,17 @@ function Worker:send(subject, data, opts) end
 ---@param opts agent_block.test.SendOptions?
 ---@return agent_block.test.Outcome
 function Worker:consume(subject, data, opts) end
+
+---Consumes the messages together, as their consumers would, on the virtual clock:
+---each is delivered once in list order, a nak'ed one again after its delay (the
+---clock moves to the earliest redelivery due) until it is acked, terminated,
+---dead-lettered or `max_deliver` is reached. A keyed consumer's message waits
+---until every earlier message of its partition is finished: its key's, and
+---those of the keys sharing the partition, as the partition's one-in-flight
+---consumer does. Every delivery's outcome, in the order they happened.
+---@param messages agent_block.test.QueuedMessage[]
+---@return agent_block.test.Delivery[]
+function Worker:consume_all(messages) end
 
 ---Messages published so far in this test, filtered by a subject pattern.
 ---@param pattern string?

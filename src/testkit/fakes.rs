@@ -79,6 +79,11 @@ impl Clock {
         self.start + self.elapsed_nanos.load(Ordering::SeqCst) as f64 / 1e9
     }
 
+    /// How far the clock has moved since the worker started.
+    pub fn elapsed(&self) -> Duration {
+        Duration::from_nanos(self.elapsed_nanos.load(Ordering::SeqCst))
+    }
+
     pub fn advance(&self, by: Duration) {
         let nanos = u64::try_from(by.as_nanos()).unwrap_or(u64::MAX);
         self.elapsed_nanos.fetch_add(nanos, Ordering::SeqCst);

@@ -4,8 +4,10 @@
 //! to it are settled as in production, then reported back to the test.
 
 pub mod fakes;
+mod partition;
 pub mod report;
 mod runner;
+mod schedule;
 mod worker;
 
 pub use runner::run_file;

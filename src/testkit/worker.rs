@@ -18,22 +18,25 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::bridge::http_exchange::HttpExchange;
-use crate::event::{Event, Settle, StreamMeta};
+use crate::event::{Event, KeyedMeta, Settle, StreamMeta};
 use crate::kind::subject_matches;
 use crate::lua_api::event::headers_table;
 use crate::lua_api::kv::value_of;
 use crate::lua_api::{body_of, duration_of, headers_of, json};
 use crate::outcome::Outcome;
+use crate::partitioning::Partitioning;
 use crate::settings::{DEFAULT_BUS_CAPACITY, DEFAULT_HANDLER_TIMEOUT, DEFAULT_TIME_SLICE, LuaConfig};
 use crate::source::jetstream::policy::{self, Action};
 use crate::source::{ConsumerSpec, Forwarding, Link, OpenError, Placement, Source, SourceSpec};
 use crate::testkit::fakes::{Call, Clock, FakeHttp, FakeTransport, Fakes, Published};
+use crate::testkit::partition::keyed_meta;
+use crate::testkit::schedule::Schedule;
 use crate::worker::{BridgeSpec, PoolSpec, VmPool};
 
 /// Handlers the worker under test may run at once.
 const CONCURRENCY: usize = 16;
-/// `w:consume` gives up on a message still nak'ed after this many deliveries
-/// when its consumer has no `max_deliver`.
+/// `w:consume` and `w:consume_all` give up on a message still nak'ed after this
+/// many deliveries when its consumer has no `max_deliver`.
 const UNLIMITED_DELIVERIES: u64 = 100;
 
 /// A running worker under test.
@@ -172,15 +175,21 @@ impl TestWorker {
         let mut event = match source {
             SourceSpec::Subscribe(_) => Event::new(kind, subject, Some(Subject::from("_INBOX.test")), headers, data),
             SourceSpec::Consume(spec) => {
+                let keyed = keyed_meta_of(spec, &subject);
+                // A keyed message comes from its partition's own durable consumer.
+                let consumer = match &keyed {
+                    Some(keyed) => Partitioning::consumer_name(&spec.consumer, keyed.partition),
+                    None => spec.consumer.clone(),
+                };
                 let meta = StreamMeta {
                     stream: spec.stream.as_str().into(),
-                    consumer: spec.consumer.as_str().into(),
+                    consumer: consumer.into(),
                     delivered: delivery.delivered,
                     stream_sequence: delivery.sequence,
                     pending: 0,
                     published: SystemTime::now(),
                     ack_subject: None,
-                    keyed: None,
+                    keyed,
                 };
                 Event::of_stream(kind, subject, headers, data, meta)
             }
@@ -207,17 +216,94 @@ impl TestWorker {
         self.next_sequence.get()
     }
 
-    fn consumer_of(&self, subject: &str) -> Option<ConsumerSpec> {
+    /// The consumer reading `subject`; `method` names the caller in the error.
+    fn consumer_for(&self, method: &str, subject: &str) -> mlua::Result<ConsumerSpec> {
         match self.source_for(subject) {
-            Ok(SourceSpec::Consume(spec)) => Some(spec.clone()),
-            _ => None,
+            Ok(SourceSpec::Consume(spec)) => Ok(spec.clone()),
+            _ => Err(mlua::Error::runtime(format!(
+                "{method}: subject {subject:?} is not read by a bus.consume of {}",
+                self.script.display()
+            ))),
         }
     }
+
+    /// The `{ subject, data, opts? }` list given to `w:consume_all`, each checked
+    /// against the consumers and given its stream sequence in list order.
+    fn queued(&self, messages: &Table) -> mlua::Result<Vec<Queued>> {
+        let mut queued = Vec::new();
+        for (position, item) in messages.sequence_values::<Value>().enumerate() {
+            let shape_error = || {
+                mlua::Error::runtime(format!(
+                    "w:consume_all: message {} is not {{ subject, data, opts? }}",
+                    position + 1
+                ))
+            };
+            let Value::Table(item) = item? else { return Err(shape_error()) };
+            let Value::String(subject) = item.raw_get::<Value>(1)? else { return Err(shape_error()) };
+            let subject = subject.to_str()?.to_string();
+            let spec = self.consumer_for("w:consume_all", &subject)?;
+            let lane = keyed_meta_of(&spec, &subject)
+                .map(|keyed| (spec.stream.clone(), spec.consumer.clone(), keyed.partition));
+            queued.push(Queued {
+                data: item.raw_get(2)?,
+                opts: item.raw_get(3)?,
+                sequence: self.sequence(),
+                lane,
+                spec,
+                subject,
+            });
+        }
+        Ok(queued)
+    }
+}
+
+/// `ev.meta.key` and `ev.meta.partition` of a keyed consumer's message.
+fn keyed_meta_of(spec: &ConsumerSpec, subject: &str) -> Option<KeyedMeta> {
+    let keyed = spec.keyed.as_deref()?;
+    Some(keyed_meta(keyed, spec.subject.as_deref().unwrap_or_default(), subject))
 }
 
 struct Delivery {
     delivered: u64,
     sequence: u64,
+}
+
+/// One message of `w:consume_all`.
+struct Queued {
+    subject: String,
+    data: Value,
+    opts: Option<Table>,
+    spec: ConsumerSpec,
+    sequence: u64,
+    /// A keyed consumer's stream, consumer and partition: the partition's durable
+    /// consumer has one message in flight, so its messages go one at a time.
+    lane: Option<(String, String, u32)>,
+}
+
+/// What the consumer does with a message after one of its deliveries.
+enum Next {
+    /// Delivered again after the nak delay.
+    Again(Duration),
+    /// Acked, terminated, dead-lettered, or nak'ed at `max_deliver`.
+    Finished,
+    /// Still nak'ed after [`UNLIMITED_DELIVERIES`] without a `max_deliver`.
+    GaveUp,
+}
+
+fn next_after(spec: &ConsumerSpec, delivered: u64, settled: &Settled) -> Next {
+    let Some(JetStreamAction::Nak(delay)) = &settled.jetstream else { return Next::Finished };
+    let limit = spec.max_deliver.and_then(|m| u64::try_from(m).ok()).unwrap_or(UNLIMITED_DELIVERIES);
+    if delivered < limit {
+        Next::Again(delay.unwrap_or_default())
+    } else if spec.max_deliver.is_none() {
+        Next::GaveUp
+    } else {
+        Next::Finished
+    }
+}
+
+fn gave_up(method: &str) -> mlua::Error {
+    mlua::Error::runtime(format!("{method}: still nak'ed after {UNLIMITED_DELIVERIES} deliveries"))
 }
 
 /// The handle test files hold.
@@ -246,41 +332,59 @@ impl UserData for WorkerHandle {
             "consume",
             |lua, this, (subject, data, opts): (String, Value, Option<Table>)| async move {
                 let worker = this.0.clone();
-                let Some(spec) = worker.consumer_of(&subject) else {
-                    return Err(mlua::Error::runtime(format!(
-                        "w:consume: subject {subject:?} is not read by a bus.consume of {}",
-                        worker.script.display()
-                    )));
-                };
-                let limit = spec.max_deliver.and_then(|m| u64::try_from(m).ok()).unwrap_or(UNLIMITED_DELIVERIES);
+                let spec = worker.consumer_for("w:consume", &subject)?;
                 let sequence = worker.sequence();
                 let history = lua.create_table()?;
-                for delivered in 1..=limit {
+                let mut delivered = 0;
+                loop {
+                    delivered += 1;
                     let delivery = Delivery { delivered, sequence };
                     let settled = worker.deliver(&lua, &subject, &data, opts.as_ref(), delivery).await?;
-                    let delay = match &settled.jetstream {
-                        Some(JetStreamAction::Nak(delay)) => Some(delay.unwrap_or_default()),
-                        _ => None,
-                    };
+                    let next = next_after(&spec, delivered, &settled);
                     let table = outcome_table(&lua, settled)?;
                     history.push(table.clone())?;
-                    match delay {
-                        Some(delay) if delivered < limit => worker.fakes.clock.advance(delay),
-                        Some(_) if spec.max_deliver.is_none() => {
-                            return Err(mlua::Error::runtime(format!(
-                                "w:consume: still nak'ed after {UNLIMITED_DELIVERIES} deliveries"
-                            )));
-                        }
-                        _ => {
+                    match next {
+                        Next::Again(delay) => worker.fakes.clock.advance(delay),
+                        Next::GaveUp => return Err(gave_up("w:consume")),
+                        Next::Finished => {
                             table.set("deliveries", delivered)?;
                             table.set("history", history)?;
                             return Ok(table);
                         }
                     }
                 }
-                unreachable!("the loop returns at its last delivery")
             },
         );
+        // w:consume_all({ { subject, data?, opts? }, ... }): the messages consumed
+        // together on the virtual clock (see `Schedule`); every delivery's outcome,
+        // in the order they happened, with `subject`, `index` and `delivered`.
+        methods.add_async_method("consume_all", |lua, this, messages: Table| async move {
+            let worker = this.0.clone();
+            let messages = worker.queued(&messages)?;
+            let clock = &worker.fakes.clock;
+            let mut schedule = Schedule::new(messages.iter().map(|m| m.lane.clone()).collect(), clock.elapsed());
+            let history = lua.create_table()?;
+            while let Some((index, due)) = schedule.next() {
+                clock.advance(due.saturating_sub(clock.elapsed()));
+                let message = &messages[index];
+                let delivered = schedule.deliver(index);
+                let delivery = Delivery { delivered, sequence: message.sequence };
+                let settled =
+                    worker.deliver(&lua, &message.subject, &message.data, message.opts.as_ref(), delivery).await?;
+                let next = next_after(&message.spec, delivered, &settled);
+                let table = outcome_table(&lua, settled)?;
+                table.set("subject", message.subject.as_str())?;
+                table.set("index", index + 1)?;
+                table.set("delivered", delivered)?;
+                history.push(table)?;
+                match next {
+                    Next::Again(delay) => schedule.redeliver_at(index, clock.elapsed() + delay),
+                    Next::Finished => schedule.finish(index),
+                    Next::GaveUp => return Err(gave_up(&format!("w:consume_all: message {}", index + 1))),
+                }
+            }
+            Ok(history)
+        });
         // w:published(pattern?) -> { {subject, data, payload, headers}, ... }
         methods.add_method("published", |lua, this, pattern: Option<String>| {
             let list = lua.create_table()?;
