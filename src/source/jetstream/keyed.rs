@@ -1,5 +1,5 @@
 //! Keyed consumers: messages of one key one at a time and in stream order
-//! across the whole pool, different keys in parallel.
+//! across the whole pool, different partitions in parallel.
 //!
 //! The stream stores each message under its partition (a subject transform
 //! with the server's `partition()`, see [`crate::partitioning`]); each
