@@ -24,6 +24,9 @@ use tokio::sync::mpsc;
 use crate::event::Event;
 pub use crate::telemetry::overload::IntakeStats;
 
+/// How often a source feeding the shared intake looks again for room.
+const SHARED_ROOM_RECHECK: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Where a source puts its events.
 #[derive(Clone)]
 pub enum Sink {
@@ -60,12 +63,13 @@ impl Sink {
         }
     }
 
-    /// Resolves when a handler slot frees up (at once for the shared intake,
-    /// which has no slots of its own to watch).
+    /// Resolves when a handler slot frees up. The shared intake has no slots of
+    /// its own to watch, so a source pulling for it looks again after
+    /// [`SHARED_ROOM_RECHECK`] (resolving at once would make the pull loop spin).
     pub async fn room_changed(&self) {
         match self {
             Sink::Local(intake) => intake.slots.changed().await,
-            Sink::Shared(_) => tokio::task::yield_now().await,
+            Sink::Shared(_) => tokio::time::sleep(SHARED_ROOM_RECHECK).await,
         }
     }
 

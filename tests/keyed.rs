@@ -490,3 +490,31 @@ async fn shares_and_order_come_back_after_a_server_restart() {
     let mut check = OrderCheck::default();
     follow(&mut marks, &mut check, 12, 5, |_| {}).await;
 }
+
+/// User + system CPU time of process `pid`, from `/proc`.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc stat");
+    let fields: Vec<&str> = stat.rsplit_once(')').expect("a stat line").1.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}
+
+#[tokio::test]
+async fn an_idle_keyed_worker_does_not_spin() {
+    let server = server();
+    if !supports_keyed(&server).await {
+        return refused_on_old_server(&server).await;
+    }
+    let (pool, js, mut marks) = started_pool(&server, &["w1"], 0).await;
+    // Open pulls on every partition, then nothing to do.
+    publish_keys(&js, 12, 1, None).await;
+    let mut check = OrderCheck::default();
+    follow(&mut marks, &mut check, 12, 1, |_| {}).await;
+    let pid = pool.workers["w1"].pid();
+    let before = cpu_time(pid);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // A pull loop that spins burns the whole 2 s of a core; at rest a worker
+    // uses a few milliseconds. 0.5 s leaves room for a loaded machine.
+    let used = cpu_time(pid) - before;
+    assert!(used < Duration::from_millis(500), "an idle worker used {used:?} of CPU in 2 s");
+}
