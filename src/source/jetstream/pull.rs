@@ -103,7 +103,9 @@ impl Puller {
                         }
                     }
                 }
-                _ = link.sink.room_changed(), if want == 0 || self.outstanding > 0 => {}
+                // A partition's consumer hands out one message at a time: with a
+                // pull open there is nothing to gain from more room.
+                _ = link.sink.room_changed(), if want == 0 || (self.outstanding > 0 && self.pinning.is_none()) => {}
                 _ = tokio::time::sleep_until(silence_limit), if self.outstanding > 0 => {
                     tracing::debug!(source = %source.describe(), "pull requests unanswered; pulling afresh");
                     self.requests.clear();
