@@ -2,7 +2,6 @@
 //! sources, the script's serve phase, and where messages go.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -22,9 +21,11 @@ pub enum Phase {
     Serving,
 }
 
+/// Handlers by kind. Looked up once per event, so hashed with foldhash (seeded
+/// per process, several times cheaper than the standard SipHash on short keys).
 #[derive(Default)]
 pub struct Handlers {
-    by_kind: HashMap<String, Function>,
+    by_kind: foldhash::HashMap<String, Function>,
     any: Option<Function>,
 }
 

@@ -7,7 +7,7 @@
 //! read or counted where it happens and encoded at scrape time.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -227,7 +227,8 @@ pub struct EndpointTotals {
 /// Records events on one VM thread; lives on that VM.
 pub struct VmRecorder {
     shared: Arc<VmMetrics>,
-    kinds: RefCell<HashMap<Box<str>, Arc<KindStats>>>,
+    /// Looked up once per event: foldhash, as for the handlers.
+    kinds: RefCell<foldhash::HashMap<Box<str>, Arc<KindStats>>>,
     endpoints: RefCell<Vec<Arc<EndpointStats>>>,
 }
 
