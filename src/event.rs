@@ -165,7 +165,7 @@ impl Event {
     /// A panic while settling (a bug) is confined to this event: it is logged
     /// once and the event is settled again as an internal error (500), so a
     /// requester is answered and a JetStream message is nak'ed.
-    pub async fn settle(mut self, outcome: Outcome) {
+    pub async fn settle(mut self: Box<Self>, outcome: Outcome) {
         let Some(mut delivery) = self.delivery.take() else { return };
         let Err(panic) = panics::catch(delivery.settle(&self, outcome)).await else { return };
         tracing::error!(
@@ -303,7 +303,7 @@ mod tests {
         let settled = Arc::new(std::sync::Mutex::new(Vec::new()));
         let mut event = Event::new("k".into(), "s".into(), None, None, Bytes::new());
         event.delivery = Some(Box::new(PanicsOnce(settled.clone())));
-        event.settle(Outcome::empty_ack()).await;
+        Box::new(event).settle(Outcome::empty_ack()).await;
         let settled = settled.lock().unwrap();
         assert_eq!(settled.len(), 2);
         assert!(matches!(&settled[1], Outcome::Error(failure) if failure.code == 500), "{:?}", settled[1]);

@@ -39,7 +39,7 @@ pub enum Sink {
 impl Sink {
     /// Takes `event` if a slot or queue place is free; gives it back otherwise
     /// (full, or closed by shutdown).
-    pub fn offer(&self, event: Event) -> Result<(), Event> {
+    pub fn offer(&self, event: Box<Event>) -> Result<(), Box<Event>> {
         match self {
             Sink::Local(intake) => intake.offer(event),
             Sink::Shared(shared) => shared.offer(event),
@@ -47,7 +47,7 @@ impl Sink {
     }
 
     /// Waits for room and takes `event`; gives it back only when closed.
-    pub async fn deliver(&self, event: Event) -> Result<(), Event> {
+    pub async fn deliver(&self, event: Box<Event>) -> Result<(), Box<Event>> {
         match self {
             Sink::Local(intake) => intake.deliver(event).await,
             Sink::Shared(shared) => shared.deliver(event).await,
@@ -82,18 +82,18 @@ impl Sink {
 }
 
 /// Starts a handler for an event in a slot; the VM provides it.
-pub type Starter = Box<dyn Fn(Event, Slot)>;
+pub type Starter = Box<dyn Fn(Box<Event>, Slot)>;
 
 /// One VM's intake, used on that VM's thread only.
 pub struct Intake {
-    queue: mpsc::Sender<Event>,
+    queue: mpsc::Sender<Box<Event>>,
     slots: Rc<Slots>,
     start: Starter,
     stats: Arc<IntakeStats>,
 }
 
 impl Intake {
-    pub fn new(queue: mpsc::Sender<Event>, slots: Rc<Slots>, start: Starter, stats: Arc<IntakeStats>) -> Self {
+    pub fn new(queue: mpsc::Sender<Box<Event>>, slots: Rc<Slots>, start: Starter, stats: Arc<IntakeStats>) -> Self {
         Intake { queue, slots, start, stats }
     }
 
@@ -103,7 +103,7 @@ impl Intake {
 
     /// Starts the handler at once when a slot is free and nothing waits before it;
     /// else queues the event.
-    fn offer(&self, event: Event) -> Result<(), Event> {
+    fn offer(&self, event: Box<Event>) -> Result<(), Box<Event>> {
         if self.queue_is_empty()
             && let Some(slot) = self.slots.try_acquire()
         {
@@ -113,7 +113,7 @@ impl Intake {
         self.queue.try_send(event).map_err(|err| err.into_inner())
     }
 
-    async fn deliver(&self, event: Event) -> Result<(), Event> {
+    async fn deliver(&self, event: Box<Event>) -> Result<(), Box<Event>> {
         match self.offer(event) {
             Ok(()) => Ok(()),
             Err(event) => self.queue.send(event).await.map_err(|err| err.0),
@@ -129,20 +129,20 @@ impl Intake {
 /// The intake of every VM of the process, for sources that run once per process.
 #[derive(Clone)]
 pub struct SharedIntake {
-    lanes: Arc<[mpsc::Sender<Event>]>,
+    lanes: Arc<[mpsc::Sender<Box<Event>>]>,
     next: Arc<AtomicUsize>,
     stats: Arc<IntakeStats>,
 }
 
 impl SharedIntake {
-    pub fn new(lanes: Vec<mpsc::Sender<Event>>, stats: Arc<IntakeStats>) -> Self {
+    pub fn new(lanes: Vec<mpsc::Sender<Box<Event>>>, stats: Arc<IntakeStats>) -> Self {
         assert!(!lanes.is_empty(), "an intake needs at least one VM");
         SharedIntake { lanes: lanes.into(), next: Arc::new(AtomicUsize::new(0)), stats }
     }
 
     /// The lane with the most room, starting the search at a rotating VM so ties
     /// spread evenly.
-    fn roomiest(&self) -> &mpsc::Sender<Event> {
+    fn roomiest(&self) -> &mpsc::Sender<Box<Event>> {
         let start = self.next.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
         let mut best = start;
         let mut room = 0;
@@ -157,11 +157,11 @@ impl SharedIntake {
         &self.lanes[best]
     }
 
-    fn offer(&self, event: Event) -> Result<(), Event> {
+    fn offer(&self, event: Box<Event>) -> Result<(), Box<Event>> {
         self.roomiest().try_send(event).map_err(|err| err.into_inner())
     }
 
-    async fn deliver(&self, event: Event) -> Result<(), Event> {
+    async fn deliver(&self, event: Box<Event>) -> Result<(), Box<Event>> {
         let lane = self.roomiest();
         match lane.try_send(event) {
             Ok(()) => Ok(()),
@@ -297,8 +297,8 @@ impl Drop for Slot {
 mod tests {
     use super::*;
 
-    fn event(n: usize) -> Event {
-        Event::new(n.to_string().into(), "s".into(), None, None, Default::default())
+    fn event(n: usize) -> Box<Event> {
+        Box::new(Event::new(n.to_string().into(), "s".into(), None, None, Default::default()))
     }
 
     #[tokio::test]
@@ -326,7 +326,7 @@ mod tests {
         let held = Rc::new(RefCell::new(Vec::new()));
         let start: Starter = {
             let (started, held) = (started.clone(), held.clone());
-            Box::new(move |event: Event, slot| {
+            Box::new(move |event: Box<Event>, slot| {
                 started.borrow_mut().push(event.kind.to_string());
                 held.borrow_mut().push(slot);
             })

@@ -14,7 +14,7 @@ use crate::outcome::Outcome;
 pub const SERVICE_ERROR: &str = "Nats-Service-Error";
 pub const SERVICE_ERROR_CODE: &str = "Nats-Service-Error-Code";
 
-pub async fn settle(event: Event, outcome: Outcome) {
+pub async fn settle(event: Box<Event>, outcome: Outcome) {
     log_outcome(&event, &outcome);
     event.settle(outcome).await;
 }

@@ -87,14 +87,14 @@ async fn forward(
         if let Some(reply) = &event.reply {
             event.delivery = Some(Box::new(CoreReply { reply: reply.clone(), client: client.clone() }));
         }
-        if let Err(event) = link.sink.offer(event) {
+        if let Err(event) = link.sink.offer(Box::new(event)) {
             refuse(&link.sink, event, draining).await;
         }
     }
 }
 
 /// Answers a request the intake cannot take with 503, or counts the dropped message.
-async fn refuse(sink: &Sink, event: Event, draining: bool) {
+async fn refuse(sink: &Sink, event: Box<Event>, draining: bool) {
     let stats = sink.stats();
     let had_reply = event.reply.is_some();
     if stats.refused(had_reply) {

@@ -114,7 +114,7 @@ impl ReplaySource {
             }
             match self.event(number, text.trim()) {
                 Ok((event, finished)) => {
-                    if link.sink.deliver(event).await.is_err() {
+                    if link.sink.deliver(Box::new(event)).await.is_err() {
                         break;
                     }
                     let _ = finished.await;

@@ -76,7 +76,7 @@ struct VmMetrics {
     finished: Tally,
     kinds: Mutex<Vec<(Box<str>, Arc<KindStats>)>>,
     endpoints: Mutex<Vec<Arc<EndpointStats>>>,
-    queue: Mutex<Option<WeakSender<Event>>>,
+    queue: Mutex<Option<WeakSender<Box<Event>>>>,
     /// Per-bucket (not cumulative) counts of [`WAIT_BOUNDS`]; the last is `+Inf`.
     wait_buckets: [Tally; WAIT_BOUNDS.len() + 1],
     wait_nanos: Tally,
@@ -235,7 +235,7 @@ pub struct VmRecorder {
 impl VmRecorder {
     /// Registers a VM whose queue is `queue` (held weakly, so it still closes at
     /// shutdown).
-    pub fn new(queue: WeakSender<Event>) -> Self {
+    pub fn new(queue: WeakSender<Box<Event>>) -> Self {
         let shared = Arc::new(VmMetrics { queue: Mutex::new(Some(queue)), ..Default::default() });
         lock(&global().vms).push(shared.clone());
         VmRecorder { shared, kinds: Default::default(), endpoints: Default::default() }

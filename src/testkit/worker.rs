@@ -495,7 +495,7 @@ impl Source for TestSource {
                         event = receiver.recv() => event,
                     };
                     let Some(event) = event else { break };
-                    if link.sink.deliver(event).await.is_err() {
+                    if link.sink.deliver(Box::new(event)).await.is_err() {
                         break;
                     }
                 }

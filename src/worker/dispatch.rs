@@ -30,7 +30,7 @@ use crate::worker::Vm;
 /// is freed once the handler is done, before the settling (a confirmed
 /// JetStream ack takes a round trip), so the VM takes new work meanwhile; a
 /// separate budget bounds the settlements in flight.
-pub async fn process(vm: &Rc<Vm>, event: Event, slot: Slot) {
+pub async fn process(vm: &Rc<Vm>, event: Box<Event>, slot: Slot) {
     let mut span = trace::start(&event, || consumer_group(&event));
     let context = Rc::new(task_context(vm, &event, span.as_ref()));
     vm.scheduler.attach(&context);

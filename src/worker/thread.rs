@@ -40,7 +40,7 @@ pub(super) struct Setup {
     pub spec: PoolSpec,
     pub cancel: CancellationToken,
     /// This VM's own queue, for the sources it runs itself.
-    pub lane: mpsc::Sender<Event>,
+    pub lane: mpsc::Sender<Box<Event>>,
     pub stats: Arc<IntakeStats>,
     pub plan: oneshot::Receiver<SourcePlan>,
 }
@@ -67,7 +67,7 @@ pub struct Vm {
 
 pub(super) fn run(
     setup: Setup,
-    events: mpsc::Receiver<Event>,
+    events: mpsc::Receiver<Box<Event>>,
     init: oneshot::Sender<Result<InitReport, StartError>>,
     done: oneshot::Sender<()>,
 ) {
@@ -83,7 +83,11 @@ pub(super) fn run(
 }
 
 /// The VM's life: start (connection, bridges, script, top level), serve, clean up.
-async fn lifecycle(setup: Setup, events: mpsc::Receiver<Event>, init: oneshot::Sender<Result<InitReport, StartError>>) {
+async fn lifecycle(
+    setup: Setup,
+    events: mpsc::Receiver<Box<Event>>,
+    init: oneshot::Sender<Result<InitReport, StartError>>,
+) {
     let Setup { worker_id, mut spec, cancel, lane, stats, plan } = setup;
     let started = match start(worker_id, &mut spec, cancel, &lane).await {
         Ok(started) => started,
@@ -137,7 +141,7 @@ async fn start(
     worker_id: usize,
     spec: &mut PoolSpec,
     cancel: CancellationToken,
-    lane: &mpsc::Sender<Event>,
+    lane: &mpsc::Sender<Box<Event>>,
 ) -> Result<Started, StartError> {
     let client = match &spec.connection {
         Some(connection) => {
@@ -325,7 +329,7 @@ impl Vm {
     /// Runs handlers for the queued events until the queue closes (then waits
     /// for the ones in flight) or shutdown cancels (then answers what is left as
     /// cancelled).
-    async fn serve_queue(self: &Rc<Self>, mut events: mpsc::Receiver<Event>) {
+    async fn serve_queue(self: &Rc<Self>, mut events: mpsc::Receiver<Box<Event>>) {
         'receive: loop {
             // A slot first, then an event: no event leaves the queue to wait for a
             // slot, so the queue alone holds what waits (at most `--bus-capacity`).
@@ -350,18 +354,16 @@ impl Vm {
             }
         }
         events.close();
-        let mut rest = Vec::new();
         while let Ok(event) = events.try_recv() {
-            rest.push(event);
+            settle::settle(event, Outcome::Error(Failure::cancelled())).await;
         }
-        answer_cancelled(rest).await;
         self.slots.all_free(self.concurrency).await;
         self.settling.all_free(self.concurrency).await;
     }
 
     /// Runs the handler for `event` in its own task, holding `slot` until the
     /// handler ends. The task joins the line (see [`crate::worker::scheduler`]).
-    fn start(self: &Rc<Self>, event: Event, slot: Slot) {
+    fn start(self: &Rc<Self>, event: Box<Event>, slot: Slot) {
         let vm = self.clone();
         // Without tokio's cooperative budget: the scheduler decides when the
         // runtime gets the thread, and one budget would be shared by all handlers.
@@ -372,12 +374,6 @@ impl Vm {
     fn starter(self: &Rc<Self>) -> crate::intake::Starter {
         let vm = self.clone();
         Box::new(move |event, slot| vm.start(event, slot))
-    }
-}
-
-async fn answer_cancelled(events: Vec<Event>) {
-    for event in events {
-        settle::settle(event, Outcome::Error(Failure::cancelled())).await;
     }
 }
 

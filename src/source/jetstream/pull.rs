@@ -98,7 +98,7 @@ impl Puller {
                     last_heard = Instant::now();
                     if let Some(mut event) = self.receive(&source, &js, message) {
                         event.source_index = Some(link.index);
-                        if let Err(event) = link.sink.deliver(event).await {
+                        if let Err(event) = link.sink.deliver(Box::new(event)).await {
                             event.settle(Outcome::Error(crate::outcome::Failure::cancelled())).await;
                         }
                     }
