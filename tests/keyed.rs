@@ -518,3 +518,27 @@ async fn an_idle_keyed_worker_does_not_spin() {
     let used = cpu_time(pid) - before;
     assert!(used < Duration::from_millis(500), "an idle worker used {used:?} of CPU in 2 s");
 }
+
+#[tokio::test]
+async fn a_message_failing_for_good_is_given_up_at_max_deliver_and_its_key_moves_on() {
+    let server = server();
+    if !supports_keyed(&server).await {
+        return refused_on_old_server(&server).await;
+    }
+    let (_pool, js, mut marks) = started_pool(&server, &["w1"], 0).await;
+    // key0's first message fails every delivery (max_deliver = 10, backoff 50 ms).
+    publish_keys(&js, 1, 5, Some((0, 0, 99))).await;
+    let mut starts = Vec::new();
+    let deadline = Instant::now() + PATIENCE;
+    while starts.len() < 14 {
+        let message = tokio::time::timeout(deadline - Instant::now(), marks.next()).await.expect("marks").unwrap();
+        let mark: Mark = serde_json::from_slice(&message.payload).unwrap();
+        if mark.e == "start" {
+            starts.push(mark.n);
+        } else {
+            assert_ne!(mark.n, 0, "the failing message finished");
+        }
+    }
+    // Ten deliveries of message 0, then the rest of its key, in order.
+    assert_eq!(starts, [vec![0; 10], vec![1, 2, 3, 4]].concat());
+}
