@@ -35,6 +35,8 @@ const HEARTBEAT_MISSED: Duration = Duration::from_secs(5);
 /// How long a stopping source waits for messages already on their way.
 const DRAIN_LIMIT: Duration = Duration::from_secs(1);
 
+/// How long a pull request waits on the server, and how often the server
+/// shows it is alive meanwhile.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct PullTiming {
     expires: Duration,
