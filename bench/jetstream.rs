@@ -21,7 +21,10 @@ use std::time::{Duration, Instant};
 
 #[path = "proc_stat.rs"]
 mod proc_stat;
+#[path = "support/worker_env.rs"]
+mod worker_env;
 use proc_stat::cpu_time;
+use worker_env::{publish_all, without_caller_settings};
 
 use agent_block::nats_server::NatsServer;
 use async_nats::jetstream::{self, consumer::pull};
@@ -132,20 +135,7 @@ async fn fill(js: &jetstream::Context, messages: usize) -> Result<(), String> {
         "x".repeat(32),
         "y".repeat(50)
     );
-    let mut pending = Vec::with_capacity(1000);
-    for _ in 0..messages {
-        let ack = js.publish(SUBJECT, body.clone().into()).await.map_err(|e| e.to_string())?;
-        pending.push(ack);
-        if pending.len() == 1000 {
-            for ack in pending.drain(..) {
-                ack.await.map_err(|e| e.to_string())?;
-            }
-        }
-    }
-    for ack in pending {
-        ack.await.map_err(|e| e.to_string())?;
-    }
-    Ok(())
+    publish_all(js, messages, |_| SUBJECT.to_string(), &body).await
 }
 
 async fn drain_plain(js: &jetstream::Context, name: &str, messages: usize) -> Result<Duration, String> {
@@ -179,12 +169,7 @@ async fn drain_agent(js: &jetstream::Context, url: &str, name: &str, server_pid:
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    for (variable, _) in std::env::vars_os() {
-        let variable = variable.to_string_lossy();
-        if variable.starts_with("AGENT_BLOCK_") || matches!(&*variable, "RUST_LOG" | "NATS_URL") {
-            command.env_remove(&*variable);
-        }
-    }
+    without_caller_settings(&mut command);
     let started = Instant::now();
     let mut child = command.spawn().map_err(|e| format!("cannot start agent-block: {e}"))?;
     let server_before = cpu_time(server_pid)?;

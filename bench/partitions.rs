@@ -17,7 +17,10 @@ use std::time::{Duration, Instant};
 
 #[path = "proc_stat.rs"]
 mod proc_stat;
+#[path = "support/worker_env.rs"]
+mod worker_env;
 use proc_stat::cpu_time;
+use worker_env::{publish_all, without_caller_settings};
 
 use agent_block::kind::KindTemplate;
 use agent_block::nats_server::NatsServer;
@@ -143,21 +146,7 @@ async fn fill(js: &jetstream::Context, layout: &Layout, messages: usize) -> Resu
         "x".repeat(32),
         "y".repeat(46)
     );
-    let mut pending = Vec::with_capacity(1000);
-    for n in 0..messages {
-        let ack =
-            js.publish(format!("{prefix}key{}", n % KEYS), body.clone().into()).await.map_err(|e| e.to_string())?;
-        pending.push(ack);
-        if pending.len() == 1000 {
-            for ack in pending.drain(..) {
-                ack.await.map_err(|e| e.to_string())?;
-            }
-        }
-    }
-    for ack in pending {
-        ack.await.map_err(|e| e.to_string())?;
-    }
-    Ok(())
+    publish_all(js, messages, |n| format!("{prefix}key{}", n % KEYS), &body).await
 }
 
 /// Starts `count` workers on consumer `name` of `layout`'s stream, created
@@ -231,35 +220,13 @@ async fn drain(
 /// The consumers the workers declare, built as the worker builds them.
 fn declared_consumers(layout: &Layout, name: &str) -> Result<Vec<consumer::Config>, String> {
     let subject = layout.subject();
-    let spec = ConsumerSpec {
-        stream: layout.stream(),
-        consumer: name.to_string(),
-        subject: Some(subject.clone()),
-        kind: KindTemplate::parse("job", &subject)?,
-        ack_wait: None,
-        max_deliver: None,
-        backoff: vec![],
-        max_ack_pending: None,
-        dead_letter: None,
-        timeout: None,
-        create_stream: None,
-        keyed: None,
-    };
+    let spec = ConsumerSpec::new(&layout.stream(), name, Some(subject.clone()), KindTemplate::parse("job", &subject)?);
     if layout.partitions == 0 {
         return Ok(vec![consumer_config::declared(&spec)]);
     }
     let keyed = Partitioning::parse("{{wildcard(1)}}", layout.partitions, &subject)?;
-    Ok((0..layout.partitions)
-        .map(|partition| {
-            consumer_config::declared(&ConsumerSpec {
-                consumer: Partitioning::consumer_name(name, partition),
-                subject: Some(keyed.filter_subject(partition)),
-                max_ack_pending: Some(1),
-                keyed: Some(Box::new(keyed.clone())),
-                ..spec.clone()
-            })
-        })
-        .collect())
+    let spec = ConsumerSpec { keyed: Some(Box::new(keyed.clone())), ..spec };
+    Ok((0..layout.partitions).map(|partition| consumer_config::declared(&spec.partition(&keyed, partition))).collect())
 }
 
 /// Waits until `count` workers answer `$SRV.INFO` and, when keyed, every
@@ -305,11 +272,6 @@ fn spawn_worker(url: &str, layout: &Layout, name: &str) -> Result<Child, String>
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    for (variable, _) in std::env::vars_os() {
-        let variable = variable.to_string_lossy();
-        if variable.starts_with("AGENT_BLOCK_") || matches!(&*variable, "RUST_LOG" | "NATS_URL") {
-            command.env_remove(&*variable);
-        }
-    }
+    without_caller_settings(&mut command);
     command.spawn().map_err(|e| format!("cannot start agent-block: {e}"))
 }

@@ -113,14 +113,14 @@ pub struct ConsumerSpec {
 }
 
 impl ConsumerSpec {
-    /// A consumer of every subject of `stream`, kind `x`, nothing else set.
-    #[cfg(test)]
-    pub fn for_tests(stream: &str, consumer: &str) -> Self {
+    /// A consumer of `subject` (every subject of `stream` when `None`) with
+    /// every option left to its default.
+    pub fn new(stream: &str, consumer: &str, subject: Option<String>, kind: KindTemplate) -> Self {
         ConsumerSpec {
             stream: stream.into(),
             consumer: consumer.into(),
-            subject: None,
-            kind: KindTemplate::parse("x", ">").expect("a valid template"),
+            subject,
+            kind,
             ack_wait: None,
             max_deliver: None,
             backoff: vec![],
@@ -129,6 +129,24 @@ impl ConsumerSpec {
             timeout: None,
             create_stream: None,
             keyed: None,
+        }
+    }
+
+    /// A consumer of every subject of `stream`, kind `x`, nothing else set.
+    #[cfg(test)]
+    pub fn for_tests(stream: &str, consumer: &str) -> Self {
+        Self::new(stream, consumer, None, KindTemplate::parse("x", ">").expect("a valid template"))
+    }
+
+    /// The durable consumer of partition `partition` of this keyed consumer:
+    /// filtered on the partition's token, one message in flight.
+    pub fn partition(&self, keyed: &Partitioning, partition: u32) -> Self {
+        ConsumerSpec {
+            consumer: Partitioning::consumer_name(&self.consumer, partition),
+            subject: Some(keyed.filter_subject(partition)),
+            max_ack_pending: Some(1),
+            create_stream: None,
+            ..self.clone()
         }
     }
 

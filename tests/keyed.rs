@@ -201,6 +201,18 @@ async fn started_pool(
     (pool, jetstream::new(client), marks)
 }
 
+/// Three workers sharing the 6 partitions evenly, and 40 keys x 30 messages
+/// published to them; handlers sleep up to `max_ms`.
+async fn three_workers_with_work(
+    server: &NatsServer,
+    max_ms: u32,
+) -> (Pool, jetstream::Context, async_nats::Subscriber) {
+    let (pool, js, marks) = started_pool(server, &["w1", "w2", "w3"], max_ms).await;
+    assert_shares_become(&js.client(), &[2, 2, 2], PATIENCE).await;
+    publish_keys(&js, 40, 30, None).await;
+    (pool, js, marks)
+}
+
 /// The partitions each worker lists in `$SRV.INFO`, sorted.
 async fn shares(client: &async_nats::Client) -> Vec<Vec<u32>> {
     let inbox = client.new_inbox();
@@ -253,9 +265,7 @@ async fn keys_are_handled_in_order_across_three_workers() {
     if !supports_keyed(&server).await {
         return refused_on_old_server(&server).await;
     }
-    let (pool, js, mut marks) = started_pool(&server, &["w1", "w2", "w3"], 5).await;
-    assert_shares_become(&js.client(), &[2, 2, 2], PATIENCE).await;
-    publish_keys(&js, 40, 30, None).await;
+    let (pool, _js, mut marks) = three_workers_with_work(&server, 5).await;
     let mut check = OrderCheck::default();
     follow(&mut marks, &mut check, 40, 30, |_| {}).await;
     for name in pool.workers.keys() {
@@ -269,9 +279,7 @@ async fn a_worker_killed_mid_stream_breaks_no_key_order() {
     if !supports_keyed(&server).await {
         return refused_on_old_server(&server).await;
     }
-    let (mut pool, js, mut marks) = started_pool(&server, &["w1", "w2", "w3"], 20).await;
-    assert_shares_become(&js.client(), &[2, 2, 2], PATIENCE).await;
-    publish_keys(&js, 40, 30, None).await;
+    let (mut pool, js, mut marks) = three_workers_with_work(&server, 20).await;
     let mut check = OrderCheck::default();
     let mut killed = false;
     follow(&mut marks, &mut check, 40, 30, |finished| {
@@ -292,9 +300,7 @@ async fn a_rolling_restart_breaks_no_key_order() {
     if !supports_keyed(&server).await {
         return refused_on_old_server(&server).await;
     }
-    let (mut pool, js, mut marks) = started_pool(&server, &["w1", "w2", "w3"], 30).await;
-    assert_shares_become(&js.client(), &[2, 2, 2], PATIENCE).await;
-    publish_keys(&js, 40, 30, None).await;
+    let (mut pool, _js, mut marks) = three_workers_with_work(&server, 30).await;
     let mut check = OrderCheck::default();
     // Restart one worker each time another tenth of the messages finished.
     let mut restarted = 0;

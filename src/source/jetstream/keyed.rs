@@ -35,7 +35,7 @@ use super::JetStreamSource;
 use super::consumer_config::PIN_GROUP;
 use super::membership::{Members, Membership};
 use super::pull::Pinning;
-use super::setup::SetupError;
+use super::setup::{self, SetupError};
 use crate::partitioning::{Partitioning, Transform};
 use crate::source::{Forwarding, Link, OpenError, Placement, Source};
 use crate::source_spec::ConsumerSpec;
@@ -48,6 +48,8 @@ const UNPIN_FALLBACK: Duration = Duration::from_secs(2);
 /// A keyed consumer: one [`JetStreamSource`] per partition.
 pub struct KeyedSource {
     spec: Arc<ConsumerSpec>,
+    /// The stream, on the process's connection, for unpinning partitions.
+    stream: jetstream::stream::Stream,
     partitions: Vec<Arc<JetStreamSource>>,
     metrics: Arc<metrics::ConsumerMetrics>,
 }
@@ -67,23 +69,16 @@ impl KeyedSource {
                 client.server_info().version
             )));
         }
-        ensure_partitioned_stream(client, &spec, &keyed).await?;
+        let stream = ensure_partitioned_stream(client, &spec, &keyed).await?;
         let mut partitions = Vec::with_capacity(keyed.partitions as usize);
         for partition in 0..keyed.partitions {
-            let partition_spec = ConsumerSpec {
-                consumer: Partitioning::consumer_name(&spec.consumer, partition),
-                subject: Some(keyed.filter_subject(partition)),
-                max_ack_pending: Some(1),
-                create_stream: None,
-                ..spec.clone()
-            };
-            let mut source = JetStreamSource::prepare(client, partition_spec).await?;
+            let mut source = JetStreamSource::prepare(client, spec.partition(&keyed, partition)).await?;
             source.partition = Some(partition);
             partitions.push(Arc::new(source));
         }
         let metrics = metrics::global().consumer(&spec.stream, &spec.consumer);
         metrics.set_partitions_owned(0);
-        Ok(KeyedSource { spec: Arc::new(spec), partitions, metrics })
+        Ok(KeyedSource { spec: Arc::new(spec), stream, partitions, metrics })
     }
 
     fn partition_count(&self) -> u32 {
@@ -97,7 +92,7 @@ async fn ensure_partitioned_stream(
     client: &async_nats::Client,
     spec: &ConsumerSpec,
     keyed: &Partitioning,
-) -> Result<(), SetupError> {
+) -> Result<jetstream::stream::Stream, SetupError> {
     let js = jetstream::new(client.clone());
     let wanted = keyed.transform();
     let transform_of = |config: &jetstream::stream::Config| {
@@ -110,7 +105,7 @@ async fn ensure_partitioned_stream(
         Ok(stream) => {
             let existing = transform_of(&stream.cached_info().config);
             if existing.as_ref() == Some(&wanted) {
-                return Ok(());
+                return Ok(stream);
             }
             let has = match existing {
                 Some(existing) => format!("it has {existing}"),
@@ -123,10 +118,7 @@ async fn ensure_partitioned_stream(
                 spec.stream, wanted.source, keyed.key, keyed.partitions, spec.stream
             )))
         }
-        Err(err)
-            if matches!(err.kind(), jetstream::context::GetStreamErrorKind::JetStream(js)
-            if js.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
-        {
+        Err(err) if setup::is_stream_not_found(&err) => {
             let Some(subjects) = &spec.create_stream else {
                 return Err(SetupError::Config(format!(
                     "stream {:?} does not exist; create it with {wanted}, or let bus.consume create it with \
@@ -147,8 +139,7 @@ async fn ensure_partitioned_stream(
             .map_err(|cause| SetupError::Refused {
                 context: format!("cannot create stream {:?} with {wanted}", spec.stream),
                 cause: cause.into(),
-            })?;
-            Ok(())
+            })
         }
         Err(cause) => {
             Err(SetupError::Lookup { context: format!("cannot look up stream {:?}", spec.stream), cause: cause.into() })
@@ -312,10 +303,8 @@ impl PartitionOwner {
 
     /// Asks the server to pin the partition's consumer afresh.
     async fn unpin(&self, partition: u32) {
-        let source = &self.source.partitions[partition as usize];
-        let subject = format!("$JS.API.CONSUMER.UNPIN.{}.{}", source.stream, source.consumer);
-        let body = serde_json::json!({ "group": PIN_GROUP }).to_string();
-        let request = self.client.request(subject, body.into());
+        let consumer = &self.source.partitions[partition as usize].consumer;
+        let request = self.source.stream.unpin_consumer(consumer, PIN_GROUP);
         match tokio::time::timeout(Duration::from_secs(2), request).await {
             Ok(Ok(_)) => {}
             Ok(Err(err)) => tracing::debug!(partition, error = %err, "cannot unpin partition"),

@@ -95,7 +95,7 @@ impl JetStreamSource {
     }
 }
 
-fn is_stream_not_found(err: &jetstream::context::GetStreamError) -> bool {
+pub(super) fn is_stream_not_found(err: &jetstream::context::GetStreamError) -> bool {
     matches!(err.kind(), jetstream::context::GetStreamErrorKind::JetStream(js)
         if js.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
 }
