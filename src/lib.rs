@@ -9,6 +9,7 @@
 //! output).
 
 pub mod ack_subject;
+pub mod allocator;
 pub mod bridge;
 pub mod cli;
 pub mod command;

@@ -10,4 +10,4 @@ fn main() -> std::process::ExitCode {
 /// Handlers allocate and free many small objects per event (Lua tables and
 /// strings, messages); mimalloc serves those faster than the system allocator.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: agent_block::allocator::Allocator = agent_block::allocator::Allocator;
