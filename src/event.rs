@@ -100,6 +100,14 @@ impl EventId {
             EventId::Generated(id) => std::str::from_utf8(id).unwrap_or_default(),
         }
     }
+
+    /// The id's bytes, without the UTF-8 check `as_str` makes.
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            EventId::Given(id) => id.as_bytes(),
+            EventId::Generated(id) => id,
+        }
+    }
 }
 
 impl std::fmt::Display for EventId {

@@ -7,10 +7,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use async_nats::HeaderMap;
 use std::ffi::c_char;
 
-use mlua::{Lua, LuaSerdeExt, Table, UserData, Value, ffi};
+use mlua::{Function, Lua, LuaSerdeExt, Table, UserData, Value, ffi};
 
 use crate::event::{Event, StreamMeta, span_id_of, trace_id_of};
-use crate::lua_api::{json, raw};
+use crate::lua_api::json;
 
 /// A body that the handler read as `ev.payload` is not JSON: the event fails with 400.
 #[derive(Debug, thiserror::Error)]
@@ -46,8 +46,37 @@ struct EventExtra {
 impl UserData for EventExtra {}
 
 /// Builds event tables; holds the metatable shared by all of them on one VM.
+///
+/// A handler's table is built inside its own coroutine, by [`EventTables::builder`]
+/// as the runner's first step: that resume is already a protected call, so the
+/// table needs no protected call of its own, and it reaches the handler without
+/// a registry reference. The builder reads the event from a slot that
+/// [`EventTables::arm`] fills only while the coroutine's first resume runs.
 pub struct EventTables {
-    metatable: Table,
+    /// Holds the metatable as an upvalue.
+    builder: Function,
+    /// The builder's upvalue: a Lua userdata block holding one pointer, kept
+    /// alive (and at this address, as Lua never moves objects) by `builder`.
+    slot: *mut *const PendingEvent<'static>,
+}
+
+/// What the builder reads an event's table from.
+pub struct PendingEvent<'a> {
+    event: &'a Event,
+    /// The `traceparent` of the handler's span, when spans are exported.
+    span: Option<&'a str>,
+}
+
+/// Clears the builder's slot when dropped.
+pub struct Armed<'a> {
+    tables: &'a EventTables,
+}
+
+impl Drop for Armed<'_> {
+    fn drop(&mut self) {
+        // SAFETY: the slot lives as long as `builder`, which `tables` holds.
+        unsafe { *self.tables.slot = std::ptr::null() };
+    }
 }
 
 impl EventTables {
@@ -65,33 +94,99 @@ impl EventTables {
             LAZY_FIELD_SLOT,
             lua.create_function(move |lua, (table, key): (Table, Value)| lazy_field(lua, &data_key, table, key))?,
         )?;
-        Ok(EventTables { metatable })
+        let mut slot: *mut *const PendingEvent<'static> = std::ptr::null_mut();
+        // SAFETY: pushes the slot (a plain block, no metatable, written before
+        // anything can raise) above the metatable, then one closure over both,
+        // within the `LUA_MINSTACK` slots every C frame has.
+        let builder = unsafe {
+            lua.exec_raw::<Function>(&metatable, |state| {
+                let block = ffi::lua_newuserdatauv(state, std::mem::size_of::<*const PendingEvent>(), 0);
+                slot = block.cast();
+                *slot = std::ptr::null();
+                ffi::lua_pushcclosure(state, build_event, 2);
+            })?
+        };
+        Ok(EventTables { builder, slot })
     }
 
-    /// Builds the table in one raw section: this runs for every event, and
-    /// per-field mlua calls cost more than the fields themselves. `span` is the
-    /// `traceparent` of the handler's span, when spans are exported.
-    pub fn build(&self, lua: &Lua, event: &Event, span: Option<&str>) -> mlua::Result<Table> {
-        // Messages without headers (most) skip the userdata: the receipt time,
-        // the span's `traceparent` and a JetStream message's ack subject (plain
-        // hidden fields) are all the lazy fields need.
-        let ack_subject = event.stream.as_ref().and_then(|stream| stream.ack_subject.as_ref());
+    /// `build(extra)`: the event table of the event armed now (see
+    /// [`EventTables::arm`]); raises when none is.
+    pub fn builder(&self) -> &Function {
+        &self.builder
+    }
+
+    /// The argument the builder takes with `pending`: the userdata that keeps an
+    /// event's headers and stream position, or nil when plain hidden fields hold
+    /// all the lazy fields need (messages without headers, most of them: the
+    /// receipt time, the span's `traceparent` and a JetStream ack subject).
+    pub fn extra(&self, lua: &Lua, pending: &PendingEvent) -> mlua::Result<Value> {
+        let event = pending.event;
         let full = event.stream.as_ref().is_some_and(|stream| stream.ack_subject.is_none() || stream.keyed.is_some());
-        let extra = if event.headers.is_some() || full {
-            Value::UserData(lua.create_userdata(EventExtra {
-                headers: event.headers.clone(),
-                received: event.received,
-                trace_id: span.and_then(trace_id_of).or_else(|| event.trace_id()).map(str::to_string),
-                span_id: span.and_then(span_id_of).map(str::to_string),
-                stream: event.stream.as_deref().cloned(),
-            })?)
-        } else {
-            Value::Number(seconds_since_epoch(event.received))
-        };
-        let plain = matches!(extra, Value::Number(_));
+        if event.headers.is_none() && !full {
+            return Ok(Value::Nil);
+        }
+        let span = pending.span;
+        Ok(Value::UserData(lua.create_userdata(EventExtra {
+            headers: event.headers.clone(),
+            received: event.received,
+            trace_id: span.and_then(trace_id_of).or_else(|| event.trace_id()).map(str::to_string),
+            span_id: span.and_then(span_id_of).map(str::to_string),
+            stream: event.stream.as_deref().cloned(),
+        })?))
+    }
+
+    /// Lets the builder build `pending`'s table until the guard is dropped. Arm
+    /// only around a synchronous step that calls the builder (the first resume
+    /// of the handler's coroutine), so the slot never outlives `pending`.
+    pub fn arm<'a>(&'a self, pending: &'a PendingEvent<'a>) -> Armed<'a> {
+        // SAFETY: the slot lives as long as `builder`; the guard clears it
+        // before `pending` can go away.
+        unsafe { *self.slot = (pending as *const PendingEvent<'a>).cast() };
+        Armed { tables: self }
+    }
+
+    /// Builds `event`'s table outside a handler (tests, tools).
+    pub fn build(&self, lua: &Lua, event: &Event, span: Option<&str>) -> mlua::Result<Table> {
+        let pending = PendingEvent::new(event, span);
+        let extra = self.extra(lua, &pending)?;
+        let _armed = self.arm(&pending);
+        self.builder.call(extra)
+    }
+}
+
+impl<'a> PendingEvent<'a> {
+    pub fn new(event: &'a Event, span: Option<&'a str>) -> Self {
+        PendingEvent { event, span }
+    }
+}
+
+/// The builder: pushes the table of the armed event, with the metatable and
+/// the hidden fields, and disarms the slot.
+///
+/// Invariant: upvalue 1 is the metatable, upvalue 2 the slot (see
+/// [`EventTables::new`]); called with at most one argument, the userdata of
+/// [`EventTables::extra`] or nil, and `LUA_MINSTACK` (20) free slots, of which
+/// it uses 4. The slot is cleared before anything can raise, and an error
+/// (out of memory) unwinds a frame that holds only references and plain
+/// values. A call with nothing armed (a script reaching it through `debug`)
+/// raises.
+unsafe extern "C-unwind" fn build_event(state: *mut ffi::lua_State) -> std::ffi::c_int {
+    unsafe {
+        let slot = ffi::lua_touserdata(state, ffi::lua_upvalueindex(2)) as *mut *const PendingEvent<'static>;
+        let pending = *slot;
+        *slot = std::ptr::null();
+        if pending.is_null() {
+            ffi::lua_pushstring(state, c"no event to build a table for".as_ptr());
+            ffi::lua_error(state);
+        }
+        let PendingEvent { event, span } = *pending;
+        let metatable = ffi::lua_upvalueindex(1);
+        ffi::lua_settop(state, 1);
+        let plain = ffi::lua_isnil(state, 1) != 0;
+        let ack_subject = event.stream.as_ref().and_then(|stream| stream.ack_subject.as_ref());
         let values: [Option<&[u8]>; 8] = [
             Some(event.kind.as_bytes()),
-            Some(event.id.as_str().as_bytes()),
+            Some(event.id.as_bytes()),
             Some(event.subject.as_bytes()),
             event.reply.as_ref().map(|r| r.as_bytes()),
             Some(&event.data),
@@ -99,30 +194,24 @@ impl EventTables {
             if plain { span.map(str::as_bytes) } else { None },
             if plain { ack_subject.map(|subject| subject.as_bytes()) } else { None },
         ];
-        let metatable = Value::Table(self.metatable.clone());
-        // SAFETY: the builder pushes one table using 3 slots and holds only
-        // references.
-        let table = unsafe {
-            raw::build_value(lua, &[&metatable, &extra], 3, |state, base| {
-                ffi::lua_createtable(state, 0, 8);
-                for (index, value) in values.into_iter().enumerate() {
-                    if let Some(value) = value {
-                        ffi::lua_rawgeti(state, base + 1, index as ffi::lua_Integer + 1);
-                        push_bytes(state, value);
-                        ffi::lua_rawset(state, -3);
-                    }
-                }
-                ffi::lua_rawgeti(state, base + 1, EXTRA_KEY as ffi::lua_Integer + 1);
-                ffi::lua_pushvalue(state, base + 2);
-                ffi::lua_rawset(state, -3);
-                ffi::lua_pushvalue(state, base + 1);
-                ffi::lua_setmetatable(state, -2);
-            })
-        }?;
-        match table {
-            Value::Table(table) => Ok(table),
-            _ => unreachable!("the builder pushes a table"),
+        ffi::lua_createtable(state, 0, 8);
+        for (index, value) in values.into_iter().enumerate() {
+            if let Some(value) = value {
+                ffi::lua_rawgeti(state, metatable, index as ffi::lua_Integer + 1);
+                push_bytes(state, value);
+                ffi::lua_rawset(state, 2);
+            }
         }
+        ffi::lua_rawgeti(state, metatable, EXTRA_KEY as ffi::lua_Integer + 1);
+        if plain {
+            ffi::lua_pushnumber(state, seconds_since_epoch(event.received));
+        } else {
+            ffi::lua_pushvalue(state, 1);
+        }
+        ffi::lua_rawset(state, 2);
+        ffi::lua_pushvalue(state, metatable);
+        ffi::lua_setmetatable(state, 2);
+        1
     }
 }
 
@@ -327,6 +416,7 @@ fn meta(lua: &Lua, table: &Table) -> mlua::Result<Table> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lua_api::raw;
 
     fn table_for(lua: &Lua, body: &str) -> Table {
         let event = Event::new("k".into(), "s.k".into(), None, None, bytes::Bytes::copy_from_slice(body.as_bytes()));

@@ -96,15 +96,18 @@ pub fn install(lua: &Lua) -> mlua::Result<()> {
     lua.set_named_registry_value(FINISH, finish)
 }
 
-/// The function that runs a handler: `pcall(handler, ev)` (errors come back as
-/// values, so tables keep their fields, and the dispatcher sees interruptions
-/// too), then the finalizers queued meanwhile.
-pub fn runner(lua: &Lua) -> mlua::Result<Function> {
+/// The function that runs a handler: `runner(handler, extra)` builds the event
+/// table with `build(extra)` (see [`crate::lua_api::event::EventTables`]), calls
+/// `pcall(handler, ev)` (errors come back as values, so tables keep their
+/// fields, and the dispatcher sees interruptions too), then the finalizers
+/// queued meanwhile.
+pub fn runner(lua: &Lua, build: &Function) -> mlua::Result<Function> {
     lua.load(
-        "local pcall, enter, finish = ...; return function(handler, ev) enter() return finish(pcall(handler, ev)) end",
+        "local pcall, enter, finish, build = ...
+         return function(handler, extra) enter() return finish(pcall(handler, build(extra))) end",
     )
     .set_name("=handler")
-    .call((raw_pcall(lua)?, enter_function(lua)?, lua.named_registry_value::<Function>(FINISH)?))
+    .call((raw_pcall(lua)?, enter_function(lua)?, lua.named_registry_value::<Function>(FINISH)?, build))
 }
 
 /// `chunk` wrapped so the coroutine that runs it is known to the watchdog.

@@ -164,10 +164,22 @@ struct Tape<'a> {
 impl<'a> Tape<'a> {
     fn parse(bytes: &'a [u8]) -> Result<Self, serde_json::Error> {
         let mut tape = Tape { tokens: Vec::with_capacity(16), depth: 0, open: 0 };
-        let mut deserializer = serde_json::Deserializer::from_slice(bytes);
-        TapeSeed(&mut tape).deserialize(&mut deserializer)?;
-        deserializer.end()?;
+        // A body that is UTF-8 as a whole (nearly every one) is checked once,
+        // a word at a time, instead of string by string as it is parsed; any
+        // other is parsed from bytes, so the error names where it breaks.
+        match std::str::from_utf8(bytes) {
+            Ok(text) => tape.fill(serde_json::Deserializer::from_str(text))?,
+            Err(_) => tape.fill(serde_json::Deserializer::from_slice(bytes))?,
+        }
         Ok(tape)
+    }
+
+    fn fill<R: serde_json::de::Read<'a>>(
+        &mut self,
+        mut deserializer: serde_json::Deserializer<R>,
+    ) -> serde_json::Result<()> {
+        TapeSeed(self).deserialize(&mut deserializer)?;
+        deserializer.end()
     }
 }
 

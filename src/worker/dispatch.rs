@@ -16,7 +16,7 @@ use crate::event::Event;
 use crate::intake::Slot;
 use crate::lua::context::{self, Interrupt, Scoped, TaskContext};
 use crate::lua_api::bus::Directive;
-use crate::lua_api::event::PayloadError;
+use crate::lua_api::event::{PayloadError, PendingEvent};
 use crate::lua_api::json;
 use crate::outcome::{Failure, FailureCause, Outcome};
 use crate::settle;
@@ -107,14 +107,23 @@ async fn run(vm: &Vm, event: &Event, started: Instant, context: &Rc<TaskContext>
     let Some(handler) = vm.state.handlers.borrow().lookup(&event.kind) else {
         return Outcome::Error(Failure::no_handler(&event.kind));
     };
-    let table = match vm.events.build(&vm.lua, event, span.map(|span| &*span.traceparent)) {
-        Ok(table) => table,
+    let pending = PendingEvent::new(event, span.map(|span| &*span.traceparent));
+    let extra = match vm.events.extra(&vm.lua, &pending) {
+        Ok(extra) => extra,
         Err(err) => return internal(format!("cannot build the event table: {err}")),
     };
     let limit = event.timeout.unwrap_or(vm.handler_timeout);
     let deadline = started + limit;
     context.set_deadline(Some(deadline));
-    let call = pin!(Scoped::new(context.clone(), vm.runner.call_async::<(bool, Value)>((handler, table))));
+    let mut call = pin!(Scoped::new(context.clone(), vm.runner.call_async::<(bool, Value)>((handler, extra))));
+    // The coroutine builds the event table in its first resume, so the event is
+    // armed for exactly that poll.
+    let mut first_poll = true;
+    let call = poll_fn(|cx| {
+        let _armed = std::mem::take(&mut first_poll).then(|| vm.events.arm(&pending));
+        call.as_mut().poll(cx)
+    });
+    let call = pin!(call);
     let ended = tokio::select! {
         biased;
         _ = vm.cancel.cancelled() => return Outcome::Error(Failure::cancelled()),

@@ -50,7 +50,8 @@ pub struct Vm {
     pub lua: Lua,
     pub state: Rc<VmState>,
     pub events: EventTables,
-    /// `pcall(handler, ev)`: errors come back as values, so tables keep their fields.
+    /// `runner(handler, extra)`: builds the event table and calls `pcall(handler, ev)`
+    /// ([`crate::lua_api::interrupt::runner`]).
     pub runner: Function,
     pub handler_timeout: Duration,
     pub cancel: CancellationToken,
@@ -290,8 +291,9 @@ impl Vm {
             if let Some(prelude) = &spec.lua.prelude {
                 (prelude.0)(&lua)?;
             }
-            let runner = lua_api::interrupt::runner(&lua)?;
-            Ok((EventTables::new(&lua)?, runner))
+            let events = EventTables::new(&lua)?;
+            let runner = lua_api::interrupt::runner(&lua, events.builder())?;
+            Ok((events, runner))
         };
         let (events, runner) = setup_lua().map_err(|err| ScriptError(format!("cannot set up the Lua API: {err}")))?;
         // Deadlines are enforced by the watchdog, which hooks Lua only once one passed.
