@@ -10,6 +10,7 @@ pub mod json;
 pub mod kv;
 pub mod log;
 pub mod nats;
+pub mod packed_fields;
 pub mod raise;
 pub mod raw;
 pub mod sh;
