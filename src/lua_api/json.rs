@@ -110,17 +110,33 @@ unsafe extern "C-unwind" fn push_parsed(state: *mut ffi::lua_State) -> c_int {
 
 /// Encodes a Lua value as JSON.
 pub fn encode(lua: &Lua, value: &Value) -> Result<Vec<u8>, String> {
-    let mut out = Vec::with_capacity(128);
-    let array_metatable = Value::Table(lua.array_metatable());
-    // The walk only reads (lua_next, lua_tolstring on strings, lua_getmetatable):
-    // nothing in it allocates in Lua or raises.
-    let walked = raw::read_value(lua, &[value, &array_metatable], |state, base| unsafe {
-        Encoder { state, array_metatable: base + 2, out: &mut out }.value(base + 1, 0)
-    });
-    match walked {
-        Ok(Ok(())) => Ok(out),
-        Ok(Err(message)) => Err(message),
-        Err(err) => Err(err.to_string()),
+    Encoding::new(lua).encode(lua, value)
+}
+
+/// Encodes Lua values of one VM as JSON, holding what every encoding needs:
+/// looking up mlua's array metatable costs more than encoding a small table.
+pub struct Encoding {
+    array_metatable: Value,
+}
+
+impl Encoding {
+    pub fn new(lua: &Lua) -> Self {
+        Encoding { array_metatable: Value::Table(lua.array_metatable()) }
+    }
+
+    /// Encodes `value`, a value of the VM this was made for.
+    pub fn encode(&self, lua: &Lua, value: &Value) -> Result<Vec<u8>, String> {
+        let mut out = Vec::with_capacity(128);
+        // The walk only reads (lua_next, lua_tolstring on strings, lua_getmetatable):
+        // nothing in it allocates in Lua or raises.
+        let walked = raw::read_value(lua, &[value, &self.array_metatable], |state, base| unsafe {
+            Encoder { state, array_metatable: base + 2, out: &mut out }.value(base + 1, 0)
+        });
+        match walked {
+            Ok(Ok(())) => Ok(out),
+            Ok(Err(message)) => Err(message),
+            Err(err) => Err(err.to_string()),
+        }
     }
 }
 

@@ -66,6 +66,8 @@ async fn forward(
     link: Link,
 ) {
     let spec = &source.spec;
+    // One clone per request: an `Arc` costs one count, a client several.
+    let client = Arc::new(client);
     let mut draining = false;
     loop {
         let message = tokio::select! {
@@ -113,7 +115,7 @@ async fn refuse(sink: &Sink, event: Box<Event>, draining: bool) {
 /// Settles a core request by publishing the reply.
 struct CoreReply {
     reply: Subject,
-    client: async_nats::Client,
+    client: Arc<async_nats::Client>,
 }
 
 impl Settle for CoreReply {

@@ -17,7 +17,6 @@ use crate::intake::Slot;
 use crate::lua::context::{self, Interrupt, Scoped, TaskContext};
 use crate::lua_api::bus::Directive;
 use crate::lua_api::event::{PayloadError, PendingEvent};
-use crate::lua_api::json;
 use crate::outcome::{Failure, FailureCause, Outcome};
 use crate::settle;
 use crate::telemetry::discovery;
@@ -133,7 +132,7 @@ async fn run(vm: &Vm, event: &Event, started: Instant, context: &Rc<TaskContext>
         (_, Ended::Late) | (Some(Interrupt::Timeout), _) => Outcome::Error(Failure::timeout(limit)),
         (Some(Interrupt::Cancelled), _) => Outcome::Error(Failure::cancelled()),
         (None, Ended::Interrupted) => internal("the handler stopped without an interruption".to_string()),
-        (None, Ended::Returned(Ok((true, value)))) => outcome_of(&vm.lua, value),
+        (None, Ended::Returned(Ok((true, value)))) => outcome_of(vm, value),
         (None, Ended::Returned(Ok((false, error)))) => Outcome::Error(failure_of(error)),
         (None, Ended::Returned(Err(error))) => Outcome::Error(failure_of_error(&error)),
     }
@@ -199,7 +198,7 @@ fn internal(message: String) -> Outcome {
 
 /// A handler's return value as an outcome: directives as they say, strings raw,
 /// nil empty, anything else JSON.
-fn outcome_of(lua: &mlua::Lua, value: Value) -> Outcome {
+fn outcome_of(vm: &Vm, value: Value) -> Outcome {
     match value {
         Value::Nil => Outcome::empty_ack(),
         Value::String(s) => Outcome::Ack { body: bytes::Bytes::copy_from_slice(&s.as_bytes()), headers: None },
@@ -209,7 +208,7 @@ fn outcome_of(lua: &mlua::Lua, value: Value) -> Outcome {
             Ok(Directive::Term { reason }) => Outcome::Term { reason },
             Err(_) => internal("a bus.reply/nak/term value was returned twice".to_string()),
         },
-        other => match json::encode(lua, &other) {
+        other => match vm.encoding.encode(&vm.lua, &other) {
             Ok(body) => Outcome::Ack { body: body.into(), headers: None },
             Err(err) => internal(format!("cannot encode the handler's {} result as JSON: {err}", other.type_name())),
         },

@@ -20,7 +20,7 @@ use crate::intake::{Intake, IntakeStats, Sink, Slot, Slots};
 use crate::lua::context::{Scoped, TaskContext};
 use crate::lua::state::{Handlers, Phase, VmState};
 use crate::lua::watchdog;
-use crate::lua_api::{self, event::EventTables};
+use crate::lua_api::{self, event::EventTables, json};
 use crate::outcome::{Failure, Outcome};
 use crate::settle;
 use crate::source::{Link, Placement};
@@ -50,6 +50,8 @@ pub struct Vm {
     pub lua: Lua,
     pub state: Rc<VmState>,
     pub events: EventTables,
+    /// Encodes handlers' results.
+    pub encoding: json::Encoding,
     /// `runner(handler, extra)`: builds the event table and calls `pcall(handler, ev)`
     /// ([`crate::lua_api::interrupt::runner`]).
     pub runner: Function,
@@ -303,6 +305,7 @@ impl Vm {
             .and_then(|chunk| lua_api::interrupt::entered(&lua, chunk))
             .map_err(|err| ScriptError(script_error_message(&err)))?;
         let vm = Vm {
+            encoding: json::Encoding::new(&lua),
             lua,
             state,
             events,
