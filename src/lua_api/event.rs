@@ -40,7 +40,9 @@ const LAZY_FIELD_SLOT: ffi::lua_Integer = 10;
 const KIND_CACHE_SLOT: ffi::lua_Integer = 11;
 const SUBJECT_CACHE_SLOT: ffi::lua_Integer = 12;
 /// Packed fields up to this length are written on the C stack; longer ones
-/// (long reply subjects or ids) in a scratch Lua userdata.
+/// (long reply subjects or ids) in a scratch Lua userdata. A body is packed
+/// only when the whole still fits here; a longer one is the `data` field, so
+/// it is copied once.
 const PACKED_ON_STACK: usize = 256;
 
 struct EventExtra {
@@ -205,21 +207,26 @@ unsafe extern "C-unwind" fn build_event(state: *mut ffi::lua_State) -> std::ffi:
         };
         field(KIND_KEY_SLOT, &|| push_cached(state, metatable, KIND_CACHE_SLOT, event.kind.as_bytes()));
         field(SUBJECT_KEY_SLOT, &|| push_cached(state, metatable, SUBJECT_CACHE_SLOT, event.subject.as_bytes()));
-        field(DATA_SLOT, &|| push_bytes(state, &event.data));
         if !packed {
+            field(DATA_SLOT, &|| push_bytes(state, &event.data));
             field(ID_KEY_SLOT, &|| push_bytes(state, event.id.as_bytes()));
             if let Some(reply) = &event.reply {
                 field(REPLY_KEY_SLOT, &|| push_bytes(state, reply.as_bytes()));
             }
             field(EXTRA_SLOT, &|| ffi::lua_pushvalue(state, 1));
         } else {
-            let fields = PackedFields {
+            let mut fields = PackedFields {
                 received: seconds_since_epoch(event.received),
                 id: Some(event.id.as_bytes()),
                 reply: event.reply.as_ref().map(|reply| reply.as_bytes()),
                 span: span.map(str::as_bytes),
                 ack_subject: event.stream.as_ref().and_then(|stream| stream.ack_subject.as_ref()).map(|s| s.as_bytes()),
+                data: Some(&event.data),
             };
+            if fields.len().is_none_or(|len| len > PACKED_ON_STACK) {
+                fields.data = None;
+                field(DATA_SLOT, &|| push_bytes(state, &event.data));
+            }
             let Some(len) = fields.len() else {
                 ffi::lua_pushstring(state, c"an event field is too long".as_ptr());
                 ffi::lua_error(state);
@@ -275,7 +282,7 @@ unsafe fn push_packed(state: *mut ffi::lua_State, fields: &PackedFields, len: us
 
 /// `__index` of event tables. `ev.payload`, read by nearly every handler, is
 /// decoded here on the handler's own stack, without a Rust callback, and so
-/// are `ev.id` and `ev.reply` of a table with [`PackedFields`]; `headers`,
+/// are `ev.id`, `ev.reply` and `ev.data` of a table with [`PackedFields`]; `headers`,
 /// `meta`, and a body that is not JSON (whose error the handler gets) go to
 /// [`lazy_field`]; other keys are nil.
 ///
@@ -300,6 +307,7 @@ unsafe extern "C-unwind" fn event_index(state: *mut ffi::lua_State) -> std::ffi:
             }
             b"id" => return push_unpacked(state, Field::Id),
             b"reply" => return push_unpacked(state, Field::Reply),
+            b"data" => return push_unpacked(state, Field::Data),
             b"headers" | b"meta" => {}
             _ => return 0,
         }
@@ -322,23 +330,29 @@ unsafe extern "C-unwind" fn event_index(state: *mut ffi::lua_State) -> std::ffi:
 /// As [`event_index`], whose frame it shares.
 unsafe fn push_payload(state: *mut ffi::lua_State) -> bool {
     unsafe {
-        // 3: the metatable, 4: the body, 5: the array metatable.
-        if ffi::lua_getmetatable(state, 1) == 0
-            || ffi::lua_rawgeti(state, 3, DATA_SLOT) != ffi::LUA_TSTRING
-            || ffi::lua_rawget(state, 1) != ffi::LUA_TSTRING
-            || ffi::lua_rawgeti(state, 3, ARRAY_METATABLE_SLOT) != ffi::LUA_TTABLE
+        // 3: the metatable, 4: the body or the packed fields holding it, 5: the
+        // array metatable.
+        let body = if ffi::lua_getmetatable(state, 1) == 0 || ffi::lua_rawgeti(state, 3, DATA_SLOT) != ffi::LUA_TSTRING
         {
+            None
+        } else if ffi::lua_rawget(state, 1) == ffi::LUA_TSTRING {
+            Some(lua_bytes(state, 4))
+        } else {
+            ffi::lua_settop(state, 3);
+            let packed = ffi::lua_rawgeti(state, 3, EXTRA_SLOT) == ffi::LUA_TSTRING
+                && ffi::lua_rawget(state, 1) == ffi::LUA_TSTRING;
+            packed.then(|| PackedFields::read(lua_bytes(state, 4)).and_then(|fields| fields.data)).flatten()
+        };
+        let Some(body) = body.filter(|_| ffi::lua_rawgeti(state, 3, ARRAY_METATABLE_SLOT) == ffi::LUA_TTABLE) else {
             ffi::lua_settop(state, 2);
             return false;
-        }
-        let mut len = 0;
-        let body = ffi::lua_tolstring(state, 4, &mut len);
-        if len == 0 {
+        };
+        if body.is_empty() {
             ffi::lua_pushnil(state);
             return true;
         }
         // The body stays on the stack (index 4) while the document borrows it.
-        let pushed = match json::parse(std::slice::from_raw_parts(body as *const u8, len)) {
+        let pushed = match json::parse(body) {
             Ok(parsed) => parsed.push_protected(state, 5),
             Err(_) => false,
         };
@@ -354,8 +368,8 @@ unsafe fn push_payload(state: *mut ffi::lua_State) -> bool {
     }
 }
 
-/// Pushes `ev.id` or `ev.reply` read from the table's [`PackedFields`] (nil
-/// when absent) and caches it in the table at index 1, whose key is at index
+/// Pushes `ev.id`, `ev.reply` or `ev.data` read from the table's
+/// [`PackedFields`] (nil when absent) and caches it in the table at index 1, whose key is at index
 /// 2. Returns the number of results: 0 for a table without packed fields.
 ///
 /// # Safety
@@ -402,6 +416,18 @@ fn lazy_field(lua: &Lua, data_key: &mlua::LuaString, table: Table, key: Value) -
     Ok(value)
 }
 
+/// The bytes of the string at `index`, borrowed while it stays on the stack.
+///
+/// # Safety
+/// The value at `index` is a string.
+unsafe fn lua_bytes<'a>(state: *mut ffi::lua_State, index: std::ffi::c_int) -> &'a [u8] {
+    unsafe {
+        let mut len = 0;
+        let bytes = ffi::lua_tolstring(state, index, &mut len);
+        std::slice::from_raw_parts(bytes as *const u8, len)
+    }
+}
+
 unsafe fn push_bytes(state: *mut ffi::lua_State, bytes: &[u8]) {
     unsafe { ffi::lua_pushlstring(state, bytes.as_ptr() as *const c_char, bytes.len()) };
 }
@@ -429,7 +455,7 @@ fn not_an_event() -> mlua::Error {
 }
 
 fn payload(lua: &Lua, table: &Table, data_key: &mlua::LuaString) -> mlua::Result<Value> {
-    let data: mlua::LuaString = table.raw_get(data_key)?;
+    let data: mlua::LuaString = table.get(data_key)?;
     let bytes = data.as_bytes();
     if bytes.is_empty() {
         return Ok(Value::Nil);

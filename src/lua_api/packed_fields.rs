@@ -1,6 +1,7 @@
 //! The hidden field of an event without headers: the receipt time and the
-//! strings that only lazy fields read (`ev.id`, `ev.reply`, and for `ev.meta`
-//! the span's `traceparent` and a JetStream ack subject), in one byte string.
+//! strings that only lazy fields read (`ev.id`, `ev.reply`, a small body for
+//! `ev.data` and `ev.payload`, and for `ev.meta` the span's `traceparent` and
+//! a JetStream ack subject), in one byte string.
 //!
 //! Building an event table then makes one Lua string for all of them instead
 //! of one each, and a handler that never reads them pays nothing more. Layout:
@@ -15,6 +16,8 @@ pub struct PackedFields<'a> {
     pub reply: Option<&'a [u8]>,
     pub span: Option<&'a [u8]>,
     pub ack_subject: Option<&'a [u8]>,
+    /// The body, when it is packed too (else it is the table's `data` field).
+    pub data: Option<&'a [u8]>,
 }
 
 /// Which of the strings to read.
@@ -24,6 +27,7 @@ pub enum Field {
     Reply,
     Span,
     AckSubject,
+    Data,
 }
 
 const ABSENT: u32 = u32::MAX;
@@ -31,8 +35,8 @@ const TIME: usize = size_of::<f64>();
 const LENGTH: usize = size_of::<u32>();
 
 impl<'a> PackedFields<'a> {
-    fn strings(&self) -> [Option<&'a [u8]>; 4] {
-        [self.id, self.reply, self.span, self.ack_subject]
+    fn strings(&self) -> [Option<&'a [u8]>; 5] {
+        [self.id, self.reply, self.span, self.ack_subject, self.data]
     }
 
     /// The packed length, or `None` when a string is too long to pack (4 GiB).
@@ -73,7 +77,8 @@ impl<'a> PackedFields<'a> {
             rest = after;
             Some(Some(bytes))
         };
-        let fields = PackedFields { received, id: next()?, reply: next()?, span: next()?, ack_subject: next()? };
+        let fields =
+            PackedFields { received, id: next()?, reply: next()?, span: next()?, ack_subject: next()?, data: next()? };
         rest.is_empty().then_some(fields)
     }
 
@@ -83,6 +88,7 @@ impl<'a> PackedFields<'a> {
             Field::Reply => self.reply,
             Field::Span => self.span,
             Field::AckSubject => self.ack_subject,
+            Field::Data => self.data,
         }
     }
 }
@@ -99,6 +105,7 @@ mod tests {
             reply: None,
             span: Some(b""),
             ack_subject: Some(b"$JS.ACK.ORDERS.work.1.42.42.1700000000000000000.0"),
+            data: Some(b"{}"),
         };
         let mut out = vec![0; fields.len().unwrap()];
         fields.write(&mut out);
@@ -108,7 +115,14 @@ mod tests {
 
     #[test]
     fn anything_else_reads_as_none() {
-        let fields = PackedFields { received: 1.0, id: Some(b"x"), reply: Some(b"y"), span: None, ack_subject: None };
+        let fields = PackedFields {
+            received: 1.0,
+            id: Some(b"x"),
+            reply: Some(b"y"),
+            span: None,
+            ack_subject: None,
+            data: None,
+        };
         let mut out = vec![0; fields.len().unwrap()];
         fields.write(&mut out);
         for cut in 0..out.len() {
