@@ -223,11 +223,11 @@ unsafe extern "C-unwind" fn build_event(state: *mut ffi::lua_State) -> std::ffi:
                 ack_subject: event.stream.as_ref().and_then(|stream| stream.ack_subject.as_ref()).map(|s| s.as_bytes()),
                 data: Some(&event.data),
             };
-            if fields.len().is_none_or(|len| len > PACKED_ON_STACK) {
+            if fields.packed_len().is_none_or(|len| len > PACKED_ON_STACK) {
                 fields.data = None;
                 field(DATA_SLOT, &|| push_bytes(state, &event.data));
             }
-            let Some(len) = fields.len() else {
+            let Some(len) = fields.packed_len() else {
                 ffi::lua_pushstring(state, c"an event field is too long".as_ptr());
                 ffi::lua_error(state);
             };

@@ -40,14 +40,14 @@ impl<'a> PackedFields<'a> {
     }
 
     /// The packed length, or `None` when a string is too long to pack (4 GiB).
-    pub fn len(&self) -> Option<usize> {
+    pub fn packed_len(&self) -> Option<usize> {
         self.strings().iter().try_fold(TIME, |total, string| {
             let bytes = string.map_or(0, <[u8]>::len);
             (bytes < ABSENT as usize).then_some(total + LENGTH + bytes)
         })
     }
 
-    /// Writes the packed form into `out`, which must be exactly [`Self::len`] long.
+    /// Writes the packed form into `out`, which must be exactly [`Self::packed_len`] long.
     pub fn write(&self, out: &mut [u8]) {
         out[..TIME].copy_from_slice(&self.received.to_ne_bytes());
         let mut at = TIME;
@@ -107,7 +107,7 @@ mod tests {
             ack_subject: Some(b"$JS.ACK.ORDERS.work.1.42.42.1700000000000000000.0"),
             data: Some(b"{}"),
         };
-        let mut out = vec![0; fields.len().unwrap()];
+        let mut out = vec![0; fields.packed_len().unwrap()];
         fields.write(&mut out);
         assert_eq!(PackedFields::read(&out), Some(fields));
         assert_eq!(PackedFields::read(&out).unwrap().get(Field::Id), Some(&b"ORDERS:42"[..]));
@@ -123,7 +123,7 @@ mod tests {
             ack_subject: None,
             data: None,
         };
-        let mut out = vec![0; fields.len().unwrap()];
+        let mut out = vec![0; fields.packed_len().unwrap()];
         fields.write(&mut out);
         for cut in 0..out.len() {
             assert_eq!(PackedFields::read(&out[..cut]), None, "cut at {cut}");
