@@ -22,6 +22,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         "leaf types",
         &[
             "event",
+            "allocator",
             "ack_subject",
             "partitioning",
             "outcome",

@@ -11,6 +11,7 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use mlua::{Table, Value};
+use tokio_util::sync::CancellationToken;
 
 use crate::event::Event;
 use crate::intake::Slot;
@@ -123,10 +124,8 @@ async fn run(vm: &Vm, event: &Event, started: Instant, context: &Rc<TaskContext>
         call.as_mut().poll(cx)
     });
     let call = pin!(call);
-    let ended = tokio::select! {
-        biased;
-        _ = vm.cancel.cancelled() => return Outcome::Error(Failure::cancelled()),
-        ended = until_deadline(call, context, deadline) => ended,
+    let Some(ended) = unless_cancelled(&vm.cancel, until_deadline(call, context, deadline)).await else {
+        return Outcome::Error(Failure::cancelled());
     };
     match (context.interrupted(), ended) {
         (_, Ended::Late) | (Some(Interrupt::Timeout), _) => Outcome::Error(Failure::timeout(limit)),
@@ -136,6 +135,35 @@ async fn run(vm: &Vm, event: &Event, started: Instant, context: &Rc<TaskContext>
         (None, Ended::Returned(Ok((false, error)))) => Outcome::Error(failure_of(error)),
         (None, Ended::Returned(Err(error))) => Outcome::Error(failure_of_error(&error)),
     }
+}
+
+/// Runs `inner` until it ends (`Some`) or `cancel` fires (`None`), checking
+/// the token first. Most handlers end in their first poll: only one that waits
+/// registers with the token, which takes its lock twice.
+async fn unless_cancelled<F: Future>(cancel: &CancellationToken, inner: F) -> Option<F::Output> {
+    if cancel.is_cancelled() {
+        return None;
+    }
+    let mut inner = pin!(inner);
+    let mut cancelled = pin!(None::<tokio_util::sync::WaitForCancellationFuture<'_>>);
+    poll_fn(|cx| {
+        if let Some(cancelled) = cancelled.as_mut().as_pin_mut()
+            && cancelled.poll(cx).is_ready()
+        {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(output) = inner.as_mut().poll(cx) {
+            return Poll::Ready(Some(output));
+        }
+        if cancelled.is_none() {
+            cancelled.set(Some(cancel.cancelled()));
+            if cancelled.as_mut().as_pin_mut().is_some_and(|cancelled| cancelled.poll(cx).is_ready()) {
+                return Poll::Ready(None);
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// How a handler's call ended.
