@@ -352,11 +352,7 @@ unsafe fn push_payload(state: *mut ffi::lua_State) -> bool {
             return true;
         }
         // The body stays on the stack (index 4) while the document borrows it.
-        let pushed = match json::parse(body) {
-            Ok(parsed) => parsed.push_protected(state, 5),
-            Err(_) => false,
-        };
-        if !pushed {
+        if !json::push_protected(state, body, 5) {
             ffi::lua_settop(state, 2);
             return false;
         }

@@ -1,7 +1,9 @@
 //! JSON <-> Lua, the hot path of every request.
 //!
-//! Decoding parses the bytes into a flat token tape in safe Rust, then builds the
-//! Lua value straight on the Lua stack in one protected call. Encoding walks the
+//! Decoding reads the bytes straight onto the Lua stack ([`json_to_stack`]);
+//! what that reader declines (escaped strings, huge integers, invalid JSON) is
+//! parsed by serde_json into a flat token tape in safe Rust, then built on the
+//! Lua stack in one protected call. Encoding walks the
 //! Lua value on the stack and writes bytes. Neither goes through mlua's per-value
 //! handles, which cost more than the JSON itself. Inside the raw sections only
 //! references and plain numbers are alive, so a Lua memory error that unwinds
@@ -19,7 +21,7 @@ use std::ptr;
 
 use mlua::{Lua, LuaSerdeExt, Value, ffi};
 
-use crate::lua_api::raw;
+use crate::lua_api::{json_to_stack, raw};
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 
 /// Deepest nesting accepted by the encoder; cyclic tables hit it.
@@ -43,8 +45,21 @@ impl fmt::Display for DecodeError {
 
 /// Decodes JSON `bytes` into a Lua value.
 pub fn decode(lua: &Lua, bytes: &[u8]) -> Result<Value, DecodeError> {
-    let tape = Tape::parse(bytes).map_err(DecodeError::Json)?;
     let array_metatable = Value::Table(lua.array_metatable());
+    // SAFETY: the reader reserves each slot it pushes, holds only references,
+    // and leaves one value (nil when it declines).
+    let direct = unsafe {
+        raw::build_value(lua, &[&array_metatable], 0, |state, base| {
+            if json_to_stack::push_document(state, bytes, base + 1).is_err() {
+                ffi::lua_pushnil(state);
+            }
+        })
+    }
+    .map_err(DecodeError::Lua)?;
+    if !direct.is_nil() {
+        return Ok(direct);
+    }
+    let tape = Tape::parse(bytes).map_err(DecodeError::Json)?;
     // Each nesting level holds a table, a key and a value.
     let slots = 3 * (tape.depth + 1);
     // SAFETY: push_token pushes one value within those slots and holds only
@@ -58,14 +73,48 @@ pub fn decode(lua: &Lua, bytes: &[u8]) -> Result<Value, DecodeError> {
     .map_err(DecodeError::Lua)
 }
 
-/// A JSON document parsed in Rust and not yet on a Lua stack: the event
-/// table's `__index` decodes `ev.payload` with it on the handler's own stack.
-pub struct Parsed<'a>(Tape<'a>);
-
-/// Parses `bytes`; a failure is what [`decode`] would report.
-pub fn parse(bytes: &[u8]) -> Result<Parsed<'_>, serde_json::Error> {
-    Tape::parse(bytes).map(Parsed)
+/// Pushes the JSON document `bytes` onto `state` inside protected calls, so a
+/// Lua error (memory) stops there and never unwinds through the caller's
+/// frame. Decoded arrays get the metatable at stack index `array_metatable`.
+/// Returns whether it succeeded; on failure (invalid JSON, out of memory) the
+/// stack is as it was.
+///
+/// # Safety
+/// `state` has 4 free slots and `array_metatable` is an absolute index of a
+/// table on it; the protected calls reserve what the value needs.
+pub unsafe fn push_protected(state: *mut ffi::lua_State, bytes: &[u8], array_metatable: c_int) -> bool {
+    unsafe {
+        let top = ffi::lua_gettop(state);
+        ffi::lua_pushcfunction(state, push_direct);
+        ffi::lua_pushlightuserdata(state, &bytes as *const &[u8] as *mut std::ffi::c_void);
+        ffi::lua_pushvalue(state, array_metatable);
+        if ffi::lua_pcall(state, 2, 1, 0) == ffi::LUA_OK && ffi::lua_type(state, -1) != ffi::LUA_TNIL {
+            return true;
+        }
+        ffi::lua_settop(state, top);
+        match Tape::parse(bytes) {
+            Ok(tape) => Parsed(tape).push_protected(state, array_metatable),
+            Err(_) => false,
+        }
+    }
 }
+
+/// The protected body of the fast path of [`push_protected`]: arguments (the
+/// bytes as a light userdata pointing at a `&[u8]`, the array metatable),
+/// result the value, or nothing (nil) when the reader declines.
+unsafe extern "C-unwind" fn push_direct(state: *mut ffi::lua_State) -> c_int {
+    unsafe {
+        // SAFETY: `push_protected` passes a slice reference that outlives this call.
+        let bytes = *(ffi::lua_touserdata(state, 1) as *const &[u8]);
+        match json_to_stack::push_document(state, bytes, 2) {
+            Ok(()) => 1,
+            Err(_) => 0,
+        }
+    }
+}
+
+/// A JSON document parsed in Rust and not yet on a Lua stack.
+struct Parsed<'a>(Tape<'a>);
 
 impl Parsed<'_> {
     /// Pushes the document onto `state` inside a protected call, so a Lua
@@ -77,7 +126,7 @@ impl Parsed<'_> {
     /// # Safety
     /// `state` has 4 free slots and `array_metatable` is an absolute index of
     /// a table on it; the protected call reserves what the value needs.
-    pub unsafe fn push_protected(&self, state: *mut ffi::lua_State, array_metatable: c_int) -> bool {
+    unsafe fn push_protected(&self, state: *mut ffi::lua_State, array_metatable: c_int) -> bool {
         unsafe {
             let top = ffi::lua_gettop(state);
             ffi::lua_pushcfunction(state, push_parsed);
@@ -623,6 +672,172 @@ mod tests {
     fn roundtrip_in(lua: &Lua, text: &str) -> String {
         let value = decode(lua, text.as_bytes()).unwrap();
         String::from_utf8(encode(lua, &value).unwrap()).unwrap()
+    }
+
+    /// The value `bytes` decode to through serde_json's tape alone, encoded
+    /// and read back as a `serde_json::Value` (which tells integers from floats).
+    fn through_the_tape(lua: &Lua, bytes: &[u8]) -> Option<serde_json::Value> {
+        let tape = Tape::parse(bytes).ok()?;
+        let array_metatable = Value::Table(lua.array_metatable());
+        let value = unsafe {
+            raw::build_value(lua, &[&array_metatable], 3 * (tape.depth + 1), |state, base| {
+                push_token(state, &tape.tokens, &mut 0, base + 1);
+            })
+        }
+        .unwrap();
+        Some(serde_json::from_slice(&encode(lua, &value).unwrap()).unwrap())
+    }
+
+    /// The same through the direct reader alone; `None` when it declines.
+    fn through_the_reader(lua: &Lua, bytes: &[u8]) -> Option<serde_json::Value> {
+        let array_metatable = Value::Table(lua.array_metatable());
+        let value = unsafe {
+            raw::build_value(lua, &[&array_metatable], 0, |state, base| {
+                if json_to_stack::push_document(state, bytes, base + 1).is_err() {
+                    ffi::lua_pushnil(state);
+                }
+            })
+        }
+        .unwrap();
+        (!value.is_nil()).then(|| serde_json::from_slice(&encode(lua, &value).unwrap()).unwrap())
+    }
+
+    /// A random JSON-like text: mostly valid, with escapes, multi-byte
+    /// characters, numbers at every edge serde_json has, odd whitespace.
+    fn random_text(rng: &mut u64, out: &mut Vec<u8>, depth: usize) {
+        fn below(rng: &mut u64, n: u64) -> u64 {
+            *rng ^= *rng >> 12;
+            *rng ^= *rng << 25;
+            *rng ^= *rng >> 27;
+            rng.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
+        }
+        const NUMBERS: &[&str] = &[
+            "0",
+            "-0",
+            "1",
+            "-1",
+            "7",
+            "01",
+            "-01",
+            "1.",
+            "1.5",
+            "-1.5e3",
+            "1e400",
+            "-1e400",
+            "1e-400",
+            "0.1",
+            "1E+2",
+            "1e-2",
+            ".5",
+            "-",
+            "2.5e-324",
+            "123456789012345678",
+            "-123456789012345678",
+            "1234567890123456789",
+            "-9223372036854775808",
+            "18446744073709551615",
+            "18446744073709551616",
+            "0.0",
+            "-0.0",
+            "1e",
+            "1e+",
+            "12409406.297733545",
+            "9007199254740993",
+            "1.7976931348623157e308",
+        ];
+        const STRINGS: &[&str] = &[
+            "",
+            "a",
+            "key",
+            "héllo",
+            "日本",
+            r#"q\"uote"#,
+            r"back\\slash",
+            r"tab\t",
+            r"\u00e9",
+            r"\ud83d\ude00",
+            r"\ud83d",
+            r"bad\x",
+            "\t",
+            "\u{1}",
+            "\u{7f}",
+            "/",
+            r"\/",
+        ];
+        let whitespace = |out: &mut Vec<u8>, pick: u64| {
+            out.extend_from_slice([&b""[..], b"", b"", b" ", b"\n\t", b"\r "][pick as usize % 6])
+        };
+        whitespace(out, below(rng, 6));
+        let leaf = depth >= 6 || below(rng, 3) == 0;
+        match if leaf { below(rng, 4) } else { 4 + below(rng, 2) } {
+            0 => out.extend_from_slice([&b"null"[..], b"true", b"false", b"tru", b"nul"][below(rng, 5) as usize]),
+            1 => out.extend_from_slice(NUMBERS[below(rng, NUMBERS.len() as u64) as usize].as_bytes()),
+            2 => out.extend_from_slice(format!("{}", below(rng, 1 << 40) as i64 - (1 << 39)).as_bytes()),
+            3 => {
+                out.extend_from_slice(format!("\"{}\"", STRINGS[below(rng, STRINGS.len() as u64) as usize]).as_bytes())
+            }
+            4 => {
+                out.push(b'[');
+                for item in 0..below(rng, 5) {
+                    if item > 0 {
+                        out.push(b',');
+                    }
+                    random_text(rng, out, depth + 1);
+                }
+                out.push(b']');
+            }
+            _ => {
+                out.push(b'{');
+                for item in 0..below(rng, 5) {
+                    if item > 0 {
+                        out.push(b',');
+                    }
+                    // Repeated keys now and then: the last one wins.
+                    out.extend_from_slice(format!("\"k{}\":", below(rng, 4)).as_bytes());
+                    random_text(rng, out, depth + 1);
+                }
+                out.push(b'}');
+            }
+        }
+        whitespace(out, below(rng, 6));
+    }
+
+    /// The direct reader gives exactly serde_json's value for every document
+    /// it reads, and declines every document serde_json refuses.
+    #[test]
+    fn the_direct_reader_agrees_with_serde_json() {
+        let lua = Lua::new();
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let (mut read, mut valid) = (0, 0);
+        for case in 0..4000 {
+            let mut text = Vec::new();
+            random_text(&mut rng, &mut text, 0);
+            if case % 3 == 0 && !text.is_empty() {
+                // A damaged copy: one byte replaced, inserted or removed.
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                let at = (rng % text.len() as u64) as usize;
+                let byte = b"\"\\,:[]{} 0-.eE\x80\xff\x00x"[(rng >> 20) as usize % 18];
+                match (rng >> 40) % 3 {
+                    0 => text[at] = byte,
+                    1 => text.insert(at, byte),
+                    _ => drop(text.remove(at)),
+                }
+            }
+            let expected = through_the_tape(&lua, &text);
+            let got = through_the_reader(&lua, &text);
+            let shown = String::from_utf8_lossy(&text);
+            valid += usize::from(expected.is_some());
+            if let Some(got) = got {
+                read += 1;
+                assert_eq!(Some(&got), expected.as_ref(), "{shown}");
+                // `Value` equality takes -0.0 for 0.0; the encoding does not.
+                let encoded = |value: &serde_json::Value| value.to_string();
+                assert_eq!(encoded(&got), encoded(expected.as_ref().unwrap()), "{shown}");
+            }
+        }
+        assert!(read * 2 > valid, "the reader declined too much: read {read} of {valid} valid documents");
+        assert_eq!(through_the_reader(&lua, b"-0").unwrap().to_string(), "-0.0");
     }
 
     #[test]

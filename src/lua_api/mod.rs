@@ -7,6 +7,7 @@ pub mod event;
 pub mod http;
 pub mod interrupt;
 pub mod json;
+pub mod json_to_stack;
 pub mod kv;
 pub mod log;
 pub mod nats;
