@@ -43,7 +43,7 @@ const SUBJECT_CACHE_SLOT: ffi::lua_Integer = 12;
 /// (long reply subjects or ids) in a scratch Lua userdata. A body is packed
 /// only when the whole still fits here; a longer one is the `data` field, so
 /// it is copied once.
-const PACKED_ON_STACK: usize = 256;
+const PACKED_ON_STACK: usize = 512;
 
 struct EventExtra {
     headers: Option<HeaderMap>,
@@ -618,7 +618,7 @@ mod tests {
             seed ^= seed << 17;
             (seed % n as u64) as usize
         };
-        let lengths = [0, 1, 39, 40, 41, 200, 230, 231, 240, 300, 1000];
+        let lengths = [0, 1, 39, 40, 41, 200, 230, 231, 240, 300, 440, 470, 471, 480, 600, 1000];
         let span = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         for round in 0..300 {
             let mut text = |fill: &str| fill.repeat(lengths[below(lengths.len())]);

@@ -10,8 +10,10 @@
 //!
 //! Invariant of every function here: only references and plain numbers are
 //! alive, so a Lua memory error raised by a push unwinds through these frames
-//! skipping no destructor; every push is preceded by a `lua_checkstack` for
-//! the slots it takes (declining when the stack cannot grow).
+//! skipping no destructor. The reader tracks the stack top itself and every
+//! push is preceded by [`Reader::reserve`] for the slots it takes, which calls
+//! `lua_checkstack` (declining when the stack cannot grow) only when the
+//! slots reserved before run out.
 
 use std::ffi::{c_char, c_int};
 use std::ptr;
@@ -24,6 +26,9 @@ const MAX_DEPTH: usize = 64;
 
 /// Integers of up to this many digits fit an `i64` whatever the digits.
 const MAX_INTEGER_DIGITS: usize = 18;
+
+/// Stack slots reserved at a time beyond those asked for.
+const RESERVE_AHEAD: c_int = 32;
 
 /// Why the reader stopped: the caller decodes the document the slow way.
 pub struct Declined;
@@ -41,7 +46,7 @@ type Read<T = ()> = Result<T, Declined>;
 /// (out of memory): the caller runs it where that is safe.
 pub unsafe fn push_document(state: *mut ffi::lua_State, bytes: &[u8], array_metatable: c_int) -> Read {
     let top = unsafe { ffi::lua_gettop(state) };
-    let mut reader = Reader { state, bytes, at: 0, array_metatable };
+    let mut reader = Reader { state, bytes, at: 0, array_metatable, top, reserved: top };
     reader.skip_whitespace();
     // SAFETY: forwarded from the caller.
     let read = unsafe { reader.value(0) }.and_then(|()| {
@@ -59,6 +64,10 @@ struct Reader<'a> {
     bytes: &'a [u8],
     at: usize,
     array_metatable: c_int,
+    /// The stack top, kept here as values are pushed and popped.
+    top: c_int,
+    /// The highest stack index known to be allocated.
+    reserved: c_int,
 }
 
 /// Bytes a plain string run stops at: the closing quote, an escape, a
@@ -93,9 +102,23 @@ impl Reader<'_> {
         }
     }
 
-    /// Reserves `slots` more stack slots, declining when the stack cannot grow.
-    unsafe fn reserve(&self, slots: c_int) -> Read {
-        if unsafe { ffi::lua_checkstack(self.state, slots) } != 0 { Ok(()) } else { Err(Declined) }
+    /// Makes sure `slots` more stack slots exist above the top, declining when
+    /// the stack cannot grow.
+    unsafe fn reserve(&mut self, slots: c_int) -> Read {
+        debug_assert_eq!(unsafe { ffi::lua_gettop(self.state) }, self.top, "the reader's stack top");
+        if self.top + slots <= self.reserved {
+            return Ok(());
+        }
+        if unsafe { ffi::lua_checkstack(self.state, slots + RESERVE_AHEAD) } == 0 {
+            return Err(Declined);
+        }
+        self.reserved = self.top + slots + RESERVE_AHEAD;
+        Ok(())
+    }
+
+    /// Counts one value pushed.
+    fn pushed(&mut self) {
+        self.top += 1;
     }
 
     /// Pushes the value at the reader's position (whitespace skipped), `depth`
@@ -107,9 +130,18 @@ impl Reader<'_> {
                 b'"' => self.string(),
                 b'{' => self.object(depth + 1),
                 b'[' => self.array(depth + 1),
-                b't' => self.expect(b"true").map(|()| ffi::lua_pushboolean(self.state, 1)),
-                b'f' => self.expect(b"false").map(|()| ffi::lua_pushboolean(self.state, 0)),
-                b'n' => self.expect(b"null").map(|()| ffi::lua_pushlightuserdata(self.state, ptr::null_mut())),
+                b't' => self.expect(b"true").map(|()| {
+                    ffi::lua_pushboolean(self.state, 1);
+                    self.pushed();
+                }),
+                b'f' => self.expect(b"false").map(|()| {
+                    ffi::lua_pushboolean(self.state, 0);
+                    self.pushed();
+                }),
+                b'n' => self.expect(b"null").map(|()| {
+                    ffi::lua_pushlightuserdata(self.state, ptr::null_mut());
+                    self.pushed();
+                }),
                 b'-' | b'0'..=b'9' => self.number(),
                 _ => Err(Declined),
             }
@@ -140,6 +172,7 @@ impl Reader<'_> {
         }
         self.at = end + 1;
         unsafe { ffi::lua_pushlstring(self.state, text.as_ptr() as *const c_char, text.len()) };
+        self.pushed();
         Ok(())
     }
 
@@ -196,6 +229,7 @@ impl Reader<'_> {
                     (false, _) => ffi::lua_pushinteger(self.state, magnitude),
                 }
             }
+            self.pushed();
             return Ok(());
         }
         // The bytes are ASCII digits, signs, `.` and `e` by the checks above.
@@ -205,6 +239,7 @@ impl Reader<'_> {
             return Err(Declined);
         }
         unsafe { ffi::lua_pushnumber(self.state, number) };
+        self.pushed();
         Ok(())
     }
 
@@ -218,7 +253,8 @@ impl Reader<'_> {
         unsafe {
             // The slot that receives the table, below the members.
             ffi::lua_pushnil(self.state);
-            let table = ffi::lua_gettop(self.state);
+            self.pushed();
+            let table = self.top;
             self.at += 1;
             self.skip_whitespace();
             let mut count: c_int = 0;
@@ -259,6 +295,7 @@ impl Reader<'_> {
                 ffi::lua_rawset(self.state, table);
             }
             ffi::lua_settop(self.state, table);
+            self.top = table;
         }
         Ok(())
     }
@@ -271,7 +308,8 @@ impl Reader<'_> {
         }
         unsafe {
             ffi::lua_pushnil(self.state);
-            let table = ffi::lua_gettop(self.state);
+            self.pushed();
+            let table = self.top;
             self.at += 1;
             self.skip_whitespace();
             let mut count: c_int = 0;
@@ -304,6 +342,7 @@ impl Reader<'_> {
             }
             ffi::lua_pushvalue(self.state, self.array_metatable);
             ffi::lua_setmetatable(self.state, table);
+            self.top = table;
         }
         Ok(())
     }

@@ -126,7 +126,7 @@ fn put_span(out: &mut Vec<u8>, span: &FinishedSpan, constant_attributes: &[u8]) 
     out.extend_from_slice(&span.end_unix_nanos.to_le_bytes());
     out.extend_from_slice(constant_attributes);
     put_string_attribute(out, 9, "messaging.destination.name", &span.subject);
-    put_string_attribute(out, 9, "messaging.message.id", span.id.as_str());
+    put_bytes_attribute(out, 9, "messaging.message.id", span.id.as_bytes());
     put_int_attribute(out, 9, "messaging.message.body.size", span.body_size as i64);
     if let Some(group) = &span.group {
         put_string_attribute(out, 9, "messaging.consumer.group.name", group);
@@ -156,8 +156,14 @@ fn put_span(out: &mut Vec<u8>, span: &FinishedSpan, constant_attributes: &[u8]) 
 /// A `KeyValue` whose value is a string, as field `field` of its message.
 #[inline(always)]
 fn put_string_attribute(out: &mut Vec<u8>, field: u32, key: &str, value: &str) {
+    put_bytes_attribute(out, field, key, value.as_bytes());
+}
+
+/// A `KeyValue` whose value is a string given as its bytes, which are UTF-8.
+#[inline(always)]
+fn put_bytes_attribute(out: &mut Vec<u8>, field: u32, key: &str, value: &[u8]) {
     put_key_value_head(out, field, key, 1 + varint_len(value.len() as u64) + value.len());
-    put_bytes(out, 1, value.as_bytes());
+    put_bytes(out, 1, value);
 }
 
 /// A `KeyValue` whose value is an integer.
