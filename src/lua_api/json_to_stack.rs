@@ -151,26 +151,24 @@ impl Reader<'_> {
     /// Pushes the string whose opening quote is at the position.
     unsafe fn string(&mut self) -> Read {
         let start = self.at + 1;
-        let mut end = start;
+        let rest = &self.bytes[start..];
+        let stop =
+            |from: usize| rest[from..].iter().position(|&byte| STOPS_STRING[usize::from(byte)]).map(|at| from + at);
+        let mut end = stop(0).ok_or(Declined)?;
         let mut ascii = true;
-        loop {
-            let byte = *self.bytes.get(end).ok_or(Declined)?;
-            if !STOPS_STRING[usize::from(byte)] {
-                end += 1;
-            } else if byte == b'"' {
-                break;
-            } else if byte >= 0x80 {
-                ascii = false;
-                end += 1;
-            } else {
+        while rest[end] != b'"' {
+            if rest[end] < 0x80 {
+                // An escape or a control character.
                 return Err(Declined);
             }
+            ascii = false;
+            end = stop(end + 1).ok_or(Declined)?;
         }
-        let text = &self.bytes[start..end];
+        let text = &rest[..end];
         if !ascii && std::str::from_utf8(text).is_err() {
             return Err(Declined);
         }
-        self.at = end + 1;
+        self.at = start + end + 1;
         unsafe { ffi::lua_pushlstring(self.state, text.as_ptr() as *const c_char, text.len()) };
         self.pushed();
         Ok(())
