@@ -189,7 +189,8 @@ async fn until_deadline<F: Future>(
     context: &TaskContext,
     deadline: Instant,
 ) -> Ended<F::Output> {
-    let mut timer = pin!(tokio::time::sleep_until(deadline.into()));
+    // Made when the handler first waits: most end in their first poll.
+    let mut timer = pin!(None::<tokio::time::Sleep>);
     poll_fn(|cx| {
         let now = Instant::now();
         let late = now >= deadline;
@@ -210,7 +211,12 @@ async fn until_deadline<F: Future>(
             Poll::Pending if context.interrupted().is_some() => Poll::Ready(Ended::Interrupted),
             Poll::Pending if late => Poll::Ready(Ended::Late),
             Poll::Pending => {
-                if timer.as_mut().poll(cx).is_ready() {
+                if timer.is_none() {
+                    timer.set(Some(tokio::time::sleep_until(deadline.into())));
+                }
+                if let Some(timer) = timer.as_mut().as_pin_mut()
+                    && timer.poll(cx).is_ready()
+                {
                     cx.waker().wake_by_ref();
                 }
                 Poll::Pending
