@@ -33,7 +33,7 @@ async fn metric(addr: &str, name: &str) -> f64 {
 
 /// One VM, `heavy` spins until its deadline, `quick` sleeps 50 ms and replies.
 const MIX: &str = r#"
-bus.subscribe("mix.heavy", { kind = "heavy", timeout = "300ms" })
+bus.subscribe("mix.heavy", { kind = "heavy", timeout = "1s" })
 bus.subscribe("mix.quick", { kind = "quick", timeout = "500ms" })
 bus.on("heavy", function(ev) while true do end end)
 bus.on("quick", function(ev)
@@ -68,14 +68,15 @@ async fn quick_handlers_are_answered_beside_cpu_bound_ones() {
             assert_eq!(error_of(&reply), None, "round {round} quick {i}");
             assert_eq!(body(&reply), format!("quick {round}-{i}"));
             // Ready after 50 ms, then a few slices at most; behind the CPU-bound
-            // handlers it would be 300 ms or more.
-            assert!(took < Duration::from_millis(250), "round {round} quick {i} took {took:?}");
+            // handlers it would be 1 s or more. The bound leaves room for a
+            // loaded 2-CPU machine, where a first round once took 272 ms.
+            assert!(took < Duration::from_millis(600), "round {round} quick {i} took {took:?}");
             worst = worst.max(took);
         }
         for task in heavy {
             let reply = task.await.unwrap();
             let (code, message) = error_of(&reply).expect("heavy handlers time out");
-            assert_eq!((code, message.as_str()), (504, "handler timed out after 300ms"));
+            assert_eq!((code, message.as_str()), (504, "handler timed out after 1s"));
         }
     }
     eprintln!("slowest quick reply: {worst:?}");
@@ -104,8 +105,9 @@ async fn events_that_arrive_while_a_lone_handler_computes_start_within_a_slice()
         let (reply, took) = task.await.unwrap();
         assert_eq!(body(&reply), format!("quick {i}"));
         // Behind the CPU-bound handler they would start only at its deadline,
-        // 270 ms after they were sent, and answer 50 ms later.
-        assert!(took < Duration::from_millis(250), "quick {i} took {took:?}");
+        // 970 ms after they were sent, and answer 50 ms later; the bound leaves
+        // room for a loaded machine.
+        assert!(took < Duration::from_millis(600), "quick {i} took {took:?}");
     }
     assert_eq!(error_of(&heavy.await.unwrap()).map(|e| e.0), Some(504));
 }
