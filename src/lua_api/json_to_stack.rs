@@ -241,49 +241,69 @@ impl Reader<'_> {
         Ok(())
     }
 
-    /// Pushes the object whose `{` is at the position. Members are pushed
-    /// first and stored once counted, so the table is made at its final size;
-    /// they are stored in document order, so a repeated key keeps its last value.
-    unsafe fn object(&mut self, depth: usize) -> Read {
+    /// Reads the members of the object or array whose opening bracket is at
+    /// the position, up to `close`, each with `member`, above a slot pushed
+    /// for the table. Returns that slot's index and the number of members.
+    unsafe fn members(
+        &mut self,
+        depth: usize,
+        close: u8,
+        member: impl Fn(&mut Self, usize) -> Read,
+    ) -> Read<(c_int, c_int)> {
         if depth > MAX_DEPTH {
             return Err(Declined);
         }
         unsafe {
-            // The slot that receives the table, below the members.
             ffi::lua_pushnil(self.state);
-            self.pushed();
-            let table = self.top;
+        }
+        self.pushed();
+        let table = self.top;
+        self.at += 1;
+        self.skip_whitespace();
+        let mut count: c_int = 0;
+        if self.peek() == Some(close) {
             self.at += 1;
+            return Ok((table, count));
+        }
+        loop {
+            member(self, depth)?;
+            count = count.checked_add(1).ok_or(Declined)?;
             self.skip_whitespace();
-            let mut count: c_int = 0;
-            if self.peek() == Some(b'}') {
-                self.at += 1;
-            } else {
-                loop {
-                    if self.peek() != Some(b'"') {
-                        return Err(Declined);
-                    }
-                    self.reserve(2)?;
-                    self.string()?;
+            match self.peek() {
+                Some(b',') => {
+                    self.at += 1;
                     self.skip_whitespace();
-                    self.expect(b":")?;
-                    self.skip_whitespace();
-                    self.value(depth)?;
-                    count = count.checked_add(1).ok_or(Declined)?;
-                    self.skip_whitespace();
-                    match self.peek() {
-                        Some(b',') => {
-                            self.at += 1;
-                            self.skip_whitespace();
-                        }
-                        Some(b'}') => {
-                            self.at += 1;
-                            break;
-                        }
-                        _ => return Err(Declined),
-                    }
                 }
+                Some(byte) if byte == close => {
+                    self.at += 1;
+                    return Ok((table, count));
+                }
+                _ => return Err(Declined),
             }
+        }
+    }
+
+    /// Pushes an object member's key and value.
+    unsafe fn key_and_value(&mut self, depth: usize) -> Read {
+        if self.peek() != Some(b'"') {
+            return Err(Declined);
+        }
+        unsafe {
+            self.reserve(2)?;
+            self.string()?;
+            self.skip_whitespace();
+            self.expect(b":")?;
+            self.skip_whitespace();
+            self.value(depth)
+        }
+    }
+
+    /// Pushes the object whose `{` is at the position. Members are pushed
+    /// first and stored once counted, so the table is made at its final size;
+    /// they are stored in document order, so a repeated key keeps its last value.
+    unsafe fn object(&mut self, depth: usize) -> Read {
+        unsafe {
+            let (table, count) = self.members(depth, b'}', |reader, depth| reader.key_and_value(depth))?;
             self.reserve(3)?;
             ffi::lua_createtable(self.state, 0, count);
             ffi::lua_replace(self.state, table);
@@ -301,36 +321,8 @@ impl Reader<'_> {
     /// Pushes the array whose `[` is at the position, made at its final size
     /// like an object.
     unsafe fn array(&mut self, depth: usize) -> Read {
-        if depth > MAX_DEPTH {
-            return Err(Declined);
-        }
         unsafe {
-            ffi::lua_pushnil(self.state);
-            self.pushed();
-            let table = self.top;
-            self.at += 1;
-            self.skip_whitespace();
-            let mut count: c_int = 0;
-            if self.peek() == Some(b']') {
-                self.at += 1;
-            } else {
-                loop {
-                    self.value(depth)?;
-                    count = count.checked_add(1).ok_or(Declined)?;
-                    self.skip_whitespace();
-                    match self.peek() {
-                        Some(b',') => {
-                            self.at += 1;
-                            self.skip_whitespace();
-                        }
-                        Some(b']') => {
-                            self.at += 1;
-                            break;
-                        }
-                        _ => return Err(Declined),
-                    }
-                }
-            }
+            let (table, count) = self.members(depth, b']', |reader, depth| reader.value(depth))?;
             self.reserve(2)?;
             ffi::lua_createtable(self.state, count, 0);
             ffi::lua_replace(self.state, table);
